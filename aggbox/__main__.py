@@ -1,0 +1,5 @@
+import sys
+
+from aggbox.cli import main
+
+sys.exit(main())

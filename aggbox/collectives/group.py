@@ -1,0 +1,67 @@
+"""Who takes part in a collective: the group every primitive (and baseline) is built on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Member:
+    rank: int
+    ip: str
+    mac: str = "00:00:00:00:00:00"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A collective's membership, as every participant sees it (plus its own rank).
+
+    ``members[0]`` is the root (the broadcast sender, the allreduce aggregator host is
+    separate and named by ``aggregator``). Every member listens on ``port``; ``job_id`` and
+    ``token`` travel in every AggBox packet and keep concurrent jobs apart.
+    """
+
+    job_id: int
+    token: int
+    members: tuple[Member, ...]
+    rank: int  # this process's rank
+    port: int = 47000
+    ifname: str = "eth0"
+    group_ip: str = ""  # broadcast: the virtual destination the root sends its one copy to
+    group_mac: str = "02:ab:ff:ff:ff:fe"
+    root: int = 0
+    aggregator: Member | None = None
+    options: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def me(self) -> Member:
+        return self.members[self.rank]
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def receivers(self) -> list[Member]:
+        return [m for m in self.members if m.rank != self.root]
+
+    def with_rank(self, rank: int) -> Group:
+        data = asdict(self)
+        data["rank"] = rank
+        return Group.from_dict(data)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Group:
+        data = dict(data)
+        data["members"] = tuple(Member(**m) for m in data["members"])
+        if data.get("aggregator"):
+            data["aggregator"] = Member(**data["aggregator"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Group:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,77 @@
+"""What every testbed backend provides: hosts with a name, an address and a way to run things.
+
+A collective never knows which testbed it runs on; a testbed never knows which workload
+runs on it. The contract between the two is :class:`Host` and :class:`Testbed`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Netem:
+    """Per-link impairment applied with ``tc netem`` (both directions of every host link)."""
+
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+    duplicate_pct: float = 0.0
+    reorder_pct: float = 0.0  # needs delay_ms > 0 to have any effect (netem's rule)
+    seed: int = 1
+
+    def is_noop(self) -> bool:
+        return not (self.delay_ms or self.loss_pct or self.duplicate_pct or self.reorder_pct)
+
+
+@dataclass
+class Host:
+    """One testbed host: where a workload node runs."""
+
+    name: str  # testbed-local name, e.g. "h0"
+    index: int
+    ip: str
+    mac: str
+    ifname: str  # the host's interface towards the switch, as named inside the host
+    netns: str | None = None  # netns backend: the namespace's name under /run/netns
+    extra: dict = field(default_factory=dict)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """The argv that runs ``argv`` on this host (overridden per backend)."""
+        raise NotImplementedError
+
+    def popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Start ``argv`` on this host; kwargs go to :class:`subprocess.Popen`."""
+        return subprocess.Popen(self.command(argv), **kwargs)
+
+    def run(self, argv: Sequence[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(self.command(argv), check=check, **kwargs)
+
+
+class Testbed(ABC):
+    """A set of hosts on one L2 segment. Use as a context manager: resources go on exit."""
+
+    hosts: list[Host]
+    run_id: str
+    backend: str = "abstract"
+
+    @abstractmethod
+    def up(self) -> Testbed: ...
+
+    @abstractmethod
+    def down(self) -> None: ...
+
+    def __enter__(self) -> Testbed:
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def describe(self) -> dict:
+        """Metadata for results (backend, size, offloads, impairments)."""
+        return {"backend": self.backend, "hosts": len(self.hosts), "run_id": self.run_id}
