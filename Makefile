@@ -1,0 +1,63 @@
+# AggBox: the front door. `make` lists the targets; nothing needs activating first,
+# every tool is called from .venv/bin/.
+
+VENV        := .venv
+PYTHON      := $(VENV)/bin/python
+AGGBOX      := $(VENV)/bin/aggbox
+EXPERIMENTS := $(sort $(wildcard experiments/*.yaml))
+# `make experiment FULL=1` runs the full parameter grids instead of the quick ones.
+RUN_FLAGS   := $(if $(filter 1 yes true,$(FULL)),--full)
+
+.DEFAULT_GOAL := help
+# Steps share .venv and the kernel; running them side by side (make -j) would only race.
+.NOTPARALLEL:
+.PHONY: help setup test test-unit test-kernel lint experiment doctor clean clean-testbeds
+
+help: ## list the targets
+	@echo "AggBox: make <target>"
+	@awk -F':.*## ' '/^[a-z-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "Start with 'sudo make experiment' or 'sudo make test'; see README.md."
+
+setup: ## install packages, kernel headers link and .venv (fast when already done)
+	@bash scripts/setup.sh
+
+# Targets that need no root still get a venv: setup runs when it is missing or stale.
+$(AGGBOX): pyproject.toml
+	@bash scripts/setup.sh
+	@touch $@
+
+# pytest exits 5 when it collects nothing; make fails on it like on any non-zero code.
+test: setup lint test-unit test-kernel ## lint, unit tests and kernel tests (needs root)
+
+test-unit: $(AGGBOX) ## unit tests (no root needed)
+	$(PYTHON) -m pytest tests/unit
+
+test-kernel: setup ## kernel tests: real eBPF in network namespaces (needs root)
+	$(PYTHON) -m pytest tests/kernel
+
+lint: $(AGGBOX) ## ruff on the package and the tests
+	$(VENV)/bin/ruff check aggbox tests
+
+experiment: setup ## run every experiments/*.yaml (quick; FULL=1 for the full grids)
+	@test -n "$(EXPERIMENTS)" || { echo "no experiments/*.yaml to run"; exit 1; }
+	@failed=""; \
+	for exp in $(EXPERIMENTS); do \
+		echo "== $$exp"; \
+		$(AGGBOX) run $$exp $(RUN_FLAGS) || failed="$$failed $$exp"; \
+		latest=$$(ls -td results/$$(basename $$exp .yaml)/*/ 2>/dev/null | head -n 1); \
+		if [ -n "$$latest" ]; then echo "   results in $$latest"; fi; \
+	done; \
+	echo "Results: results/<experiment>/<run-id>/ (samples, summary.csv, meta.json, figures *.png/*.pdf)"; \
+	echo "Report:  results/REPORT.md"; \
+	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi
+
+doctor: $(AGGBOX) ## check kernel features, privileges, BCC and headers
+	$(AGGBOX) doctor
+
+clean-testbeds: $(AGGBOX) ## remove namespaces/containers left behind by interrupted runs
+	$(AGGBOX) testbed down --all
+
+clean: ## remove .venv, stamps and caches (results/ is kept)
+	rm -rf $(VENV) .stamps .pytest_cache .ruff_cache build
+	find . -path ./.git -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -prune \
+		-exec rm -rf {} +

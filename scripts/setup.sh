@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Prepare this machine and the project's .venv for AggBox (called by `make setup`).
+#
+# Idempotent: every step first checks whether it is already done, and the slow one (pip)
+# is skipped through a stamp under .stamps/ keyed on a hash of what it depends on, so a
+# second run takes well under two seconds.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+VENV=.venv
+STAMPS=.stamps
+SYSTEM_PYTHON=/usr/bin/python3   # BCC (python3-bpfcc) imports only under Debian's Python
+
+say() { echo "setup: $*"; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+preflight() {
+    [[ $(uname -s) == Linux ]] || die "AggBox needs Linux (eBPF); this is $(uname -s)."
+    [[ $EUID -eq 0 ]] || die "run as root: sudo make setup"
+    command -v dpkg-query >/dev/null && command -v apt-get >/dev/null \
+        || die "needs a Debian-like system with apt; install by hand: ${PACKAGES[*]}"
+}
+
+# (a) Debian packages. dpkg-query is fast and sees removals, so no stamp is needed here.
+ARCH=$(dpkg --print-architecture 2>/dev/null || echo amd64)
+PACKAGES=(clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools iproute2 ethtool
+          "linux-headers-$ARCH" python3-venv python3-pip util-linux kmod)
+
+missing_packages() {
+    local installed
+    # dpkg-query exits 1 when some package is unknown; its output is still what we need.
+    installed=$({ dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${PACKAGES[@]}" \
+        2>/dev/null || true; } | awk '$2 == "installed" {print $1}')
+    for pkg in "${PACKAGES[@]}"; do
+        grep -qxF "$pkg" <<<"$installed" || echo "$pkg"
+    done
+}
+
+install_packages() {
+    local missing
+    mapfile -t missing < <(missing_packages)
+    [[ ${#missing[@]} -eq 0 ]] && return
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" </dev/null
+}
+
+# (b) BCC compiles against /lib/modules/$(uname -r)/build. Kernels without their own
+# headers borrow Debian's newest linux-headers-*-$ARCH (see KERNEL_NOTES.md, Toolchain).
+newest_headers() {
+    find /usr/src -maxdepth 1 -name "linux-headers-*-$ARCH" | sort -V | tail -n 1
+}
+
+has_real_headers() {
+    local build=$1
+    [[ -d $build/include ]] || return 1
+    # A link to some other kernel's Debian headers is ours to refresh; anything else
+    # (a real folder, or headers made for this very kernel) is never touched.
+    [[ -L $build ]] || return 0
+    [[ $(readlink "$build") != /usr/src/linux-headers-*-"$ARCH" ]] \
+        || [[ $(readlink "$build") == "/usr/src/linux-headers-$(uname -r)" ]]
+}
+
+link_headers() {
+    local moddir="/lib/modules/$(uname -r)" arch_dir common_dir
+    has_real_headers "$moddir/build" && return
+    arch_dir=$(newest_headers)
+    [[ -n $arch_dir ]] || die "no /usr/src/linux-headers-*-$ARCH; install linux-headers-$ARCH"
+    common_dir=${arch_dir%-"$ARCH"}-common
+    [[ -d $common_dir ]] || die "$common_dir is missing; reinstall linux-headers-$ARCH"
+    mkdir -p "$moddir"
+    # An empty placeholder folder would make ln put the link inside it.
+    [[ -d $moddir/build && ! -L $moddir/build ]] && { rmdir "$moddir/build" || die "$moddir/build is a folder without headers; move it away"; }
+    [[ -d $moddir/source && ! -L $moddir/source ]] && { rmdir "$moddir/source" || die "$moddir/source is a folder that is not ours; move it away"; }
+    if [[ $(readlink "$moddir/build" || true) != "$arch_dir" ]]; then
+        say "kernel headers: $moddir/build -> $arch_dir"
+        ln -sfn "$arch_dir" "$moddir/build"
+    fi
+    [[ $(readlink "$moddir/source" || true) == "$common_dir" ]] || ln -sfn "$common_dir" "$moddir/source"
+}
+
+# (c) The virtual environment, with the system site-packages so that `import bcc` works.
+make_venv() {
+    if "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+        return  # a working venv is reused as it is
+    fi
+    say "creating $VENV from $SYSTEM_PYTHON (with system site-packages, for BCC)"
+    rm -rf "$VENV" "$STAMPS"/pip-*
+    "$SYSTEM_PYTHON" -m venv --system-site-packages "$VENV"
+}
+
+pip_install() {
+    local key stamp
+    key=$(cat pyproject.toml "$VENV/pyvenv.cfg" | sha256sum | cut -c1-16)
+    stamp="$STAMPS/pip-$key"
+    [[ -f $stamp && -x $VENV/bin/aggbox ]] && return
+    say "installing the aggbox package and its dependencies into $VENV"
+    "$VENV/bin/python" -m pip install -e '.[dev]' </dev/null
+    mkdir -p "$STAMPS"
+    rm -f "$STAMPS"/pip-*
+    touch "$stamp"
+}
+
+# (d) The one thing everything else relies on.
+verify() {
+    "$VENV/bin/python" -c 'import bcc, pyroute2' 2>/dev/null && return
+    die "$VENV/bin/python cannot import bcc and pyroute2: check that python3-bpfcc is" \
+        "installed and $VENV was made from $SYSTEM_PYTHON with --system-site-packages" \
+        "(fix: rm -rf $VENV && sudo make setup)"
+}
+
+main() {
+    preflight
+    install_packages
+    link_headers
+    make_venv
+    pip_install
+    verify
+    say "ready (run 'make help' to see what to do next)"
+}
+
+# Sourcing the file (for tests) defines the functions without running anything.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    main "$@"
+fi
