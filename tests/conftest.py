@@ -1,0 +1,57 @@
+"""Shared fixtures: unit tests run anywhere, kernel tests need root, and a test run leaves
+no namespace behind.
+
+Every testbed made during the session uses its own namespace prefix (``AGGBOX_PREFIX``)
+and state directory (``AGGBOX_STATE_DIR``), inherited by subprocesses too: the leak
+check then knows exactly which namespaces are this run's, and concurrent runs or a
+developer's own testbed are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+
+import pytest
+
+SESSION_PREFIX = f"abx-t{secrets.token_hex(2)}"
+_STATE_DIR = tempfile.mkdtemp(prefix="aggbox-test-state-")
+os.environ["AGGBOX_PREFIX"] = SESSION_PREFIX
+os.environ["AGGBOX_STATE_DIR"] = _STATE_DIR
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@pytest.fixture(autouse=True)
+def root(request: pytest.FixtureRequest) -> None:
+    """Tests marked ``kernel`` need root: skipped without it, but a failure on CI
+    (CI=true), where a skip would silently pass a run that tested nothing."""
+    if request.node.get_closest_marker("kernel") is None or is_root():
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("kernel tests need root and CI=true: run the suite as root")
+    pytest.skip("kernel test: needs root")
+
+
+@pytest.fixture(scope="session")
+def session_prefix() -> str:
+    """The namespace prefix of every testbed this test run creates."""
+    return SESSION_PREFIX
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_namespace_left_behind():
+    """Fails the session if any namespace this run created is still there (and removes
+    it, so a failing run does not leave the machine dirty either)."""
+    yield
+    from aggbox.testbed.netns import down_all, list_namespaces
+
+    left = list_namespaces(SESSION_PREFIX)
+    if left:
+        down_all(SESSION_PREFIX)
+    shutil.rmtree(_STATE_DIR, ignore_errors=True)
+    assert not left, f"the test run left namespaces behind: {' '.join(left)}"
