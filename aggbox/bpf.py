@@ -1,0 +1,250 @@
+"""Load, attach and detach AggBox's eBPF programs with BCC; read their maps.
+
+One :class:`ProgramFamily` is one compiled ``bpf/<family>.c`` on one host: compile it
+once per host and change behaviour through maps. It must be created by a process (or
+thread) inside the host's network namespace, since attaching goes by interface name.
+
+Two facts shape this file (see ../shared/KERNEL_NOTES.md):
+- BCC rewrites ``map.lookup()`` only in the main source file, so a map call in an
+  included header compiles into an indirect call the kernel refuses ("unknown opcode
+  8d", BCC 0.26, kernel 6.18). We therefore inline the project's own ``#include "..."``
+  files into one text before compiling, keeping ``#line`` markers for error messages.
+- BCC 0.26 has no TC attach API: pyroute2 attaches TC programs (clsact + cls_bpf,
+  direct action).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aggbox import BPF_DIR
+from aggbox.errors import SetupError, VerifierError
+from aggbox.protocol import COUNTERS
+
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
+
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+TC_INGRESS_PARENT = "ffff:fff2"
+TC_EGRESS_PARENT = "ffff:fff3"
+PIN_ROOT = Path("/sys/fs/bpf/aggbox")
+
+
+def inline_source(path: Path, root: Path = BPF_DIR, _seen: set[Path] | None = None) -> str:
+    """``path`` with every ``#include "x.h"`` (relative to ``root``) replaced by its text."""
+    seen = set() if _seen is None else _seen
+    path = path.resolve()
+    if path in seen:  # include guards would make it empty anyway
+        return ""
+    seen.add(path)
+    out: list[str] = [f'#line 1 "{path}"']
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        match = _LOCAL_INCLUDE.match(line)
+        if match:
+            out.append(inline_source(root / match.group(1), root, seen))
+            out.append(f'#line {lineno + 1} "{path}"')
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Capture what libbcc prints on fd 2 (compiler and verifier messages)."""
+    captured: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode(errors="replace"))
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+@dataclass
+class _TcAttachment:
+    ifindex: int
+    parent: str
+    prio: int
+    created_clsact: bool
+
+
+class ProgramFamily:
+    """One ``bpf/<family>.c`` compiled, loaded and attached on this host."""
+
+    def __init__(self, family: str, defines: dict[str, int] | None = None, pin_tag: str = ""):
+        from bcc import BPF  # imported here: the CLI and unit tests run without BCC
+
+        self.family = family
+        self._BPF = BPF
+        source = BPF_DIR / f"{family}.c"
+        if not source.exists():
+            raise SetupError(f"no eBPF source {source}")
+        cflags = ["-Wno-unused-function", "-Wno-compare-distinct-pointer-types"]
+        cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
+        with _captured_stderr() as err:
+            try:
+                self.bpf = BPF(text=inline_source(source), cflags=cflags)
+            except Exception as exc:
+                compile_error = exc
+            else:
+                compile_error = None
+        if compile_error is not None:
+            raise VerifierError(
+                f"bpf/{family}.c did not compile:\n{_tail(err[0])}\n"
+                "(run `aggbox doctor` if this looks like missing kernel headers)"
+            ) from compile_error
+        self._loaded: dict[str, object] = {}
+        self._xdp: list[tuple[str, int]] = []
+        self._tc: list[_TcAttachment] = []
+        self._pins: list[Path] = []
+        self.pin_tag = pin_tag
+        if pin_tag:
+            self.pin_map("counters")
+
+    # -- loading --------------------------------------------------------------------
+
+    def load(self, fn: str, prog_type: int):
+        """Load (once) and verify ``fn``; a refusal names the program and shows the log."""
+        if fn in self._loaded:
+            return self._loaded[fn]
+        with _captured_stderr() as err:
+            try:
+                loaded = self.bpf.load_func(fn, prog_type)
+            except Exception as exc:
+                failure = exc
+            else:
+                failure = None
+        if failure is not None:
+            raise VerifierError(
+                f"the kernel refused eBPF program {fn!r} of bpf/{self.family}.c: {failure}\n"
+                f"verifier log (last lines):\n{_tail(err[0])}"
+            ) from failure
+        self._loaded[fn] = loaded
+        return loaded
+
+    # -- attaching ------------------------------------------------------------------
+
+    def attach_xdp(self, ifname: str, fn: str, mode: str = "auto") -> str:
+        """Attach ``fn`` as XDP on ``ifname``; native mode first when ``mode`` is auto.
+        Returns the mode that took."""
+        prog = self.load(fn, self._BPF.XDP)
+        modes = {"native": [XDP_FLAGS_DRV_MODE], "generic": [XDP_FLAGS_SKB_MODE]}
+        tries = modes.get(mode, [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE])
+        last: Exception | None = None
+        for flags in tries:
+            with _captured_stderr():
+                try:
+                    self._BPF.attach_xdp(ifname, prog, flags)
+                except Exception as exc:
+                    last = exc
+                    continue
+            self._xdp.append((ifname, flags))
+            return "native" if flags == XDP_FLAGS_DRV_MODE else "generic"
+        raise SetupError(f"cannot attach XDP program {fn!r} to {ifname}: {last}")
+
+    def attach_tc(self, ifname: str, fn: str, direction: str, prio: int = 1) -> None:
+        """Attach ``fn`` as a direct-action cls_bpf filter on ``ifname``'s clsact hook."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        prog = self.load(fn, self._BPF.SCHED_CLS)
+        parent = TC_INGRESS_PARENT if direction == "ingress" else TC_EGRESS_PARENT
+        with IPRoute() as ipr:
+            links = ipr.link_lookup(ifname=ifname)
+            if not links:
+                raise SetupError(f"no interface {ifname!r} in this network namespace")
+            ifindex = links[0]
+            created = False
+            try:
+                ipr.tc("add", "clsact", ifindex)
+                created = True
+            except NetlinkError as exc:
+                if exc.code != 17:  # EEXIST: another family's programs share the hook
+                    raise
+            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog.fd, name=fn, parent=parent,
+                   prio=prio, classid=1, direct_action=True)
+        self._tc.append(_TcAttachment(ifindex, parent, prio, created))
+
+    def detach(self) -> None:
+        """Detach everything this family attached and unpin its maps. Idempotent."""
+        for ifname, flags in self._xdp:
+            with contextlib.suppress(Exception), _captured_stderr():
+                self._BPF.remove_xdp(ifname, flags)
+        self._xdp.clear()
+        self._detach_tc()
+        for pin in self._pins:
+            with contextlib.suppress(OSError):
+                pin.unlink()
+            with contextlib.suppress(OSError):
+                pin.parent.rmdir()
+        self._pins.clear()
+
+    def _detach_tc(self) -> None:
+        if not self._tc:
+            return
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for att in self._tc:
+                with contextlib.suppress(Exception):
+                    ipr.tc("del-filter", "bpf", att.ifindex, ":1", parent=att.parent,
+                           prio=att.prio)
+            for att in self._tc:
+                if att.created_clsact:
+                    with contextlib.suppress(Exception):
+                        ipr.tc("del", "clsact", att.ifindex)
+        self._tc.clear()
+
+    def close(self) -> None:
+        self.detach()
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()
+
+    def __enter__(self) -> ProgramFamily:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- maps -----------------------------------------------------------------------
+
+    def __getitem__(self, name: str):
+        return self.bpf[name]
+
+    def counters(self) -> dict[str, int]:
+        """The per-CPU counters map, summed over CPUs, by name."""
+        table = self.bpf["counters"]
+        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTERS)}
+
+    def pin_map(self, name: str) -> Path:
+        """Pin a map under /sys/fs/bpf/aggbox/<pin_tag>/<family>_<name> for `aggbox stats`."""
+        from bcc import libbcc
+
+        path = pin_path(self.pin_tag, self.family, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink()  # a crashed run's pin
+        fd = self.bpf[name].map_fd
+        if libbcc.lib.bpf_obj_pin(fd, ctypes.c_char_p(str(path).encode())) != 0:
+            raise SetupError(f"cannot pin map {name} at {path}: is bpffs mounted at /sys/fs/bpf?")
+        self._pins.append(path)
+        return path
+
+
+def pin_path(tag: str, family: str, name: str) -> Path:
+    return PIN_ROOT / tag / f"{family}_{name}"

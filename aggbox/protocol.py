@@ -1,0 +1,121 @@
+"""The AggBox wire format, mirrored from bpf/aggbox.h (the one source of truth).
+
+tests/unit/test_protocol.py checks the constants against the C header's text and
+tests/kernel/test_protocol_kernel.py checks the struct layout against what BCC compiled.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+MAGIC = 0x58424741  # "AGBX" as little-endian bytes
+VERSION = 1
+MAX_MEMBERS = 64
+MAX_JOBS = 16
+
+MARK_FANOUT = 0xAB0C0001
+MARK_ACK = 0xAB0C0002
+
+# IPv4 (20) + UDP (8): what sits between the Ethernet frame and the AggBox header.
+IP_UDP_OVERHEAD = 28
+
+
+class MsgType(IntEnum):
+    DATA = 1
+    ACK = 2
+    GROUP_ACK = 3
+    NACK = 4
+
+
+class Flags(IntFlag):
+    NONE = 0
+    LAST_FRAG = 0x0001
+    RETRANSMIT = 0x0002
+
+
+# (name, struct code, offset, size) in wire order; little-endian, no padding.
+FIELDS: tuple[tuple[str, str, int, int], ...] = (
+    ("magic", "I", 0, 4),
+    ("version", "B", 4, 1),
+    ("type", "B", 5, 1),
+    ("flags", "H", 6, 2),
+    ("job_id", "I", 8, 4),
+    ("token", "I", 12, 4),
+    ("seq", "I", 16, 4),
+    ("round", "H", 20, 2),
+    ("rank", "H", 22, 2),
+    ("count", "H", 24, 2),
+    ("scale_exp", "h", 26, 2),
+    ("aux", "I", 28, 4),
+)
+HEADER = struct.Struct("<" + "".join(code for _, code, _, _ in FIELDS))
+HEADER_SIZE = HEADER.size
+assert HEADER_SIZE == 32
+
+# Same order as enum aggbox_counter in bpf/aggbox.h.
+COUNTERS: tuple[str, ...] = (
+    "accepted",
+    "drop_truncated",
+    "drop_bad_magic",
+    "drop_bad_version",
+    "drop_bad_type",
+    "drop_unknown_job",
+    "drop_bad_token",
+    "drop_non_member",
+    "drop_ip_options",
+    "fanout_copies",
+    "fanout_errors",
+    "ack_sent",
+    "ack_stale",
+    "ack_folded",
+    "group_ack",
+    "data_duplicate",
+    "data_out_of_window",
+    "ack_errors",
+    "nack",
+)
+
+
+@dataclass
+class Header:
+    """One AggBox header. ``pack()`` / ``Header.unpack()`` convert to and from wire bytes."""
+
+    type: int
+    job_id: int
+    token: int
+    seq: int = 0
+    round: int = 0
+    rank: int = 0
+    count: int = 0
+    scale_exp: int = 0
+    aux: int = 0
+    flags: int = 0
+    magic: int = MAGIC
+    version: int = VERSION
+
+    def pack(self) -> bytes:
+        return HEADER.pack(*(getattr(self, name) for name, *_ in FIELDS))
+
+    @classmethod
+    def unpack(cls, buf: bytes | memoryview) -> Header:
+        if len(buf) < HEADER_SIZE:
+            raise ValueError(f"an AggBox header needs {HEADER_SIZE} bytes, got {len(buf)}")
+        values = HEADER.unpack_from(buf)
+        return cls(**{name: v for (name, *_), v in zip(FIELDS, values, strict=True)})
+
+    def is_valid(self) -> bool:
+        return self.magic == MAGIC and self.version == VERSION
+
+
+def packet(hdr: Header, payload: bytes = b"") -> bytes:
+    """Header + payload, with ``count`` set when the caller left it 0 (broadcast: bytes)."""
+    if not hdr.count and payload:
+        hdr.count = len(payload)
+    return hdr.pack() + payload
+
+
+def max_payload(mtu: int = 1500) -> int:
+    """Bytes of payload one AggBox packet carries at this IP MTU."""
+    return mtu - IP_UDP_OVERHEAD - HEADER_SIZE

@@ -1,0 +1,100 @@
+"""Seeded loss / duplication / reordering on testbed links, with bpf/impair.c.
+
+This kernel has no sch_netem (see bpf/impair.c), so impairments are an eBPF program on
+both TC hooks of each host's switch-side veth. ``apply_impairment`` runs this module as a
+short-lived process inside the switch namespace: it compiles, attaches and exits; the
+attached filters keep the program and its maps alive until the links are deleted.
+
+    python -m aggbox.testbed.impair --links h0,h1 --loss 5 --duplicate 5 --reorder 5 --seed 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+
+from aggbox.errors import TestbedError
+
+PPM = 1_000_000
+
+
+def _percent_to_ppm(pct: float) -> int:
+    if not 0 <= pct <= 100:
+        raise TestbedError(f"an impairment percentage must be within 0..100, got {pct}")
+    return round(pct * PPM / 100)
+
+
+def _clear(links: list[str]) -> None:
+    """Remove earlier impairment filters (the clsact qdisc carries them)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for name in links:
+            idx = ipr.link_lookup(ifname=name)
+            if idx:
+                with contextlib.suppress(Exception):
+                    ipr.tc("del", "clsact", idx[0])
+
+
+def _attach(links: list[str], loss: float, duplicate: float, reorder: float, seed: int) -> None:
+    from pyroute2 import IPRoute
+
+    from aggbox.bpf import ProgramFamily
+
+    family = ProgramFamily("impair")
+    cfg = family["impair_config"]
+    value = cfg.Leaf()
+    value.loss_ppm = _percent_to_ppm(loss)
+    value.duplicate_ppm = _percent_to_ppm(duplicate)
+    value.reorder_ppm = _percent_to_ppm(reorder)
+    value.seed = seed
+    cfg[cfg.Key(0)] = value
+    states = family["links"]
+    with IPRoute() as ipr:
+        for name in links:
+            ifindex = ipr.link_lookup(ifname=name)[0]
+            for direction in (0, 1):
+                st = states.Leaf()
+                # xorshift must not start at 0; mix seed, link and direction.
+                st.rng = (seed * 0x9E3779B97F4A7C15 + ifindex * 2 + direction + 1) % (1 << 64) or 1
+                states[states.Key(ifindex * 2 + direction)] = st
+            family.attach_tc(name, "impair_ingress", "ingress")
+            family.attach_tc(name, "impair_egress", "egress")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--links", required=True, help="comma-separated interface names")
+    parser.add_argument("--loss", type=float, default=0.0, help="percent")
+    parser.add_argument("--duplicate", type=float, default=0.0, help="percent")
+    parser.add_argument("--reorder", type=float, default=0.0, help="percent")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    links = [name for name in args.links.split(",") if name]
+    _clear(links)
+    if args.loss or args.duplicate or args.reorder:
+        _attach(links, args.loss, args.duplicate, args.reorder, args.seed)
+    return 0
+
+
+def apply_impairment(switch_netns: str, links: list[str], loss: float = 0.0,
+                     duplicate: float = 0.0, reorder: float = 0.0, seed: int = 1) -> None:
+    """Impair (or, with all zero, clear) ``links`` inside ``switch_netns``."""
+    argv = ["nsenter", f"--net=/run/netns/{switch_netns}", "--", sys.executable, "-m",
+            "aggbox.testbed.impair", "--links", ",".join(links), "--loss", str(loss),
+            "--duplicate", str(duplicate), "--reorder", str(reorder), "--seed", str(seed)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise TestbedError(f"could not impair links in {switch_netns}: {tail}")
+
+
+if __name__ == "__main__":
+    # os._exit: skip BCC's atexit clean-up; the attached filters must outlive this process.
+    import os
+
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)

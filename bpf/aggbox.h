@@ -1,0 +1,90 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * aggbox.h: the AggBox wire format, the one source of truth.
+ *
+ * Every AggBox packet is Ethernet / IPv4 (no options) / UDP / struct aggbox_hdr / payload.
+ * All header fields are LITTLE-ENDIAN (both ends and the eBPF programs run on x86/arm64
+ * hosts; the kernel programs read them without byte swaps). aggbox/protocol.py mirrors
+ * this file and tests/unit/test_protocol.py checks that both agree, field by field.
+ */
+#ifndef AGGBOX_H
+#define AGGBOX_H
+
+#define AGGBOX_MAGIC   0x58424741u /* "AGBX" as little-endian bytes 'A' 'G' 'B' 'X' */
+#define AGGBOX_VERSION 1
+
+/* Message types (aggbox_hdr.type). */
+enum aggbox_type {
+	AGGBOX_DATA      = 1, /* broadcast payload, root -> members (fanned out in the kernel) */
+	AGGBOX_ACK       = 2, /* member kernel -> root: cumulative, made in the member's kernel */
+	AGGBOX_GROUP_ACK = 3, /* root kernel -> root application: every member has seq <= aux */
+	AGGBOX_NACK      = 4, /* member application -> root: resend seq aux .. aux + count - 1 */
+	AGGBOX_TYPE_MAX,
+};
+
+/* Flags (aggbox_hdr.flags). */
+#define AGGBOX_F_LAST_FRAG  0x0001 /* DATA: last packet of a message */
+#define AGGBOX_F_RETRANSMIT 0x0002 /* DATA: a resend (unicast to the members that miss it) */
+
+/* The fixed header after UDP. 32 bytes, no implicit padding. */
+struct aggbox_hdr {
+	__u32 magic;     /*  0: AGGBOX_MAGIC; anything else is not ours: dropped and counted   */
+	__u8  version;   /*  4: AGGBOX_VERSION                                                  */
+	__u8  type;      /*  5: enum aggbox_type                                                */
+	__u16 flags;     /*  6: AGGBOX_F_*                                                      */
+	__u32 job_id;    /*  8: the job (collective instance) this packet belongs to           */
+	__u32 token;     /* 12: the job's secret; a packet with a wrong token changes nothing  */
+	__u32 seq;       /* 16: broadcast: per-(job, sender) packet sequence, starting at 1;
+	                  *     aggregation: block number                                      */
+	__u16 round;     /* 20: broadcast: fragment index inside its message;
+	                  *     aggregation: the slot's round                                  */
+	__u16 rank;      /* 22: the rank of the member that sent this packet                   */
+	__u16 count;     /* 24: payload length: bytes (broadcast) or int32 values (aggregation)*/
+	__s16 scale_exp; /* 26: aggregation: the block's agreed power-of-two exponent           */
+	__u32 aux;       /* 28: DATA: message number; ACK / GROUP_ACK: cumulative seq (every
+	                  *     seq <= aux has arrived); NACK: first missing seq               */
+};
+
+_Static_assert(sizeof(struct aggbox_hdr) == 32, "aggbox_hdr must be 32 bytes");
+_Static_assert(__builtin_offsetof(struct aggbox_hdr, seq) == 16, "seq at 16");
+_Static_assert(__builtin_offsetof(struct aggbox_hdr, aux) == 28, "aux at 28");
+
+/* Largest group a program handles: bounds every member loop the verifier walks. */
+#ifndef AGGBOX_MAX_MEMBERS
+#define AGGBOX_MAX_MEMBERS 64
+#endif
+/* Concurrent jobs per host (slots in the per-job state arrays). */
+#ifndef AGGBOX_MAX_JOBS
+#define AGGBOX_MAX_JOBS 16
+#endif
+
+/* skb->mark values that tell a program's own clones apart from application packets. */
+#define AGGBOX_MARK_FANOUT 0xab0c0001u /* a fan-out copy re-entering the sender's egress  */
+#define AGGBOX_MARK_ACK    0xab0c0002u /* a member's copy to be turned into an ACK at egress */
+
+/* Per-CPU counters, one slot per reason: what `aggbox stats` prints.
+ * Keep aggbox/protocol.py COUNTERS in the same order. */
+enum aggbox_counter {
+	CNT_ACCEPTED = 0,      /* passed every check and was acted on                         */
+	CNT_DROP_TRUNCATED,    /* shorter than its headers or than hdr.count says             */
+	CNT_DROP_BAD_MAGIC,
+	CNT_DROP_BAD_VERSION,
+	CNT_DROP_BAD_TYPE,
+	CNT_DROP_UNKNOWN_JOB,
+	CNT_DROP_BAD_TOKEN,
+	CNT_DROP_NON_MEMBER,   /* rank out of range, or source address not that rank's        */
+	CNT_DROP_IP_OPTIONS,   /* IPv4 header with options or a fragment: not an AggBox packet */
+	CNT_FANOUT_COPIES,     /* copies made by the broadcast fan-out                         */
+	CNT_FANOUT_ERRORS,     /* bpf_clone_redirect failures                                  */
+	CNT_ACK_SENT,          /* ACKs made by a member's kernel                               */
+	CNT_ACK_STALE,         /* ACKs that acknowledged nothing new (dropped in the kernel)   */
+	CNT_ACK_FOLDED,        /* ACKs that moved a member forward, not yet the whole group    */
+	CNT_GROUP_ACK,         /* group-ACKs passed to the root application                    */
+	CNT_DATA_DUPLICATE,    /* DATA a member had already acknowledged                       */
+	CNT_DATA_OUT_OF_WINDOW,/* DATA too far ahead of the cumulative ACK to be recorded      */
+	CNT_ACK_ERRORS,        /* failures while building an ACK                               */
+	CNT_NACK,              /* NACKs passed to the root application                         */
+	CNT_MAX,
+};
+
+#endif /* AGGBOX_H */
