@@ -621,9 +621,8 @@ def down_run(run_id: str, prefix: str | None = None) -> list[str]:
     try:
         namespaces = json.loads(path.read_text())["namespaces"]
     except (OSError, ValueError, KeyError):
-        base = f"{prefix or default_prefix()}-{run_id}-"
-        namespaces = [ns for ns in list_namespaces(prefix or default_prefix())
-                      if ns.startswith(base)]
+        prefix = prefix or default_prefix()
+        namespaces = [ns for ns in list_namespaces(prefix) if ns.startswith(f"{prefix}-{run_id}-")]
     deleted = _delete_namespaces(namespaces)
     path.unlink(missing_ok=True)
     return deleted
