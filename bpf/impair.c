@@ -126,8 +126,10 @@ static __always_inline int release_after(struct __sk_buff *skb, struct link_stat
 
 static __always_inline int impair(struct __sk_buff *skb, __u32 direction, __u64 redirect_flags)
 {
-	if (skb->mark == IMPAIR_MARK)
-		return TC_ACT_OK; /* our own duplicate or released copy */
+	if (skb->mark == IMPAIR_MARK) {
+		skb->mark = 0; /* our own copy re-entering this hook: impair it on the next link */
+		return TC_ACT_OK;
+	}
 	__u32 zero = 0;
 	struct impair_cfg *cfg = impair_config.lookup(&zero);
 	if (!cfg)

@@ -36,8 +36,8 @@ from aggbox.protocol import (
     MsgType,
     max_payload,
 )
+from aggbox.sockets import udp_socket
 
-RCVBUF_BYTES = 8 << 20
 DEFAULT_PORTS = (47000, 47999)
 
 
@@ -141,11 +141,6 @@ class BroadcastPrograms:
         self.close()
 
 
-def _udp_socket(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
-    sock.bind(("0.0.0.0", port))
-    return sock
 
 
 @dataclass
@@ -179,7 +174,7 @@ class Broadcaster:
         self._own_programs = programs is None
         self.programs = programs or BroadcastPrograms(group.ifname)
         self.programs.install_job(group)
-        self.sock = _udp_socket(group.port)
+        self.sock = udp_socket(group.port)
         self.payload_max = max_payload(mtu)
         self.window = window
         self.retain = retain
@@ -305,7 +300,7 @@ class Receiver:
         self._own_programs = programs is None
         self.programs = programs or BroadcastPrograms(group.ifname)
         self.programs.install_job(group)
-        self.sock = _udp_socket(group.port)
+        self.sock = udp_socket(group.port)
         self.root = group.members[group.root]
         self.next_seq = 1
         self.pending: dict[int, tuple[Header, bytes]] = {}  # out-of-order packets by seq

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from aggbox.errors import TestbedError
 from aggbox.testbed.base import Host, Netem, Testbed
+from aggbox.testbed.impair import apply_impairment
 
 T = TypeVar("T")
 
@@ -132,6 +133,16 @@ def host_mac(run_id: str, index: int) -> str:
 def switch_port_mac(run_id: str, index: int) -> str:
     """Switch-side veth ends get fixed MACs too (02:ac:...), so runs are reproducible."""
     return "02:ac" + host_mac(run_id, index)[5:]
+
+
+def check_impairment(netem: Netem) -> None:
+    """Refuse impossible impairments with a line that says which value is wrong."""
+    for name in ("loss_pct", "duplicate_pct", "reorder_pct"):
+        value = getattr(netem, name)
+        if not 0 <= value <= 100:
+            raise TestbedError(f"{name} must be a percentage within 0..100, got {value:g}")
+    if netem.delay_ms < 0 or netem.jitter_ms < 0:
+        raise TestbedError("delay and jitter must not be negative")
 
 
 def netem_args(netem: Netem, with_seed: bool = True) -> list[str]:
@@ -357,7 +368,7 @@ class NetnsTestbed(Testbed):
         check_capacity(self.net, n_hosts, group_ips)
         self.subnet, self.mtu, self.tx_offload = str(self.net), mtu, tx_offload
         if netem is not None and not netem.is_noop():
-            netem_args(netem)  # refuse a bad impairment before anything is created
+            check_impairment(netem)  # refuse a bad impairment before anything is created
         self.netem, self.persistent = netem, persistent
         self.netem_seed_applied: bool | None = None
         self.group_ips: list[str] = group_addresses(self.net, group_ips)
@@ -489,31 +500,47 @@ class NetnsTestbed(Testbed):
     # -- impairments
 
     def set_netem(self, netem: Netem | None) -> None:
-        """Apply ``netem`` to both ends of every host link (host eth0 and switch-side
-        h{i}): a host-to-host path crosses two links, so it sees the delay twice.
-        ``None`` or a no-op removes it."""
+        """Impair every host link in both directions; ``None`` or a no-op clears it.
+
+        Loss, duplication and reordering come from bpf/impair.c on the switch-side veths
+        (seeded, and available on kernels without sch_netem, like this project's). Delay
+        and jitter need the netem qdisc, applied to both ends of each link: a host-to-host
+        path crosses two links, so it sees the delay twice."""
         if not self.is_up:
             raise TestbedError("set_netem needs a testbed that is up")
-        if netem is None or netem.is_noop():
-            cmd, force = "qdisc del dev {dev} root", True  # -force: fine if none was set
+        netem = None if netem is None or netem.is_noop() else netem
+        self._set_delay(netem)
+        apply_impairment(self.switch_ns, [f"h{h.index}" for h in self.hosts],
+                         loss=netem.loss_pct if netem else 0.0,
+                         duplicate=netem.duplicate_pct if netem else 0.0,
+                         reorder=netem.reorder_pct if netem else 0.0,
+                         seed=netem.seed if netem else 1)
+        self.netem = netem
+        self._rewrite_state()
+
+    def _set_delay(self, netem: Netem | None) -> None:
+        if netem is None or not netem.delay_ms:
+            if self.netem_seed_applied is not None:  # a delay was set earlier: remove it
+                self._tc_on_all_links("qdisc del dev {dev} root", force=True)
             self.netem_seed_applied = None
-        else:
-            has_netem, seed = self.netem_support()
-            if not has_netem:
-                raise TestbedError(
-                    "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM is off), so link "
-                    "delay/loss/duplication/reordering cannot be emulated: run without them "
-                    "or on a kernel with sch_netem"
-                )
-            cmd = "qdisc replace dev {dev} root netem " + " ".join(netem_args(netem, seed))
-            force, self.netem_seed_applied = False, seed
+            return
+        has_netem, seed = self.netem_support()
+        if not has_netem:
+            raise TestbedError(
+                "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM is off), so link delay "
+                "cannot be emulated: drop --delay (loss, duplication and reordering work "
+                "without it) or use a kernel with sch_netem")
+        delay_only = Netem(delay_ms=netem.delay_ms, jitter_ms=netem.jitter_ms, seed=netem.seed)
+        self._tc_on_all_links("qdisc replace dev {dev} root netem "
+                              + " ".join(netem_args(delay_only, seed)), force=False)
+        self.netem_seed_applied = seed
+
+    def _tc_on_all_links(self, cmd: str, force: bool) -> None:
         jobs = [(self.switch_ns, lambda: _batch(
             "tc", [cmd.format(dev=f"h{h.index}") for h in self.hosts], force))]
         jobs += [(h.netns, lambda: _batch("tc", [cmd.format(dev=HOST_IFNAME)], force))
                  for h in self.hosts]
         run_in_netns_parallel(jobs)
-        self.netem = netem
-        self._rewrite_state()
 
     def netem_support(self) -> tuple[bool, bool]:
         """(kernel has netem, tc passes its seed); probed inside the switch namespace."""

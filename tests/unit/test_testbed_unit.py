@@ -115,7 +115,8 @@ def test_host_commands_enter_the_namespace_without_remounting_sys():
     ({"n_hosts": 2, "mtu": 20}, "mtu"),
     ({"n_hosts": 2, "run_id": "bad id"}, "run id"),
     ({"n_hosts": 2, "prefix": "abx_"}, "prefix"),
-    ({"n_hosts": 2, "netem": Netem(reorder_pct=5)}, "reorder needs a delay"),
+    ({"n_hosts": 2, "netem": Netem(loss_pct=150)}, "loss_pct must be a percentage"),
+    ({"n_hosts": 2, "netem": Netem(delay_ms=-1)}, "must not be negative"),
 ])
 def test_bad_parameters_are_refused_before_anything_is_created(kwargs, match):
     with pytest.raises(errors.TestbedError, match=match):
