@@ -1,0 +1,195 @@
+"""Which workloads exist, what they measure, which parameters they take, and what a cell costs.
+
+The experiment runner, ``aggbox bench`` and the plots look workloads up here by name. A
+workload is a function::
+
+    run_cell(testbed: Testbed, params: dict, systems: list[str],
+             iters: int, warmup: int, seed: int) -> list[dict]
+
+that runs every system in ``systems`` once on ``testbed`` with ``params`` and returns one
+dict per measured sample, each with at least ``"system"`` and ``"iter"`` plus the metric
+columns named in :data:`METRICS` (a metric that could not be measured is ``None``/NaN).
+
+Adding a workload adds one entry to each table below; nothing else changes. Entries in
+:data:`WORKLOADS` are ``"module:function"`` strings so that listing or validating
+experiments never imports a workload's heavy dependencies; a callable is accepted too
+(tests register fakes that way, through :func:`add_workload`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aggbox.errors import AggBoxError
+
+WorkloadFn = Callable[..., list[dict]]
+
+#: workload name -> "module:function" (imported lazily) or the function itself.
+WORKLOADS: dict[str, str | WorkloadFn] = {
+    "broadcast": "aggbox.workloads.broadcast:run_cell",
+}
+
+#: workload name -> metric columns every sample carries (all in the units their suffix says).
+METRICS: dict[str, list[str]] = {
+    "broadcast": ["completion_us", "delivery_us", "sender_cpu_us"],
+}
+
+#: workload name -> the metric that figures and reports lead with.
+PRIMARY_METRIC: dict[str, str] = {
+    "broadcast": "completion_us",
+}
+
+#: workload name -> systems it can compare (AggBox and its baselines).
+SYSTEMS: dict[str, list[str]] = {
+    "broadcast": ["aggbox", "tcp", "udp", "gloo"],
+}
+
+_REQUIRED = object()
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One workload parameter: its type, allowed values and default (none: it must be given)."""
+
+    kind: type  # int, float or str
+    default: object = _REQUIRED
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    def check(self, value: object) -> str | None:
+        """None if ``value`` is acceptable, else what is expected (for an error message)."""
+        ok_type = (
+            isinstance(value, self.kind) and not isinstance(value, bool)
+            if self.kind is not float
+            else isinstance(value, int | float) and not isinstance(value, bool)
+        )
+        kind = _KIND_WORDS.get(self.kind, self.kind.__name__)
+        if not ok_type:
+            return kind
+        if self.choices is not None and value not in self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.minimum is not None and value < self.minimum:
+            return f"{kind} >= {self.minimum}"
+        if self.maximum is not None and value > self.maximum:
+            return f"{kind} <= {self.maximum}"
+        return None
+
+    def describe(self) -> str:
+        text = self.kind.__name__
+        if self.choices is not None:
+            text = " | ".join(map(str, self.choices))
+        return text + ("" if self.required else f" (default {self.default!r})")
+
+
+#: workload name -> parameter name -> Param. The experiment schema checks grids against it.
+PARAMS: dict[str, dict[str, Param]] = {
+    "broadcast": {
+        "hosts": Param(int, minimum=2, help="group size, sender included"),
+        "size": Param(int, default=64, minimum=1, help="payload bytes per broadcast"),
+        "receivers": Param(
+            str, default="idle", choices=("idle", "busy"), help="receivers idle or CPU-loaded"
+        ),
+        "gap_us": Param(int, default=200, minimum=0, help="pause between broadcasts"),
+        # Link impairments, applied by the testbed (aggbox.testbed.make_testbed).
+        "loss": Param(float, default=0.0, minimum=0, maximum=100, help="loss, percent"),
+        "delay": Param(float, default=0.0, minimum=0, help="one-way delay, ms"),
+        "duplicate": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
+        "reorder": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A rough guess of one cell's wall time, for ``--dry-run`` and the first ETA.
+
+    ``seconds = fixed_s + per_host_s * hosts + len(systems) * per_system``, with
+    ``per_system = per_system_s + (warmup + iters) * (per_iter_s + per_iter_host_s * hosts)``.
+    The progress bar corrects it with the measured speed as cells finish.
+    """
+
+    fixed_s: float = 2.0  # testbed up + down
+    per_host_s: float = 0.05
+    per_system_s: float = 3.0  # start the host processes of one system
+    per_iter_s: float = 0.005
+    per_iter_host_s: float = 0.0
+
+    def seconds(self, params: dict, systems: list[str], iters: int, warmup: int) -> float:
+        hosts = float(params.get("hosts", 1))
+        per_iter = self.per_iter_s + self.per_iter_host_s * hosts
+        per_system = self.per_system_s + (warmup + iters) * per_iter
+        return self.fixed_s + self.per_host_s * hosts + len(systems) * per_system
+
+
+#: workload name -> cost model (a workload without one gets the default CostModel()).
+COST: dict[str, CostModel] = {
+    # ~8 s of process start-up per cell spread over the systems, then a few ms per round
+    # growing with the group (TCP sends N-1 copies from user space).
+    "broadcast": CostModel(
+        fixed_s=2.0, per_host_s=0.05, per_system_s=2.5, per_iter_s=0.004, per_iter_host_s=0.0004
+    ),
+}
+
+
+def check_workload(name: str) -> None:
+    """Raise :class:`AggBoxError` naming the known workloads if ``name`` is not one."""
+    if name not in WORKLOADS:
+        known = ", ".join(sorted(WORKLOADS)) or "(none)"
+        raise AggBoxError(f"unknown workload {name!r}; known workloads: {known}")
+
+
+def get_workload(name: str) -> WorkloadFn:
+    """The workload function called ``name``, imported on first use."""
+    check_workload(name)
+    target = WORKLOADS[name]
+    if callable(target):
+        return target
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AggBoxError(
+            f"workload {name!r} could not be imported from {module_name} ({exc}); "
+            "is the package installed with its dependencies?"
+        ) from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise AggBoxError(f"workload {name!r}: {module_name} has no function {attr!r}") from None
+
+
+def cost_model(name: str) -> CostModel:
+    return COST.get(name, CostModel())
+
+
+def add_workload(
+    name: str,
+    target: str | WorkloadFn,
+    metrics: list[str],
+    primary_metric: str | None = None,
+    systems: list[str] | None = None,
+    params: dict[str, Param] | None = None,
+    cost: CostModel | None = None,
+) -> None:
+    """Register a workload in every table at once (plugins and tests)."""
+    WORKLOADS[name] = target
+    METRICS[name] = list(metrics)
+    PRIMARY_METRIC[name] = primary_metric or metrics[0]
+    SYSTEMS[name] = list(systems or [])
+    PARAMS[name] = dict(params or {})
+    if cost is not None:
+        COST[name] = cost
+
+
+def remove_workload(name: str) -> None:
+    for table in (WORKLOADS, METRICS, PRIMARY_METRIC, SYSTEMS, PARAMS, COST):
+        table.pop(name, None)
