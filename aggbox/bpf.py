@@ -176,8 +176,17 @@ class ProgramFamily:
             except NetlinkError as exc:
                 if exc.code != 17:  # EEXIST: another family's programs share the hook
                     raise
-            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog.fd, name=fn, parent=parent,
-                   prio=prio, classid=1, direct_action=True)
+            filter_args = dict(fd=prog.fd, name=fn, parent=parent, prio=prio, classid=1,
+                               direct_action=True)
+            try:
+                ipr.tc("add-filter", "bpf", ifindex, ":1", **filter_args)
+            except NetlinkError as exc:
+                if exc.code != 17:
+                    raise
+                # A process that died without detaching left its filter at our priority:
+                # ours replaces it (one owner per family and host).
+                ipr.tc("del-filter", "bpf", ifindex, ":1", parent=parent, prio=prio)
+                ipr.tc("add-filter", "bpf", ifindex, ":1", **filter_args)
         self._tc.append(_TcAttachment(ifindex, parent, prio, created))
 
     def detach(self) -> None:
@@ -235,6 +244,7 @@ class ProgramFamily:
         """Pin a map under /sys/fs/bpf/aggbox/<pin_tag>/<family>_<name> for `aggbox stats`."""
         from bcc import libbcc
 
+        ensure_bpffs()
         path = pin_path(self.pin_tag, self.family, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
@@ -244,6 +254,19 @@ class ProgramFamily:
             raise SetupError(f"cannot pin map {name} at {path}: is bpffs mounted at /sys/fs/bpf?")
         self._pins.append(path)
         return path
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf if it is not (some machines boot without it)."""
+    if os.path.ismount("/sys/fs/bpf"):
+        return
+    import subprocess
+
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SetupError(f"bpffs is not mounted and mounting it failed: {proc.stderr.strip()}; "
+                         "run `mount -t bpf bpf /sys/fs/bpf` as root")
 
 
 def pin_path(tag: str, family: str, name: str) -> Path:

@@ -24,7 +24,8 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aggbox", description="In-kernel broadcast and aggregation with eBPF: testbed, benchmarks."
+        prog="aggbox",
+        description="In-kernel broadcast and aggregation with eBPF: testbed, benchmarks.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

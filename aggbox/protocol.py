@@ -75,6 +75,7 @@ COUNTERS: tuple[str, ...] = (
     "data_out_of_window",
     "ack_errors",
     "nack",
+    "drop_not_mine",
 )
 
 

@@ -84,6 +84,7 @@ enum aggbox_counter {
 	CNT_DATA_OUT_OF_WINDOW,/* DATA too far ahead of the cumulative ACK to be recorded      */
 	CNT_ACK_ERRORS,        /* failures while building an ACK                               */
 	CNT_NACK,              /* NACKs passed to the root application                         */
+	CNT_DROP_NOT_MINE,     /* DATA for this job but another member's address               */
 	CNT_MAX,
 };
 

@@ -25,6 +25,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <linux/ip.h>
 #include <linux/udp.h>
 
@@ -114,6 +115,15 @@ static __always_inline struct bcast_job *check_member_packet(struct pkt *p, int 
 	return job;
 }
 
+/* Is the packet's destination address this host's own (as the job's members map says)?
+ * Only then may its kernel acknowledge it. */
+static __always_inline int addressed_to_me(struct pkt *p, struct bcast_job *job)
+{
+	__u32 key = job->slot * AGGBOX_MAX_MEMBERS + job->my_rank;
+	struct bcast_member *me = members.lookup(&key);
+	return me && me->ip == p->ip->daddr;
+}
+
 /* ---------------------------------------------------------------- root: fan-out ---- */
 
 /* Turn the root's one DATA packet to the group address into one copy per member. The
@@ -200,6 +210,9 @@ int tc_ingress(struct __sk_buff *skb)
 		count(r == PARSE_TRUNCATED ? CNT_DROP_TRUNCATED : CNT_DROP_IP_OPTIONS);
 		return TC_ACT_SHOT;
 	}
+	/* A frame for another host's MAC (flooded by a switch) is none of our business. */
+	if (skb->pkt_type != PACKET_HOST)
+		return TC_ACT_OK;
 	/* XDP already vetted ACK / NACK / GROUP_ACK on the way up: only DATA is ours here. */
 	if (p.hdr->type != AGGBOX_DATA || p.hdr->magic != AGGBOX_MAGIC)
 		return p.hdr->magic == AGGBOX_MAGIC ? TC_ACT_OK : (count(CNT_DROP_BAD_MAGIC), TC_ACT_SHOT);
@@ -207,6 +220,10 @@ int tc_ingress(struct __sk_buff *skb)
 	struct bcast_job *job = check_member_packet(&p, &reason);
 	if (!job) {
 		count(reason);
+		return TC_ACT_SHOT;
+	}
+	if (!addressed_to_me(&p, job)) {
+		count(CNT_DROP_NOT_MINE);
 		return TC_ACT_SHOT;
 	}
 	__u32 need = PAYLOAD_OFF + p.hdr->count;

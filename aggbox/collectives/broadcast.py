@@ -68,13 +68,21 @@ class BroadcastPrograms:
             value = cfg.Leaf()
             value.port_lo, value.port_hi = ports
             cfg[cfg.Key(0)] = value
-            self.xdp_mode = self.family.attach_xdp(ifname, "xdp_ingress", xdp_mode)
             self.family.attach_tc(ifname, "tc_ingress", "ingress")
             self.family.attach_tc(ifname, "tc_egress", "egress")
         except BaseException:
             self.family.close()
             raise
         self._slots: dict[int, int] = {}
+        self._xdp_mode_wanted = xdp_mode
+        self.xdp_mode: str | None = None
+
+    def enable_root(self) -> None:
+        """Attach the ACK fold (XDP), needed only where a root runs: on a member's
+        interface, native XDP would make the kernel copy every fanned-out clone."""
+        if self.xdp_mode is None:
+            self.xdp_mode = self.family.attach_xdp(self.ifname, "xdp_ingress",
+                                                   self._xdp_mode_wanted)
 
     def install_job(self, group: Group) -> int:
         """Install (or re-install) ``group``'s job; its fold and window state start at zero."""
@@ -173,6 +181,7 @@ class Broadcaster:
         self.group = group
         self._own_programs = programs is None
         self.programs = programs or BroadcastPrograms(group.ifname)
+        self.programs.enable_root()
         self.programs.install_job(group)
         self.sock = udp_socket(group.port)
         self.payload_max = max_payload(mtu)

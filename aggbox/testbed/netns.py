@@ -466,8 +466,15 @@ class NetnsTestbed(Testbed):
                 f" type veth peer name {HOST_IFNAME} address {h.mac} mtu {self.mtu}"
                 f" netns {h.netns}",
                 f"link set {port} master {BRIDGE} up",
+                # No unknown-unicast flooding: a frame for one host never reaches another.
+                f"link set {port} type bridge_slave flood off",
             ]
         _batch("ip", lines)
+        # Static forwarding entries: the bridge knows every host from the start, instead
+        # of flooding until it has learned them (which made members see, and acknowledge
+        # in their kernel, copies that were meant for others).
+        _batch("bridge", [f"fdb replace {h.mac} dev h{h.index} master static"
+                          for h in self.hosts])
 
     def _setup_host(self, host: NetnsHost) -> None:
         _write_sysctls({
