@@ -65,13 +65,15 @@ def bench_broadcast(args: argparse.Namespace) -> int:
     from aggbox.workloads.broadcast import run_broadcast
 
     systems = args.systems.split(",")
-    params = {"size": args.size, "receivers": args.receivers, "gap_us": args.gap_us}
+    params = {"size": args.size, "receivers": args.receivers, "gap_us": args.gap_us,
+              "placement": args.placement}
     netem = Netem(loss_pct=args.loss, seed=args.seed)
     with NetnsTestbed(args.hosts, netem=None if netem.is_noop() else netem) as tb:
         run = run_broadcast(tb, params, systems, args.iters, args.warmup, args.seed)
     per_system = summarize_broadcast(run.samples, systems)
     result = {"workload": "broadcast", "hosts": args.hosts, "size": args.size,
               "receivers": args.receivers, "loss": args.loss, "iters": args.iters,
+              "placement": args.placement,
               "systems": per_system}
     if "aggbox" in per_system:
         ratios = {}
@@ -103,6 +105,9 @@ def register(subparsers) -> None:
     b.add_argument("--receivers", choices=("idle", "busy"), default="idle")
     b.add_argument("--gap-us", type=int, default=2000,
                    help="pause between broadcasts, so each starts on a quiet system")
+    b.add_argument("--placement", choices=("root-alone", "shared"), default="root-alone",
+                   help="CPUs on this one machine: the root alone on CPU 0 (default) or "
+                   "every host on every CPU")
     b.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
     b.add_argument("--systems", default="aggbox,tcp,udp")
     b.add_argument("--seed", type=int, default=1)

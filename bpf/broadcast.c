@@ -82,6 +82,24 @@ static __always_inline struct bcast_config *get_config(void)
 	return config.lookup(&zero);
 }
 
+/* Find the AggBox header of a packet to one of this host's AggBox ports.
+ * Returns 1 when found whole, 0 when the packet is not ours (leave it alone), and -1
+ * when it is ours but malformed (counted here; the caller drops it). */
+static __always_inline int find_header(void *data, void *data_end, struct pkt *p)
+{
+	struct bcast_config *cfg = get_config();
+	if (!cfg)
+		return 0;
+	int r = parse_aggbox(data, data_end, p, cfg->port_lo, cfg->port_hi);
+	if (r == PARSE_NOT_OURS)
+		return 0;
+	if (r != PARSE_OK) {
+		count(r == PARSE_TRUNCATED ? CNT_DROP_TRUNCATED : CNT_DROP_IP_OPTIONS);
+		return -1;
+	}
+	return 1;
+}
+
 /* The checks every AggBox packet passes before it may touch state. On success returns
  * the job and leaves *reason untouched; on failure returns NULL and sets *reason. */
 static __always_inline struct bcast_job *check_member_packet(struct pkt *p, int *reason)
@@ -197,19 +215,10 @@ static __always_inline int record_seq(struct rx_window *w, __u32 seq)
 
 int tc_ingress(struct __sk_buff *skb)
 {
-	struct bcast_config *cfg = get_config();
-	if (!cfg)
-		return TC_ACT_OK;
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
 	struct pkt p = {};
-	int r = parse_aggbox(data, data_end, &p, cfg->port_lo, cfg->port_hi);
-	if (r == PARSE_NOT_OURS)
-		return TC_ACT_OK;
-	if (r != PARSE_OK) {
-		count(r == PARSE_TRUNCATED ? CNT_DROP_TRUNCATED : CNT_DROP_IP_OPTIONS);
-		return TC_ACT_SHOT;
-	}
+	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p);
+	if (found <= 0)
+		return found == 0 ? TC_ACT_OK : TC_ACT_SHOT;
 	/* A frame for another host's MAC (flooded by a switch) is none of our business. */
 	if (skb->pkt_type != PACKET_HOST)
 		return TC_ACT_OK;
@@ -359,19 +368,10 @@ static __always_inline __u64 slowest_member(struct ack_fold *st, struct bcast_jo
 
 int xdp_ingress(struct xdp_md *ctx)
 {
-	struct bcast_config *cfg = get_config();
-	if (!cfg)
-		return XDP_PASS;
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
 	struct pkt p = {};
-	int r = parse_aggbox(data, data_end, &p, cfg->port_lo, cfg->port_hi);
-	if (r == PARSE_NOT_OURS)
-		return XDP_PASS;
-	if (r != PARSE_OK) {
-		count(r == PARSE_TRUNCATED ? CNT_DROP_TRUNCATED : CNT_DROP_IP_OPTIONS);
-		return XDP_DROP;
-	}
+	int found = find_header((void *)(long)ctx->data, (void *)(long)ctx->data_end, &p);
+	if (found <= 0)
+		return found == 0 ? XDP_PASS : XDP_DROP;
 	__u8 type = p.hdr->type;
 	if (type == AGGBOX_DATA)
 		return XDP_PASS; /* tc_ingress checks and acknowledges it */

@@ -169,7 +169,30 @@ class _Timers:
         self.current_s = self.initial_s
 
 
-class Broadcaster:
+class _Endpoint:
+    """What the root's and a member's side share: a socket on the job's port and the
+    host's programs, either owned (closed with us) or shared (only our job is removed)."""
+
+    group: Group
+    sock: socket.socket
+    programs: BroadcastPrograms
+    _own_programs: bool
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._own_programs:
+            self.programs.close()
+        else:
+            self.programs.remove_job(self.group.job_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Broadcaster(_Endpoint):
     """The root's side: ``send(data)`` returns once every member's kernel has ``data``."""
 
     def __init__(self, group: Group, programs: BroadcastPrograms | None = None,
@@ -283,21 +306,9 @@ class Broadcaster:
             f"broadcast of seq {target} not acknowledged by {names}: "
             "is the member running and reachable?", [m.rank for m in missing])
 
-    def close(self) -> None:
-        self.sock.close()
-        if self._own_programs:
-            self.programs.close()
-        else:
-            self.programs.remove_job(self.group.job_id)
-
-    def __enter__(self) -> Broadcaster:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
-class Receiver:
+class Receiver(_Endpoint):
     """A member's side: ``recv()`` returns the root's messages whole and in order."""
 
     NACK_INTERVAL_S = 0.002
@@ -387,15 +398,3 @@ class Receiver:
         self.sock.sendto(hdr.pack(), (self.root.ip, self.group.port))
         self.stats["nacks"] += 1
 
-    def close(self) -> None:
-        self.sock.close()
-        if self._own_programs:
-            self.programs.close()
-        else:
-            self.programs.remove_job(self.group.job_id)
-
-    def __enter__(self) -> Receiver:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

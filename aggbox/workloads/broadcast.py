@@ -234,6 +234,7 @@ def build_spec(testbed: Testbed, params: dict, systems: list[str], iters: int, w
         "timeout_s": float(params.get("timeout_s", 10.0)),
         "recv_timeout_s": float(params.get("recv_timeout_s", 60.0)),
         "warmup": warmup,
+        "placement": params.get("placement", "root-alone"),
         "pin_tag": getattr(testbed, "run_id", ""),
     }
 
@@ -255,7 +256,7 @@ def run_broadcast(testbed: Testbed, params: dict, systems: list[str], iters: int
     root, members = testbed.hosts[0], testbed.hosts[1:]
     budget = 120 + (warmup + iters) * len(systems) * (0.05 + spec["gap_us"] / 1e6)
     with NodeGroup(spec) as nodes:
-        root_cpus, member_cpus = cpu_placement(testbed.backend)
+        root_cpus, member_cpus = cpu_placement(testbed.backend, spec["placement"])
         member_nodes = [nodes.start(h, "broadcast-member", h.index, member_cpus)
                         for h in members]
         nodes.wait_ready(member_nodes, timeout=120)

@@ -39,7 +39,7 @@ class Node:
         return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def cpu_placement(testbed_backend: str) -> tuple[str, str]:
+def cpu_placement(testbed_backend: str, placement: str = "root-alone") -> tuple[str, str]:
     """CPUs for (the measured root, everyone else) when all hosts share one machine.
 
     On the netns testbed every emulated host shares this machine's CPUs. Left alone, the
@@ -47,9 +47,10 @@ def cpu_placement(testbed_backend: str) -> tuple[str, str]:
     application work to the root's latency, which no real deployment (one machine per
     host) has. So the root gets CPU 0 to itself and the members share the rest, for every
     system alike. Hosts that are real machines (docker excepted) are not pinned.
+    ``placement="shared"`` lets every host use every CPU (the scheduler decides).
     """
     n = os.cpu_count() or 1
-    if testbed_backend not in ("netns", "docker") or n < 2:
+    if placement == "shared" or testbed_backend not in ("netns", "docker") or n < 2:
         return "", ""
     return "0", f"1-{n - 1}"
 

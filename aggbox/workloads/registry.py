@@ -98,7 +98,11 @@ PARAMS: dict[str, dict[str, Param]] = {
         "receivers": Param(
             str, default="idle", choices=("idle", "busy"), help="receivers idle or CPU-loaded"
         ),
-        "gap_us": Param(int, default=200, minimum=0, help="pause between broadcasts"),
+        "gap_us": Param(int, default=2000, minimum=0, help="pause between broadcasts"),
+        "placement": Param(
+            str, default="root-alone", choices=("root-alone", "shared"),
+            help="netns CPUs: the root alone on CPU 0, or every host on every CPU",
+        ),
         # Link impairments, applied by the testbed (aggbox.testbed.make_testbed).
         "loss": Param(float, default=0.0, minimum=0, maximum=100, help="loss, percent"),
         "delay": Param(float, default=0.0, minimum=0, help="one-way delay, ms"),

@@ -1,0 +1,82 @@
+"""aggbox/protocol.py mirrors bpf/aggbox.h: the constants, enums and field order agree."""
+
+import re
+
+import pytest
+
+from aggbox import BPF_DIR, protocol
+from aggbox.protocol import Flags, Header, MsgType
+
+HEADER_TEXT = (BPF_DIR / "aggbox.h").read_text()
+
+
+def c_define(name: str) -> int:
+    match = re.search(rf"#define\s+{name}\s+(0x[0-9a-fA-F]+|\d+)", HEADER_TEXT)
+    assert match, f"{name} not defined in aggbox.h"
+    return int(match.group(1).rstrip("uU"), 0)
+
+
+def c_enum_members(enum_name: str) -> list[str]:
+    body = re.search(rf"enum {enum_name} \{{(.*?)\}};", HEADER_TEXT, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return [m.group(1) for m in re.finditer(r"^\s*([A-Z_0-9]+)", body, re.M)]
+
+
+def test_magic_version_and_limits_match_the_c_header():
+    assert protocol.MAGIC == int(re.search(r"AGGBOX_MAGIC\s+(0x[0-9a-fA-F]+)", HEADER_TEXT)
+                                 .group(1), 16)
+    assert protocol.VERSION == c_define("AGGBOX_VERSION")
+    assert protocol.MAX_MEMBERS == c_define("AGGBOX_MAX_MEMBERS")
+    assert protocol.MAX_JOBS == c_define("AGGBOX_MAX_JOBS")
+    assert protocol.MARK_FANOUT == int(re.search(r"AGGBOX_MARK_FANOUT\s+(0x[0-9a-f]+)",
+                                                 HEADER_TEXT).group(1), 16)
+    assert protocol.MARK_ACK == int(re.search(r"AGGBOX_MARK_ACK\s+(0x[0-9a-f]+)",
+                                              HEADER_TEXT).group(1), 16)
+
+
+def test_message_types_match_the_c_enum():
+    for t in MsgType:
+        assert re.search(rf"AGGBOX_{t.name}\s*=\s*{t.value},", HEADER_TEXT), t
+
+
+def test_flags_match_the_c_defines():
+    assert Flags.LAST_FRAG == c_define("AGGBOX_F_LAST_FRAG")
+    assert Flags.RETRANSMIT == c_define("AGGBOX_F_RETRANSMIT")
+
+
+def test_counter_names_follow_the_c_enum_order():
+    names = [n for n in c_enum_members("aggbox_counter") if n != "CNT_MAX"]
+    assert [n.removeprefix("CNT_").lower() for n in names] == list(protocol.COUNTERS)
+
+
+def test_header_fields_are_declared_in_the_c_struct_in_the_same_order():
+    body = re.search(r"struct aggbox_hdr \{(.*?)\};", HEADER_TEXT, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    c_fields = re.findall(r"__[us]\d+\s+(\w+);", body)
+    assert c_fields == [name for name, *_ in protocol.FIELDS]
+
+
+def test_offsets_are_contiguous_and_the_header_is_32_bytes():
+    end = 0
+    for _, code, offset, size in protocol.FIELDS:
+        assert offset == end
+        end = offset + size
+    assert end == protocol.HEADER_SIZE == 32
+
+
+def test_pack_unpack_round_trip_is_little_endian():
+    hdr = Header(type=MsgType.ACK, job_id=0x01020304, token=0xA0B0C0D0, seq=7, round=2,
+                 rank=3, count=9, scale_exp=-4, aux=0xFFFFFFFF, flags=int(Flags.LAST_FRAG))
+    raw = hdr.pack()
+    assert raw[:4] == b"AGBX"
+    assert raw[8:12] == bytes([4, 3, 2, 1])
+    assert Header.unpack(raw) == hdr
+
+
+def test_a_short_buffer_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="needs 32 bytes"):
+        Header.unpack(b"AGBX")
+
+
+def test_max_payload_fits_an_ethernet_mtu():
+    assert protocol.max_payload(1500) == 1500 - 20 - 8 - 32
