@@ -47,6 +47,7 @@ experiment: setup ## run every experiments/*.yaml (quick; FULL=1 for the full gr
 		latest=$$(ls -td results/$$(basename $$exp .yaml)/*/ 2>/dev/null | head -n 1); \
 		if [ -n "$$latest" ]; then echo "   results in $$latest"; fi; \
 	done; \
+	$(AGGBOX) report >/dev/null || failed="$$failed report"; \
 	echo "Results: results/<experiment>/<run-id>/ (samples, summary.csv, meta.json, figures *.png/*.pdf)"; \
 	echo "Report:  results/REPORT.md"; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "aggbox.bench",  # aggbox bench <workload>
     "aggbox.experiment",  # aggbox run
     "aggbox.plots",  # aggbox plot
+    "aggbox.report",  # aggbox report
 ]
 
 

@@ -1,0 +1,101 @@
+"""results/REPORT.md: each paper claim next to what this machine measured.
+
+``aggbox report`` (run at the end of ``make experiment``) reads the latest run of every
+experiment through the shared loader (aggbox/results.py) and writes the report
+atomically. A claim whose experiment has not run yet says so instead of a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aggbox import RESULTS_DIR
+from aggbox.results import Run, atomic_write_text, latest_run
+
+
+@dataclass
+class Claim:
+    experiment: str
+    paper: str  # the paper's words
+    measure: Callable[[Run], list[str]]  # markdown lines: what this run shows
+
+
+def _broadcast(run: Run) -> list[str]:
+    s = run.summary
+    metric = "completion_us_p50"
+    if "placement" not in s:
+        s = s.assign(placement="root-alone")
+    lines = ["Completion latency p50 (send until the root knows every member has the "
+             "message). CPU placement: `root-alone` = the root alone on CPU 0, members on "
+             "the rest; `shared` = every host on every CPU (see docs/broadcast.md).", "",
+             "| placement | receivers | hosts | AggBox p50 (µs) | TCP p50 (µs) | UDP p50 (µs) | "
+             "reduction vs TCP | n per system |", "|---|---|---|---|---|---|---|---|"]
+    for (placement, receivers), part in s.groupby(["placement", "receivers"]):
+        for hosts in sorted(part["hosts"].unique()):
+            row = part[part["hosts"] == hosts].set_index("system")
+            if "aggbox" not in row.index or "tcp" not in row.index:
+                continue
+            agg, tcp = row.loc["aggbox", metric], row.loc["tcp", metric]
+            udp = f"{row.loc['udp', metric]:.0f}" if "udp" in row.index else "–"
+            n = int(row.loc["aggbox", "completion_us_n"])
+            lines.append(f"| {placement} | {receivers} | {hosts} | {agg:.0f} | {tcp:.0f} | {udp} | "
+                         f"**{100 * (1 - agg / tcp):.1f}%** | {n} |")
+    return lines
+
+
+CLAIMS: list[Claim] = [
+    Claim("broadcast", "84.5% lower broadcast latency", _broadcast),
+]
+
+
+def _machine(run: Run) -> str:
+    m = run.meta.get("machine", {})
+    cpu = m.get("cpu_model", "?")
+    return (f"{m.get('kernel', '?')}, {m.get('cpu_count', '?')} × {cpu}; "
+            f"testbed {run.meta.get('testbed', {}).get('backend', 'netns')}")
+
+
+def build_report(results_dir: Path = RESULTS_DIR) -> str:
+    out = ["# AggBox: the paper's claims, measured on this machine", "",
+           "Written by `aggbox report` (the last step of `make experiment`) from the latest "
+           "run of each experiment. Every ratio compares systems measured side by side in "
+           "the same run, on the same testbed.", ""]
+    for claim in CLAIMS:
+        out += [f"## {claim.experiment}: {claim.paper}", ""]
+        try:
+            run = latest_run(claim.experiment, results_dir)
+        except Exception:  # no run yet: say so rather than fail the report
+            out += [f"Not measured yet: run `aggbox run experiments/{claim.experiment}.yaml`.",
+                    ""]
+            continue
+        rel = os.path.relpath(run.path, results_dir)
+        out += [f"Run `{run.run_id}` ({run.meta.get('mode', '?')} mode), machine: "
+                f"{_machine(run)}.", ""]
+        out += claim.measure(run)
+        for fig in run.figures:
+            png = run.path / f"{fig}.png"
+            if png.exists():
+                out += ["", f"![{fig}]({rel}/{fig}.png)"]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(results_dir: Path = RESULTS_DIR) -> Path:
+    path = results_dir / "REPORT.md"
+    atomic_write_text(path, build_report(results_dir))
+    return path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("report", help="write results/REPORT.md from the latest runs")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    print(write_report(args.results))
+    return 0
