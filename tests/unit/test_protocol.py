@@ -58,7 +58,7 @@ def test_header_fields_are_declared_in_the_c_struct_in_the_same_order():
 
 def test_offsets_are_contiguous_and_the_header_is_32_bytes():
     end = 0
-    for _, code, offset, size in protocol.FIELDS:
+    for _, _code, offset, size in protocol.FIELDS:
         assert offset == end
         end = offset + size
     assert end == protocol.HEADER_SIZE == 32
