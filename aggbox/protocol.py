@@ -27,6 +27,11 @@ class MsgType(IntEnum):
     ACK = 2
     GROUP_ACK = 3
     NACK = 4
+    AGG = 5
+    AGG_RESULT = 6
+    KV = 7
+    KV_ACK = 8
+    KV_SPILL = 9
 
 
 class Flags(IntFlag):

@@ -19,6 +19,12 @@ enum aggbox_type {
 	AGGBOX_ACK       = 2, /* member kernel -> root: cumulative, made in the member's kernel */
 	AGGBOX_GROUP_ACK = 3, /* root kernel -> root application: every member has seq <= aux */
 	AGGBOX_NACK      = 4, /* member application -> root: resend seq aux .. aux + count - 1 */
+	/* 5..6: aggregation (bpf/aggregate.c); 7..9: reduce-by-key (bpf/reduce.c). */
+	AGGBOX_AGG        = 5, /* worker -> aggregator: one block of int32 values          */
+	AGGBOX_AGG_RESULT = 6, /* aggregator kernel -> workers: the block's sum            */
+	AGGBOX_KV         = 7, /* mapper -> reducer: (key, value) pairs                    */
+	AGGBOX_KV_ACK     = 8, /* reducer -> mapper: the pairs packet was taken            */
+	AGGBOX_KV_SPILL   = 9, /* reducer kernel -> its application: pairs it cannot hold  */
 	AGGBOX_TYPE_MAX,
 };
 
