@@ -19,6 +19,8 @@
  * aggbox/collectives/broadcast.py). The root therefore keeps sent packets for NACKs.
  *
  * Every host loads all three programs: any member may be a root.
+ * TC verdicts: TC_ACT_UNSPEC for packets that are not ours, so that other program
+ * families attached to the same clsact hook (at other priorities) still see them.
  * State is reset by user space when a job is installed (aggbox/collectives/broadcast.py,
  * BroadcastPrograms.install_job): the fold and window slots of that job are zeroed.
  */
@@ -218,13 +220,20 @@ int tc_ingress(struct __sk_buff *skb)
 	struct pkt p = {};
 	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p);
 	if (found <= 0)
-		return found == 0 ? TC_ACT_OK : TC_ACT_SHOT;
+		return found == 0 ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 	/* A frame for another host's MAC (flooded by a switch) is none of our business. */
 	if (skb->pkt_type != PACKET_HOST)
+		return TC_ACT_UNSPEC;
+	/* A header bad in itself (magic, version, type) is dropped whatever its type: a
+	 * member has no XDP program that would have vetted it first. */
+	int bad = check_hdr(p.hdr);
+	if (bad >= 0) {
+		count(bad);
+		return TC_ACT_SHOT;
+	}
+	/* XDP (on a root) already vetted ACK / NACK / GROUP_ACK: only DATA is ours here. */
+	if (p.hdr->type != AGGBOX_DATA)
 		return TC_ACT_OK;
-	/* XDP already vetted ACK / NACK / GROUP_ACK on the way up: only DATA is ours here. */
-	if (p.hdr->type != AGGBOX_DATA || p.hdr->magic != AGGBOX_MAGIC)
-		return p.hdr->magic == AGGBOX_MAGIC ? TC_ACT_OK : (count(CNT_DROP_BAD_MAGIC), TC_ACT_SHOT);
 	int reason = 0;
 	struct bcast_job *job = check_member_packet(&p, &reason);
 	if (!job) {
@@ -316,7 +325,7 @@ int tc_egress(struct __sk_buff *skb)
 		return TC_ACT_OK; /* one of our own copies on its way out */
 	struct bcast_config *cfg = get_config();
 	if (!cfg)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (skb->mark == AGGBOX_MARK_ACK)
 		return build_ack(skb, cfg);
 
@@ -324,7 +333,7 @@ int tc_egress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct pkt p = {};
 	if (parse_aggbox(data, data_end, &p, cfg->port_lo, cfg->port_hi) != PARSE_OK)
-		return TC_ACT_OK; /* our own application's traffic: the receivers judge it */
+		return TC_ACT_UNSPEC; /* not AggBox broadcast traffic: the next filter decides */
 	if (p.hdr->magic != AGGBOX_MAGIC || p.hdr->type != AGGBOX_DATA)
 		return TC_ACT_OK;
 	__u32 job_id = p.hdr->job_id;
