@@ -81,6 +81,13 @@ COUNTERS: tuple[str, ...] = (
     "ack_errors",
     "nack",
     "drop_not_mine",
+    "agg_added",
+    "agg_duplicate",
+    "agg_completed",
+    "agg_late_reply",
+    "agg_status",
+    "agg_stale_round",
+    "drop_gso",
 )
 
 

@@ -91,6 +91,14 @@ enum aggbox_counter {
 	CNT_ACK_ERRORS,        /* failures while building an ACK                               */
 	CNT_NACK,              /* NACKs passed to the root application                         */
 	CNT_DROP_NOT_MINE,     /* DATA for this job but another member's address               */
+	/* aggregation (bpf/aggregate.c) */
+	CNT_AGG_ADDED,         /* blocks added into a slot                                     */
+	CNT_AGG_DUPLICATE,     /* a worker's block already counted in its slot (not re-added)  */
+	CNT_AGG_COMPLETED,     /* slots completed: the result went to every worker             */
+	CNT_AGG_LATE_REPLY,    /* duplicates of a finished block, answered from its copy       */
+	CNT_AGG_STATUS,        /* duplicates of an unfinished block, answered with who is missing */
+	CNT_AGG_STALE_ROUND,   /* blocks for a round the slot is not at (late or early)        */
+	CNT_DROP_GSO,          /* a segmentation-offload super-packet (must be split first)    */
 	CNT_MAX,
 };
 
