@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import subprocess
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,26 @@ class Host:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         return subprocess.run(self.command(argv), check=check, **kwargs)
+
+    # -- what a node needs from its host beyond a process (overridden by remote backends)
+
+    def put_file(self, local: Path, name: str) -> str:
+        """Make the local file ``local`` readable on this host as ``name`` (a plain file
+        name, unique within the caller's run) and return its path there.
+
+        Hosts that share this machine's filesystem (netns) read the file where it is;
+        containers and remote machines get a copy in a folder of their own."""
+        return str(local)
+
+    def node_python(self) -> str | None:
+        """The interpreter that runs ``python -m aggbox.node`` on this host; ``None``: the
+        controller's own (hosts that share this machine's filesystem and .venv)."""
+        return None
+
+    def node_env(self, env: Mapping[str, str]) -> dict[str, str] | None:
+        """The environment a node process gets from the controller's ``env``. Local hosts
+        take it whole; remote ones pass on only what means something there."""
+        return dict(env)
 
 
 class Testbed(ABC):

@@ -68,11 +68,13 @@ class NodeGroup:
     def start(self, host: Host, role: str, rank: int, cpus: str = "") -> Node:
         name = f"{role}[{rank}]@{host.name}"
         stderr_path = self.workdir / f"{role}-{rank}.stderr"
-        argv = [self.python, "-m", "aggbox.node", role, "--spec", str(self.spec_path),
-                "--rank", str(rank)]
+        # Containers and remote machines get their own copy of the spec (Host.put_file).
+        spec_on_host = host.put_file(self.spec_path, f"{self.workdir.name}-spec.json")
+        argv = [host.node_python() or self.python, "-m", "aggbox.node", role,
+                "--spec", spec_on_host, "--rank", str(rank)]
         if cpus:
             argv += ["--cpus", cpus]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = host.node_env(dict(os.environ, PYTHONUNBUFFERED="1"))
         with open(stderr_path, "wb") as err:
             proc = host.popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                               env=env, text=True)
