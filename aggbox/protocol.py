@@ -21,6 +21,11 @@ MARK_ACK = 0xAB0C0002
 # IPv4 (20) + UDP (8): what sits between the Ethernet frame and the AggBox header.
 IP_UDP_OVERHEAD = 28
 
+# Reduce-by-key pairs (AGGBOX_KV): a key zero-padded to KV_KEY_WIDTH, then an int64 value.
+KV_KEY_WIDTH = 16
+KV_PAIR_SIZE = KV_KEY_WIDTH + 8
+KV_MAX_PAIRS = 64
+
 
 class MsgType(IntEnum):
     DATA = 1
@@ -38,6 +43,8 @@ class Flags(IntFlag):
     NONE = 0
     LAST_FRAG = 0x0001
     RETRANSMIT = 0x0002
+    KV_DONE = 0x0004
+    KV_LONG = 0x0008
 
 
 # (name, struct code, offset, size) in wire order; little-endian, no padding.
@@ -88,6 +95,16 @@ COUNTERS: tuple[str, ...] = (
     "agg_status",
     "agg_stale_round",
     "drop_gso",
+    # reduce-by-key (bpf/reduce.c)
+    "kv_pairs",
+    "kv_spilled",
+    "kv_spill_packets",
+    "kv_update_failed",
+    "kv_duplicate",
+    "kv_stale",
+    "kv_in_progress",
+    "kv_tail_calls",
+    "kv_chain_broken",
 )
 
 

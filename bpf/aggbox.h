@@ -31,6 +31,10 @@ enum aggbox_type {
 /* Flags (aggbox_hdr.flags). */
 #define AGGBOX_F_LAST_FRAG  0x0001 /* DATA: last packet of a message */
 #define AGGBOX_F_RETRANSMIT 0x0002 /* DATA: a resend (unicast to the members that miss it) */
+#define AGGBOX_F_KV_DONE    0x0004 /* KV: the mapper's last message to this reducer; every
+                                    * earlier packet of it was acknowledged (aux = packets) */
+#define AGGBOX_F_KV_LONG    0x0008 /* KV: variable-length pairs for the reducer's application
+                                    * (keys longer than AGGBOX_KV_KEY_WIDTH), see below    */
 
 /* The fixed header after UDP. 32 bytes, no implicit padding. */
 struct aggbox_hdr {
@@ -54,6 +58,19 @@ struct aggbox_hdr {
 _Static_assert(sizeof(struct aggbox_hdr) == 32, "aggbox_hdr must be 32 bytes");
 _Static_assert(__builtin_offsetof(struct aggbox_hdr, seq) == 16, "seq at 16");
 _Static_assert(__builtin_offsetof(struct aggbox_hdr, aux) == 28, "aux at 28");
+
+/* Reduce-by-key payload (type AGGBOX_KV): hdr.count pairs of fixed width, back to back.
+ * A key is its bytes, zero-padded to AGGBOX_KV_KEY_WIDTH; keys that are longer, or that
+ * contain a zero byte, travel in AGGBOX_F_KV_LONG packets instead, whose pairs are
+ * (__u16 key length, key bytes, __s64 value) and which only the application reads.
+ * Values are summed as signed 64-bit integers. */
+#define AGGBOX_KV_KEY_WIDTH 16
+#define AGGBOX_KV_MAX_PAIRS 64 /* per packet: one bit each in the reducer's spill bitmap */
+struct aggbox_kv_pair {
+	__u8 key[AGGBOX_KV_KEY_WIDTH];
+	__s64 value;
+};
+_Static_assert(sizeof(struct aggbox_kv_pair) == 24, "a pair is 24 bytes");
 
 /* Largest group a program handles: bounds every member loop the verifier walks. */
 #ifndef AGGBOX_MAX_MEMBERS
@@ -99,6 +116,17 @@ enum aggbox_counter {
 	CNT_AGG_STATUS,        /* duplicates of an unfinished block, answered with who is missing */
 	CNT_AGG_STALE_ROUND,   /* blocks for a round the slot is not at (late or early)        */
 	CNT_DROP_GSO,          /* a segmentation-offload super-packet (must be split first)    */
+	/* reduce-by-key (bpf/reduce.c) */
+	CNT_KV_PAIRS,          /* pairs summed into the reducer's map by its kernel            */
+	CNT_KV_SPILLED,        /* pairs passed to the reducer's application instead (map full,
+	                        * long key, update failure): merged there, never lost         */
+	CNT_KV_SPILL_PACKETS,  /* packets that carried such pairs up                           */
+	CNT_KV_UPDATE_FAILED,  /* map inserts that failed (map full, no memory)                 */
+	CNT_KV_DUPLICATE,      /* packets already taken: acknowledged again, not added again   */
+	CNT_KV_STALE,          /* packets older than the dedup window (long acknowledged)      */
+	CNT_KV_IN_PROGRESS,    /* a copy of a packet another CPU is still adding: dropped      */
+	CNT_KV_TAIL_CALLS,     /* tail calls of the pair walk                                  */
+	CNT_KV_CHAIN_BROKEN,   /* failed tail calls (the rest of the packet was spilled)        */
 	CNT_MAX,
 };
 
