@@ -15,6 +15,7 @@ Two facts shape this file (see ../shared/KERNEL_NOTES.md):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -55,16 +56,47 @@ def inline_source(path: Path, root: Path = BPF_DIR, _seen: set[Path] | None = No
     return "\n".join(out)
 
 
+# While fd 2 is captured: (saved copy of the real stderr, the capture file). LLVM ends the
+# process with exit(1) on some errors (e.g. "A call to built-in function 'memset' is not
+# supported"), inside the capture: a C-level atexit hook then shows what was captured.
+_capture: list[tuple[int, int]] = []
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _show_capture_at_exit(_arg) -> None:
+    for saved, fd in _capture:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(saved, os.read(fd, 1 << 20))
+
+
+_exit_hook_handle = ctypes.c_char(0)  # its address names our hook for __cxa_finalize
+
+
+def _install_exit_hook() -> None:
+    if not getattr(_install_exit_hook, "done", False):
+        # atexit() itself is not an exported glibc symbol; __cxa_atexit is.
+        libc = ctypes.CDLL(None)
+        libc.__cxa_atexit(_show_capture_at_exit, None, ctypes.byref(_exit_hook_handle))
+        # A normal exit finalizes Python before C's exit handlers run, and a ctypes
+        # callback called after that crashes the process (SIGSEGV): run (and so remove)
+        # the hook while Python is alive; only an exit from C (LLVM) still reaches it.
+        atexit.register(libc.__cxa_finalize, ctypes.byref(_exit_hook_handle))
+        _install_exit_hook.done = True
+
+
 @contextlib.contextmanager
 def _captured_stderr() -> Iterator[list[str]]:
     """Capture what libbcc prints on fd 2 (compiler and verifier messages)."""
+    _install_exit_hook()
     captured: list[str] = []
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         saved = os.dup(2)
         os.dup2(tmp.fileno(), 2)
+        _capture.append((saved, tmp.fileno()))
         try:
             yield captured
         finally:
+            _capture.pop()
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)

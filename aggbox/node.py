@@ -22,6 +22,10 @@ from typing import Any
 ROLES: dict[str, str] = {
     "broadcast-root": "aggbox.workloads.broadcast:root_node",
     "broadcast-member": "aggbox.workloads.broadcast:member_node",
+    "allreduce-aggregator": "aggbox.workloads.allreduce:aggregator_node",
+    "allreduce-worker": "aggbox.workloads.allreduce:worker_node",
+    "mapreduce-mapper": "aggbox.workloads.mapreduce:node",
+    "mapreduce-reducer": "aggbox.workloads.mapreduce:node",
 }
 
 

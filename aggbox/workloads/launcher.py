@@ -138,6 +138,9 @@ class NodeGroup:
             except subprocess.TimeoutExpired:
                 node.proc.kill()
                 node.proc.wait()
+        for node in self.nodes:  # let the readers take the last records
+            if node.reader:
+                node.reader.join(2)
 
     def close(self) -> None:
         self.stop_all()

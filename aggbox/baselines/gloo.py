@@ -1,0 +1,46 @@
+"""Allreduce with gloo through torch.distributed (CPU): the strongest real library for
+this job on this testbed. Ranks are started once and time many calls (start-up costs
+seconds: torch import and rendezvous)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from aggbox.collectives.group import Group
+from aggbox.errors import AggBoxError
+
+
+class GlooAllreducer:
+    def __init__(self, group: Group, port: int, timeout_s: float = 120.0):
+        try:
+            import torch
+            import torch.distributed as dist
+        except ImportError as exc:
+            raise AggBoxError("the gloo baseline needs torch: `make setup` installs "
+                              "torch==2.13.0 (CPU)") from exc
+        from datetime import timedelta
+
+        # Inside a namespace the hostname resolves to 127.0.0.1: name the interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", group.ifname)
+        torch.set_num_threads(1)
+        self.torch, self.dist = torch, dist
+        self.group = group
+        master = group.members[0].ip
+        dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}",
+                                rank=group.rank, world_size=group.size,
+                                timeout=timedelta(seconds=timeout_s))
+
+    def allreduce(self, tensor: np.ndarray, op: str = "sum") -> np.ndarray:
+        # all_reduce works in place: reduce a copy, as the AggBox API returns a new array.
+        t = self.torch.from_numpy(np.array(tensor, copy=True))
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM)
+        out = t.numpy()
+        if op == "mean":
+            out = out / self.group.size
+        return out
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()

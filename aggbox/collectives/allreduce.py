@@ -1,0 +1,383 @@
+"""In-kernel allreduce: float tensors summed by the aggregator's kernel, integers only.
+
+    reducer = Allreducer(group)                # one per worker process
+    total = reducer.allreduce(grads)           # sum over the group (op="mean" divides)
+
+``group.members`` are the workers (ranks 0..N-1); ``group.aggregator`` is the host whose
+kernel runs bpf/aggregate.c, installed there with :class:`AggregatorPrograms`. Two ways to
+agree on the scale of each block (aggbox/quant.py):
+
+- ``scale="align"`` (default, one round): each worker quantizes with its own block
+  exponent and sends it in the header; the kernel aligns contributions to the largest.
+- ``scale="agree"`` (two rounds): an in-kernel element-wise MAX of the per-block
+  exponents first, then the SUM of blocks quantized with the agreed exponents.
+
+int32 tensors are summed exactly in one round (wrapping like numpy's int32).
+
+Reliability is the worker's: it keeps at most ``pool`` blocks in flight (a slot is reused
+only after its result came back: self-clocked), resends what has not come back after a
+timeout (doubling), and the aggregator's kernel answers a duplicate from the finished copy,
+or with a status naming the workers it still waits for. A call that makes no progress for
+``timeout`` seconds raises :class:`CollectiveTimeout` naming those workers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggbox import quant
+from aggbox.collectives.group import Group, Member
+from aggbox.errors import AggBoxError, CollectiveTimeout
+from aggbox.protocol import HEADER, HEADER_SIZE, MAX_MEMBERS, MsgType, max_payload
+from aggbox.sockets import udp_socket
+
+DEFAULT_PORTS = (48000, 48999)
+MAX_VALUES = 16384  # AGG_MAX_VALUES: the largest block the programs are compiled for
+CHUNK = 1024  # AGG_CHUNK: values one program of the tail-call chain adds
+POOL_SHIFT = 6  # AGG_POOL_SHIFT: 64 slots per job, the workers' window
+MAX_JOBS = 4
+TC_PRIORITY = 2  # broadcast uses 1, reduce-by-key 3
+
+F_OP_MAX = 0x0100  # bpf/aggregate.c AGG_F_OP_MAX
+F_STATUS = 0x0200  # bpf/aggregate.c AGG_F_STATUS
+F_ALIGN = 0x0400  # bpf/aggregate.c AGG_F_ALIGN
+
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h: UDP generic segmentation offload
+GSO_MAX_BYTES = 65000
+
+
+def chain_length(block: int, chunk: int = CHUNK) -> int:
+    """Programs of the tail-call chain one block of ``block`` values goes through: the
+    entry, ceil(block / chunk) adders, and the finisher."""
+    return 1 + -(-block // chunk) + 1
+
+
+def max_block(mtu: int) -> int:
+    """The largest block (int32 values) one packet carries at this MTU."""
+    return min(MAX_VALUES, max_payload(mtu) // 4)
+
+
+def _ip_u32(ip: str) -> int:
+    return struct.unpack("<I", socket.inet_aton(ip))[0]
+
+
+def _mac(mac: str) -> bytes:
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+class AggregatorPrograms:
+    """bpf/aggregate.c on the aggregator host: the entry program on TC ingress and the
+    chain (add, finish, reply) in its program array. Create it inside the aggregator's
+    network namespace; install one job per concurrent allreduce group."""
+
+    def __init__(self, ifname: str = "eth0", ports: tuple[int, int] = DEFAULT_PORTS,
+                 pin_tag: str = ""):
+        from bcc import BPF
+
+        from aggbox.bpf import ProgramFamily
+
+        self.family = ProgramFamily("aggregate", pin_tag=pin_tag, defines={
+            "AGG_MAX_VALUES": MAX_VALUES, "AGG_CHUNK": CHUNK, "AGG_POOL_SHIFT": POOL_SHIFT,
+            "AGG_MAX_JOBS": MAX_JOBS})
+        try:
+            cfg = self.family["config"]
+            leaf = cfg.Leaf()
+            leaf.port_lo, leaf.port_hi = ports
+            cfg[cfg.Key(0)] = leaf
+            chain = self.family["chain"]
+            for index, fn in enumerate(("agg_add", "agg_finish", "agg_reply")):
+                chain[ctypes.c_int(index)] = ctypes.c_int(self.family.load(fn, BPF.SCHED_CLS).fd)
+            self.family.attach_tc(ifname, "agg_ingress", "ingress", prio=TC_PRIORITY)
+        except BaseException:
+            self.family.close()
+            raise
+        self._index: dict[int, int] = {}
+
+    def install_job(self, group: Group) -> int:
+        """Install ``group`` (workers = members; the aggregator = group.aggregator) with
+        every slot of the job reset: also what makes slots reusable after a failed job."""
+        if group.aggregator is None:
+            raise AggBoxError("the group names no aggregator host")
+        if not 1 <= group.size <= min(MAX_MEMBERS, 64):
+            raise AggBoxError(f"an aggregation group has 1..64 workers, got {group.size}")
+        index = self._index.get(group.job_id)
+        if index is None:
+            free = sorted(set(range(MAX_JOBS)) - set(self._index.values()))
+            if not free:
+                raise AggBoxError(f"at most {MAX_JOBS} concurrent aggregation jobs")
+            index = free[0]
+        self._reset_slots(index)
+        workers = self.family["workers"]
+        for m in group.members:
+            leaf = workers.Leaf()
+            leaf.ip = _ip_u32(m.ip)
+            ctypes.memmove(leaf.mac, _mac(m.mac), 6)
+            workers[workers.Key(index * MAX_MEMBERS + m.rank)] = leaf
+        jobs = self.family["jobs"]
+        job = jobs.Leaf()
+        job.token, job.index, job.n_workers = group.token, index, group.size
+        job.my_ip = _ip_u32(group.aggregator.ip)
+        ctypes.memmove(job.my_mac, _mac(group.aggregator.mac), 6)
+        jobs[jobs.Key(group.job_id)] = job
+        self._index[group.job_id] = index
+        return index
+
+    def _reset_slots(self, index: int) -> None:
+        slots = self.family["slots"]
+        pool = 1 << POOL_SHIFT
+        for slot in range(pool):
+            for copy in (0, 1):
+                leaf = slots.Leaf()
+                leaf.round = copy  # round r of a slot uses copy r & 1: rounds 0 and 1 first
+                slots[slots.Key((index * pool + slot) * 2 + copy)] = leaf
+
+    def remove_job(self, job_id: int) -> None:
+        index = self._index.pop(job_id, None)
+        jobs = self.family["jobs"]
+        try:
+            del jobs[jobs.Key(job_id)]
+        except KeyError:
+            pass
+        if index is not None:
+            self._reset_slots(index)
+
+    def counters(self) -> dict[str, int]:
+        return self.family.counters()
+
+    def close(self) -> None:
+        self.family.close()
+
+    def __enter__(self) -> AggregatorPrograms:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class _Call:
+    """The blocks of one in-kernel aggregation call and what has come back."""
+
+    base: int  # the global seq of block 0
+    values: np.ndarray  # int32, flat
+    block: int
+    exponents: np.ndarray | None = None  # F_ALIGN: each block's own exponent, sent along
+    out: np.ndarray = field(init=False)
+    done: np.ndarray = field(init=False)
+    low: int = 0  # every block below is done
+    next_send: int = 0
+
+    def __post_init__(self) -> None:
+        self.n_blocks = max(1, -(-self.values.size // self.block))
+        self.out = np.zeros(self.values.size, dtype=np.int32)
+        self.out_exp = np.zeros(self.n_blocks, dtype=np.int32)
+        self.done = np.zeros(self.n_blocks, dtype=bool)
+
+    def span(self, i: int) -> tuple[int, int]:
+        start = i * self.block
+        return start, min(start + self.block, self.values.size)
+
+
+class Allreducer:
+    """A worker's side of in-kernel allreduce (one per worker process)."""
+
+    def __init__(self, group: Group, block: int = 256, timeout: float = 10.0,
+                 rto: float = 0.02, gso: bool = False, scale: str = "align"):
+        if scale not in ("align", "agree"):
+            raise AggBoxError(f"scale must be 'align' or 'agree', got {scale!r}")
+        self.scale = scale
+        if group.aggregator is None:
+            raise AggBoxError("the group names no aggregator host")
+        if not 1 <= block <= MAX_VALUES:
+            raise AggBoxError(f"block must be 1..{MAX_VALUES} values, got {block}")
+        self.group = group
+        self.block = block
+        self.pool = 1 << POOL_SHIFT
+        self.timeout = timeout
+        self.rto = rto
+        self.gso = gso
+        self.sock = udp_socket(group.port)
+        self.dest = (group.aggregator.ip, group.port)
+        self.next_seq = 0  # global block number, shared by every call of this group
+        self.rx = bytearray(HEADER_SIZE + 4 * MAX_VALUES + 64)
+        self.stats = {"blocks": 0, "retransmits": 0, "results": 0, "duplicates": 0}
+
+    # -- the public API ----------------------------------------------------------------
+
+    def allreduce(self, tensor: np.ndarray, op: str = "sum") -> np.ndarray:
+        """The element-wise sum (``op="mean"``: average) of ``tensor`` over the group."""
+        if op not in ("sum", "mean"):
+            raise AggBoxError(f"op must be 'sum' or 'mean', got {op!r}")
+        x = np.asarray(tensor)
+        if x.dtype == np.int32:
+            total = self.reduce_int32(x.reshape(-1)).reshape(x.shape)
+            return total if op == "sum" else total / self.group.size
+        quant.check_finite(x)  # refuse NaN/Inf before anything is sent
+        n = self.group.size
+        if self.scale == "agree":
+            exponents = self.reduce_int32(quant.block_exponents(x, self.block), op_max=True)
+            q = quant.quantize(x, exponents, self.block, n)
+            sums = self.reduce_int32(q)
+        else:
+            own = quant.block_exponents(x, self.block)
+            q = quant.quantize(x, own, self.block, n)
+            sums, exponents = self._reduce(q, F_ALIGN, own)
+        total = quant.dequantize(sums, exponents, self.block, n, x.size, x.dtype)
+        if op == "mean":
+            total /= n
+        self.last_exponents = exponents
+        return total.reshape(x.shape)
+
+    def error_bound(self, result: np.ndarray) -> np.ndarray:
+        """Per element, the bound on the last float call's error (aggbox/quant.py)."""
+        return quant.error_bound(result, self.last_exponents, self.block, self.group.size,
+                                 np.dtype(result.dtype), aligned=self.scale == "align")
+
+    def reduce_int32(self, values: np.ndarray, op_max: bool = False) -> np.ndarray:
+        """Element-wise sum (or max) of an int32 vector over the group, in the kernel."""
+        return self._reduce(values, F_OP_MAX if op_max else 0)[0]
+
+    def _reduce(self, values: np.ndarray, flags: int,
+                exponents: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One in-kernel aggregation; returns the values and, with F_ALIGN, the exponent
+        each result block came back with."""
+        values = np.ascontiguousarray(values, dtype=np.int32).reshape(-1)
+        call = _Call(self.next_seq, values, self.block, exponents)
+        self.next_seq += call.n_blocks
+        rto, last_progress, missing = self.rto, time.monotonic(), None
+        while call.low < call.n_blocks:
+            self._send_window(call, flags)
+            if self._receive(call, rto):
+                rto, last_progress = self.rto, time.monotonic()
+                continue
+            missing = self._missing or missing
+            if time.monotonic() - last_progress > self.timeout:
+                self._give_up(call, missing)
+            self._resend_outstanding(call, flags)
+            rto = min(rto * 2, 0.5)
+        return call.out, call.out_exp
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _packet(self, call: _Call, i: int, flags: int) -> bytes:
+        start, end = call.span(i)
+        exp = int(call.exponents[i]) if call.exponents is not None else 0
+        hdr = HEADER.pack(0x58424741, 1, MsgType.AGG, flags, self.group.job_id,
+                          self.group.token, call.base + i, 0, self.group.rank, end - start,
+                          exp, 0)
+        return hdr + call.values[start:end].tobytes()
+
+    def _send_window(self, call: _Call, flags: int) -> None:
+        """Send every block the window allows: block i reuses the slot of block i - pool,
+        so it goes only once everything below i - pool + 1 came back."""
+        first = call.next_send
+        last = min(call.n_blocks, call.low + self.pool)
+        if first >= last:
+            return
+        self._send_blocks(call, range(first, last), flags)
+        call.next_send = last
+        self.stats["blocks"] += last - first
+
+    def _send_blocks(self, call: _Call, blocks: range | list[int], flags: int) -> None:
+        packets = [self._packet(call, i, flags) for i in blocks]
+        if not self.gso or len(packets) == 1:
+            for pkt in packets:
+                self.sock.sendto(pkt, self.dest)
+            return
+        # UDP GSO: one sendmsg for many equal-size packets (the last may be shorter).
+        seg = len(packets[0])
+        per_call = max(1, min(64, GSO_MAX_BYTES // seg))
+        for k in range(0, len(packets), per_call):
+            group = packets[k:k + per_call]
+            if len(group) == 1 or any(len(p) != seg for p in group[:-1]):
+                for pkt in group:
+                    self.sock.sendto(pkt, self.dest)
+                continue
+            self.sock.sendmsg([b"".join(group)],
+                              [(SOL_UDP, UDP_SEGMENT, struct.pack("H", seg))], 0, self.dest)
+
+    def _resend_outstanding(self, call: _Call, flags: int) -> None:
+        outstanding = [i for i in range(call.low, call.next_send) if not call.done[i]]
+        self._send_blocks(call, outstanding, flags)
+        self.stats["retransmits"] += len(outstanding)
+
+    # -- receiving ---------------------------------------------------------------------
+
+    _missing: list[int] | None = None
+
+    def _receive(self, call: _Call, wait: float) -> bool:
+        """Take every result that arrives within ``wait``; True if any block completed."""
+        progressed = False
+        self._missing = None
+        ready, _, _ = select.select([self.sock], [], [], wait)
+        while ready:
+            try:
+                n = self.sock.recv_into(self.rx, len(self.rx), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            progressed |= self._take(call, n)
+        return progressed
+
+    def _take(self, call: _Call, n: int) -> bool:
+        if n < HEADER_SIZE:
+            return False
+        (magic, _v, mtype, flags, job, _tok, seq, _r, _rank, count, exp,
+         aux) = HEADER.unpack_from(self.rx)
+        if mtype != MsgType.AGG_RESULT or job != self.group.job_id:
+            return False
+        i = seq - call.base
+        if not 0 <= i < call.n_blocks:
+            self.stats["duplicates"] += 1  # a late answer to an earlier call
+            return False
+        if flags & F_STATUS:
+            self._missing = [r for r in range(self.group.size) if not aux >> r & 1]
+            return False
+        if call.done[i]:
+            self.stats["duplicates"] += 1
+            return False
+        start, end = call.span(i)
+        if count != end - start or n < HEADER_SIZE + 4 * count:
+            return False
+        call.out[start:end] = np.frombuffer(self.rx, dtype=np.int32, count=count,
+                                            offset=HEADER_SIZE)
+        call.out_exp[i] = exp
+        call.done[i] = True
+        self.stats["results"] += 1
+        while call.low < call.n_blocks and call.done[call.low]:
+            call.low += 1
+        return True
+
+    def _give_up(self, call: _Call, missing: list[int] | None) -> None:
+        seq = call.base + call.low
+        if missing:
+            who = ", ".join(f"rank {r} ({self.group.members[r].ip})" for r in missing)
+            detail = f"the aggregator is still waiting for {who}"
+        else:
+            detail = f"the aggregator ({self.dest[0]}) did not answer"
+        raise CollectiveTimeout(
+            f"allreduce block {seq} made no progress for {self.timeout:g} s: {detail}; "
+            "is that worker running?", missing or [])
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Allreducer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_group(job_id: int, token: int, workers: list[Member], aggregator: Member,
+               rank: int, port: int = DEFAULT_PORTS[0], ifname: str = "eth0") -> Group:
+    """The Group an allreduce needs: members are the workers, plus the aggregator."""
+    return Group(job_id=job_id, token=token, members=tuple(workers), rank=rank, port=port,
+                 ifname=ifname, aggregator=aggregator)
