@@ -35,7 +35,10 @@ FigureFn = Callable[..., list[Path]]
 FIGURES: dict[str, FigureFn] = {}
 
 #: workload -> figures drawn when a run's meta.json names none.
-DEFAULT_FIGURES: dict[str, list[str]] = {"broadcast": ["broadcast_latency", "broadcast_cdf"]}
+DEFAULT_FIGURES: dict[str, list[str]] = {
+    "broadcast": ["broadcast_latency", "broadcast_cdf"],
+    "allreduce": ["allreduce_time"],
+}
 
 RC = {
     "pdf.fonttype": 42,  # embed TrueType, not Type 3: editable text, accepted by publishers
@@ -59,6 +62,7 @@ SYSTEM_STYLE = {
     "tcp": {"label": "TCP", "color": "#2c3e50", "marker": "s"},
     "udp": {"label": "UDP", "color": "#7f8c8d", "marker": "^"},
     "gloo": {"label": "Gloo", "color": "#2980b9", "marker": "D"},
+    "tcp_ps": {"label": "TCP param. server", "color": "#2c3e50", "marker": "s"},
 }
 _FALLBACK_COLORS = itertools.cycle(["#8e44ad", "#16a085", "#d35400", "#27ae60"])
 
@@ -66,6 +70,7 @@ METRIC_LABELS = {
     "completion_us": "completion latency (µs)",
     "delivery_us": "delivery latency (µs)",
     "sender_cpu_us": "sender CPU time (µs)",
+    "time_ms": "time per call (ms)",
 }
 
 
@@ -417,6 +422,62 @@ def broadcast_latency(run: Run, out_dir: Path | None = None) -> list[Path]:
 @figure("broadcast_cdf")
 def broadcast_cdf(run: Run, out_dir: Path | None = None) -> list[Path]:
     return _save_all(run, broadcast_cdf_figures(run), out_dir)
+
+
+@_styled
+def allreduce_time_figures(run: Run) -> list[tuple[str, Figure]]:
+    """Time per call vs tensor size (at the most workers) and vs workers (at the largest
+    size), p50 line with p99 band, and AggBox's speedup over gloo on both axes."""
+    s = run.summary
+    systems = [x for x in run.systems if x in set(s["system"])]
+    workers, floats = max(s["workers"]), max(s["floats"])
+    fig = _new_figure(1, 3, width=3.3)
+    axes = fig.subplots(1, 3)
+    counts: dict[str, list] = {}
+    for ax, (x, fixed, xlabel) in zip(axes[:2], (("floats", {"workers": workers},
+                                                  "tensor size (float32 values)"),
+                                                 ("workers", {"floats": floats}, "workers")),
+                                      strict=True):
+        part = _select(s, fixed)
+        for system in systems:
+            rows = part[part["system"] == system].sort_values(x)
+            if rows.empty:
+                continue
+            st = style(system)
+            ax.plot(rows[x], rows["time_ms_p50"], color=st["color"], marker=st["marker"],
+                    ms=4, lw=1.5)
+            ax.fill_between(rows[x], rows["time_ms_p50"], rows["time_ms_p99"],
+                            color=st["color"], alpha=0.15, lw=0)
+            counts.setdefault(system, []).extend(rows["time_ms_n"].tolist())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("time per call (ms)")
+        what = f"{workers} workers" if x == "floats" else f"{floats} floats"
+        ax.set_title(what)
+    ax = axes[2]
+    for x, fixed, marker in (("floats", {"workers": workers}, "o"),
+                             ("workers", {"floats": floats}, "s")):
+        part = _select(s, fixed).pivot_table(index=x, columns="system", values="time_ms_p50")
+        if {"aggbox", "gloo"} <= set(part.columns):
+            speedup = part["gloo"] / part["aggbox"]
+            ax.plot(range(len(speedup)), speedup.values, marker=marker, ms=4, lw=1.5,
+                    color=style("aggbox")["color"],
+                    label=f"vs {x} ({', '.join(str(v) for v in speedup.index)})")
+    ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+    ax.set_ylabel("speedup over gloo (p50 ratio)")
+    ax.set_xlabel("grid point (see legend)")
+    ax.set_title("AggBox speedup over gloo")
+    ax.legend(fontsize=6)
+    _finish_figure(fig, "Allreduce time per call",
+                   _caption(run, "Solid line: median (p50); band up to p99; rank 0's time."),
+                   {k: [pd.Series(v).min()] for k, v in counts.items()})
+    return [("allreduce_time", fig)]
+
+
+@figure("allreduce_time")
+def allreduce_time(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, allreduce_time_figures(run), out_dir)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -11,9 +11,18 @@ from aggbox.testbed.netns import (
 )
 
 
-def make_testbed(backend: str, params: dict, run_id: str = "") -> Testbed:
+def testbed_hosts(params: dict) -> int:
+    """Hosts a cell needs: ``hosts``, or ``workers`` plus the aggregator's host."""
+    if "hosts" in params:
+        return int(params["hosts"])
+    return int(params["workers"]) + 1
+
+
+def make_testbed(backend: str, params: dict, run_id: str = "",
+                 options: dict | None = None) -> Testbed:
     """The testbed an experiment cell asks for: ``params["hosts"]`` hosts, with the link
-    impairments ``loss`` / ``duplicate`` / ``reorder`` (percent) and ``delay`` (ms)."""
+    impairments ``loss`` / ``duplicate`` / ``reorder`` (percent) and ``delay`` (ms).
+    ``options`` are the backend's own settings (ansible: ``inventory``)."""
     from aggbox.errors import TestbedError
 
     netem = Netem(loss_pct=float(params.get("loss", 0)),
@@ -24,9 +33,19 @@ def make_testbed(backend: str, params: dict, run_id: str = "") -> Testbed:
     if backend == "netns":
         # The experiment's run id is too long for interface-safe names: the testbed
         # makes its own short one.
-        return NetnsTestbed(int(params["hosts"]), netem=None if netem.is_noop() else netem,
-                            tx_offload=bool(params.get("tx_offload", True)))
-    raise TestbedError(f"testbed backend {backend!r} is not available here; known: netns")
+        return NetnsTestbed(testbed_hosts(params), netem=None if netem.is_noop() else netem,
+                            tx_offload=bool(params.get("tx_offload", True)),
+                            mtu=int(params.get("mtu", 1500)))
+    if backend == "docker":
+        from aggbox.testbed.docker import make_docker_testbed  # the docker SDK: only here
+
+        return make_docker_testbed(params, netem)
+    if backend == "ansible":
+        from aggbox.testbed.ansible import make_ansible_testbed
+
+        return make_ansible_testbed(params, netem, options or {})
+    raise TestbedError(f"testbed backend {backend!r} is not available here; "
+                       "known: netns, docker, ansible")
 
 
 __all__ = [

@@ -29,21 +29,25 @@ WorkloadFn = Callable[..., list[dict]]
 #: workload name -> "module:function" (imported lazily) or the function itself.
 WORKLOADS: dict[str, str | WorkloadFn] = {
     "broadcast": "aggbox.workloads.broadcast:run_cell",
+    "allreduce": "aggbox.workloads.allreduce:run_cell",
 }
 
 #: workload name -> metric columns every sample carries (all in the units their suffix says).
 METRICS: dict[str, list[str]] = {
     "broadcast": ["completion_us", "delivery_us", "sender_cpu_us"],
+    "allreduce": ["time_ms", "algbw_gbps", "max_abs_err", "err_bound"],
 }
 
 #: workload name -> the metric that figures and reports lead with.
 PRIMARY_METRIC: dict[str, str] = {
     "broadcast": "completion_us",
+    "allreduce": "time_ms",
 }
 
 #: workload name -> systems it can compare (AggBox and its baselines).
 SYSTEMS: dict[str, list[str]] = {
     "broadcast": ["aggbox", "tcp", "udp", "gloo"],
+    "allreduce": ["aggbox", "gloo", "tcp_ps"],
 }
 
 _REQUIRED = object()
@@ -109,6 +113,18 @@ PARAMS: dict[str, dict[str, Param]] = {
         "duplicate": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
         "reorder": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
     },
+    "allreduce": {
+        "workers": Param(int, minimum=1, help="workers; the testbed adds the aggregator host"),
+        "floats": Param(int, minimum=1, help="float32 values per tensor"),
+        "block": Param(int, default=0, minimum=0, help="int32 values per packet (0: the MTU's)"),
+        "mtu": Param(int, default=65000, minimum=1500, maximum=65535,
+                     help="testbed MTU, for every system"),
+        "distribution": Param(str, default="gaussian",
+                              choices=("gaussian", "uniform", "heavy", "zeros")),
+        "loss": Param(float, default=0.0, minimum=0, maximum=100, help="loss, percent"),
+        "duplicate": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
+        "reorder": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
+    },
 }
 
 
@@ -136,6 +152,8 @@ class CostModel:
 
 #: workload name -> cost model (a workload without one gets the default CostModel()).
 COST: dict[str, CostModel] = {
+    # ~15 s to start the workers (torch import, gloo rendezvous), then tens of ms a call.
+    "allreduce": CostModel(fixed_s=15.0, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
     # ~8 s of process start-up per cell spread over the systems, then a few ms per round
     # growing with the group (TCP sends N-1 copies from user space).
     "broadcast": CostModel(
