@@ -97,7 +97,7 @@ pip_install() {
     stamp="$STAMPS/pip-$key"
     [[ -f $stamp && -x $VENV/bin/aggbox ]] && return
     say "installing the aggbox package and its dependencies into $VENV"
-    "$VENV/bin/python" -m pip install -e '.[dev]' </dev/null
+    "$VENV/bin/python" -m pip install -e '.[dev,gloo]' </dev/null
     mkdir -p "$STAMPS"
     rm -f "$STAMPS"/pip-*
     touch "$stamp"
