@@ -26,7 +26,10 @@ preflight() {
 # (a) Debian packages. dpkg-query is fast and sees removals, so no stamp is needed here.
 ARCH=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 PACKAGES=(clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools iproute2 ethtool
-          "linux-headers-$ARCH" python3-venv python3-pip util-linux kmod)
+          "linux-headers-$ARCH" python3-venv python3-pip util-linux kmod
+          # What nodes import under Debian's Python on docker and Ansible hosts, and sshd
+          # for the local stand-ins of cloud VMs (they share this machine's packages).
+          python3-numpy python3-pyroute2 python3-yaml openssh-server)
 
 missing_packages() {
     local installed
