@@ -1,0 +1,864 @@
+"""In-kernel reduce-by-key: (key, int64 value) pairs summed per key in the reducer's kernel.
+
+    result = reduce_by_key(pairs, group)   # every member calls it; reducers get a dict
+
+Every member of ``group`` maps (sends its pairs; ``group.options["mappers"]`` narrows
+that) and the ranks in ``group.options["reducers"]`` (default: every member) reduce: a key
+goes to ``reducers[crc32(key) % len(reducers)]`` (:func:`reducer_of`). A reducer returns
+the sum of every value sent for each of its keys, exactly; a member that only maps returns
+None. Values are int64; the kernel sums them modulo 2**64.
+
+The data path (bpf/reduce.c on each reducer host):
+- pairs with keys of at most :data:`KEY_WIDTH` bytes (and no zero byte) are packed 60 to
+  a packet; the reducer's kernel adds them into a BPF hash map keyed by the full key and
+  turns the packet into an ACK, so the reducer's application never sees them;
+- what the kernel cannot take (map full, a failed update, LONG packets carrying longer
+  keys) comes up to the reducer's socket as a KV_SPILL; the application merges it, once
+  per (mapper, seq), and acknowledges it itself;
+- a mapper keeps at most ``window`` packets unacknowledged per reducer and resends after a
+  timeout; the kernel's per-(mapper, seq) ring makes a resent packet count once;
+- when everything of a mapper was acknowledged, it sends DONE; a reducer with every DONE
+  reads its part of the map in batches, merges the spilled pairs and returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import select
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggbox.collectives.group import Group
+from aggbox.errors import AggBoxError, CollectiveTimeout
+from aggbox.protocol import (
+    HEADER,
+    HEADER_SIZE,
+    KV_KEY_WIDTH,
+    KV_MAX_PAIRS,
+    KV_PAIR_SIZE,
+    MAGIC,
+    MAX_MEMBERS,
+    VERSION,
+    Flags,
+    MsgType,
+    max_payload,
+)
+from aggbox.sockets import udp_socket
+
+DEFAULT_PORTS = (49000, 49999)
+TC_PRIORITY = 3  # broadcast uses 1, aggregation 2
+KEY_WIDTH = KV_KEY_WIDTH
+MAP_ENTRIES = 131072  # KV_MAP_ENTRIES: distinct keys the kernel holds per job
+CHUNK = 16  # KV_CHUNK: pairs one program of the tail-call chain adds
+RING = 128  # 1 << KV_RING_SHIFT: the dedup ring per mapper, the largest window
+MAX_JOBS = 4  # KV_MAX_JOBS: concurrent jobs per host (a returned one lingers 1 s)
+LINGER_S = 1.0  # a reducer keeps answering DONE retransmissions this long after it returns
+LEARN_INTERVAL_S = 0.005  # a waiting reducer takes in new kernel keys this often
+_lingering: list[threading.Thread] = []
+
+PAIR_DTYPE = np.dtype([("key", f"S{KEY_WIDTH}"), ("value", "<i8")])
+_DIR_KEY_DTYPE = np.dtype([("slot", "<u4"), ("pad", "<u4"), ("key", f"S{KEY_WIDTH}")])
+# struct kv_entry in bpf/reduce.c: what the reducer's process sees through mmap
+ENTRY_DTYPE = np.dtype([("key", f"S{KEY_WIDTH}"), ("value", "<i8"), ("state", "<u8")])
+ENTRY_FREE, ENTRY_VALID, ENTRY_WASTED = 0, 1, 2
+_LONG_HEAD = struct.Struct("<H")
+_VALUE = struct.Struct("<q")
+_STATE_SPILLED = 3  # enum kv_state in bpf/reduce.c
+
+
+def reducer_of(key: bytes, n_reducers: int) -> int:
+    """Index (into the reducers' list) of the reducer that owns ``key``: the same in every
+    process and in every system (AggBox and its baselines)."""
+    return zlib.crc32(key) % n_reducers if n_reducers > 1 else 0
+
+
+def fits_kernel(key: bytes) -> bool:
+    """Can the kernel hold ``key``? At most KEY_WIDTH bytes and no zero byte (keys are
+    zero-padded to the width, so a zero byte would make two keys look alike)."""
+    return len(key) <= KEY_WIDTH and b"\0" not in key
+
+
+@dataclass
+class Pairs:
+    """Pairs as two columns: ``keys`` and int64 ``values`` (None: every value is 1, the
+    word-count case). Cheaper than a list of tuples for millions of pairs."""
+
+    keys: list[bytes]
+    values: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def of(cls, pairs: Pairs | Mapping[bytes, int] | Iterable[tuple[bytes, int]]) -> Pairs:
+        if isinstance(pairs, Pairs):
+            return pairs
+        if isinstance(pairs, Mapping):
+            return cls(list(pairs.keys()), np.fromiter(pairs.values(), dtype=np.int64,
+                                                       count=len(pairs)))
+        keys, values = [], []
+        for k, v in pairs:
+            keys.append(k)
+            values.append(v)
+        return cls(keys, np.asarray(values, dtype=np.int64))
+
+    def combined(self) -> dict[bytes, int]:
+        """One pair per key, values summed (the mapper-side combiner)."""
+        if self.values is None:
+            return dict(Counter(self.keys))
+        out: dict[bytes, int] = {}
+        get = out.get
+        for k, v in zip(self.keys, self.values.tolist(), strict=True):
+            out[k] = get(k, 0) + v
+        return out
+
+    def values_list(self) -> list[int]:
+        return [1] * len(self.keys) if self.values is None else self.values.tolist()
+
+
+def merge_into(acc: dict[bytes, int], keys: Iterable[bytes], values: Iterable[int]) -> None:
+    get = acc.get
+    for k, v in zip(keys, values, strict=True):
+        acc[k] = get(k, 0) + v
+
+
+# ----------------------------------------------------------------- wire payloads -------
+
+
+def encode_fixed(keys: list[bytes], values: np.ndarray) -> bytes:
+    """Fixed-width pairs (keys that :func:`fits_kernel`), back to back."""
+    arr = np.empty(len(keys), dtype=PAIR_DTYPE)
+    arr["key"] = np.asarray(keys, dtype=f"S{KEY_WIDTH}")
+    arr["value"] = values
+    return arr.tobytes()
+
+
+def decode_fixed(payload: bytes | memoryview, count: int) -> tuple[list[bytes], list[int]]:
+    arr = np.frombuffer(payload, dtype=PAIR_DTYPE, count=count)
+    # numpy's S dtype drops the zero padding: exact, since kernel keys hold no zero byte.
+    return arr["key"].tolist(), arr["value"].tolist()
+
+
+def long_pair_size(key: bytes) -> int:
+    return _LONG_HEAD.size + len(key) + _VALUE.size
+
+
+def encode_long(pairs: list[tuple[bytes, int]]) -> bytes:
+    return b"".join(_LONG_HEAD.pack(len(k)) + k + _VALUE.pack(v) for k, v in pairs)
+
+
+def decode_long(payload: bytes | memoryview, count: int) -> tuple[list[bytes], list[int]]:
+    """LONG pairs: (u16 length, key, int64 value). Raises ValueError when malformed."""
+    keys, values, off, buf = [], [], 0, bytes(payload)
+    for _ in range(count):
+        (n,) = _LONG_HEAD.unpack_from(buf, off)
+        off += _LONG_HEAD.size
+        if off + n + _VALUE.size > len(buf):
+            raise ValueError("LONG pair runs past the packet")
+        keys.append(buf[off:off + n])
+        off += n
+        values.append(_VALUE.unpack_from(buf, off)[0])
+        off += _VALUE.size
+    return keys, values
+
+
+def _header(type_: int, group: Group, seq: int, count: int, flags: int = 0,
+            aux: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, type_, flags, group.job_id, group.token, seq, 0,
+                       group.rank, count, 0, aux)
+
+
+def build_packets(group: Group, keys: list[bytes], values: np.ndarray, mtu: int = 1500
+                  ) -> list[bytes]:
+    """One reducer's pairs as KV packets (seq 1, 2, ...): fixed-width pairs
+    ``pairs_per_packet(mtu)`` to a packet, then the long keys in LONG packets."""
+    per_packet = pairs_per_packet(mtu)
+    # Which keys the kernel cannot hold: decided per distinct key (there are far fewer).
+    long_keys = {k for k in set(keys) if not fits_kernel(k)}
+    long_pairs: list[tuple[bytes, int]] = []
+    arr = np.empty(len(keys), dtype=PAIR_DTYPE)
+    arr["key"] = np.asarray(keys, dtype=f"S{KEY_WIDTH}")  # long keys truncate: dropped below
+    arr["value"] = values
+    if long_keys:
+        is_long = np.fromiter(map(long_keys.__contains__, keys), dtype=bool, count=len(keys))
+        long_pairs = [(keys[i], int(values[i])) for i in np.flatnonzero(is_long).tolist()]
+        arr = arr[~is_long]
+    payload = arr.tobytes()
+    packets: list[bytes] = []
+    step = per_packet * KV_PAIR_SIZE
+    for off in range(0, len(payload), step):
+        chunk = payload[off:off + step]
+        packets.append(_header(MsgType.KV, group, len(packets) + 1,
+                               len(chunk) // KV_PAIR_SIZE) + chunk)
+    room = max_payload(mtu)
+    batch: list[tuple[bytes, int]] = []
+    used = 0
+    for k, v in long_pairs:
+        size = long_pair_size(k)
+        if size > room:
+            raise AggBoxError(f"a key of {len(k)} bytes does not fit in one packet "
+                              f"(at most {room - 10} bytes at MTU {mtu})")
+        if batch and (used + size > room or len(batch) == KV_MAX_PAIRS):
+            packets.append(_header(MsgType.KV, group, len(packets) + 1, len(batch),
+                                   Flags.KV_LONG) + encode_long(batch))
+            batch, used = [], 0
+        batch.append((k, v))
+        used += size
+    if batch:
+        packets.append(_header(MsgType.KV, group, len(packets) + 1, len(batch),
+                               Flags.KV_LONG) + encode_long(batch))
+    return packets
+
+
+def pairs_per_packet(mtu: int = 1500) -> int:
+    return min(KV_MAX_PAIRS, max_payload(mtu) // KV_PAIR_SIZE)
+
+
+# ----------------------------------------------------------------- the kernel side -----
+
+
+def _ip_to_u32(ip: str) -> int:
+    return struct.unpack("<I", socket.inet_aton(ip))[0]
+
+
+class ReduceByKeyPrograms:
+    """bpf/reduce.c on a reducer host: ``kv_ingress`` on TC ingress (priority 3) and
+    ``kv_walk`` in the tail-call array. Create it inside the host's network namespace,
+    once per process (compiling takes a second or more); install a job per reduction.
+
+    The kernel's ``entries`` array is mapped into this process (BPF_F_MMAPABLE): a job's
+    sums are read from memory, not through map syscalls (see :class:`KernelSums`)."""
+
+    def __init__(self, ifname: str = "eth0", ports: tuple[int, int] = DEFAULT_PORTS,
+                 map_entries: int = MAP_ENTRIES, chunk: int = CHUNK, pin_tag: str = ""):
+        from aggbox.bpf import ProgramFamily
+
+        if map_entries < 1 or map_entries % 128:
+            raise AggBoxError(f"map_entries must be a positive multiple of 128 (whole pages "
+                              f"of entries), got {map_entries}")
+        self.ifname = ifname
+        self.map_entries = map_entries
+        self.chunk = chunk
+        self.family = ProgramFamily(
+            "reduce", defines={"KV_MAP_ENTRIES": map_entries, "KV_CHUNK": chunk,
+                               "KV_MAX_JOBS": MAX_JOBS}, pin_tag=pin_tag)
+        self._mmap = None
+        try:
+            cfg = self.family["config"]
+            value = cfg.Leaf()
+            value.port_lo, value.port_hi = ports
+            cfg[cfg.Key(0)] = value
+            walk = self.family.load("kv_walk", self.family._BPF.SCHED_CLS)
+            chain = self.family["kv_chain"]
+            chain[ctypes.c_int(0)] = ctypes.c_int(walk.fd)
+            self._mmap = mmap.mmap(self.family["entries"].map_fd,
+                                   MAX_JOBS * map_entries * ENTRY_DTYPE.itemsize,
+                                   mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.entries = np.frombuffer(self._mmap, dtype=ENTRY_DTYPE)
+            self.family.attach_tc(ifname, "kv_ingress", "ingress", prio=TC_PRIORITY)
+        except BaseException:
+            self._unmap()
+            self.family.close()
+            raise
+        self._slots: dict[int, int] = {}
+        self._lock = threading.Lock()  # lingering endpoints remove jobs from a thread
+        self._seen_fd = self.family["seen"].map_fd
+        self._alloc_fd = self.family["alloc"].map_fd
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def install_job(self, group: Group) -> int:
+        """Install ``group``'s job with this host's rank; its state starts empty."""
+        if group.size > MAX_MEMBERS:
+            raise AggBoxError(f"a group has at most {MAX_MEMBERS} members, got {group.size}")
+        with self._lock:
+            slot = self._slots.get(group.job_id)
+            if slot is None:
+                free = sorted(set(range(MAX_JOBS)) - set(self._slots.values()))
+                if not free:
+                    raise AggBoxError(f"at most {MAX_JOBS} reduce-by-key jobs per host at once")
+                slot = free[0]
+            self._reset_slot(slot, group.size)
+            members = self.family["members"]
+            for m in group.members:
+                leaf = members.Leaf()
+                leaf.ip = _ip_to_u32(m.ip)
+                members[members.Key(slot * MAX_MEMBERS + m.rank)] = leaf
+            jobs = self.family["jobs"]
+            job = jobs.Leaf()
+            job.token, job.slot, job.n_members, job.my_rank = (group.token, slot, group.size,
+                                                                group.rank)
+            jobs[jobs.Key(group.job_id)] = job
+            self._slots[group.job_id] = slot
+        return slot
+
+    def remove_job(self, job_id: int) -> None:
+        with self._lock:
+            slot = self._slots.pop(job_id, None)
+            jobs = self.family["jobs"]
+            try:
+                del jobs[jobs.Key(job_id)]
+            except KeyError:
+                pass
+            if slot is not None:
+                self._clear_keys(slot)
+
+    def _reset_slot(self, slot: int, n_members: int) -> None:
+        """Empty the slot: dedup rings (of ranks 0..n_members-1), key directory, entries."""
+        seen = self.family["seen"]
+        n = n_members * RING
+        keys = (seen.Key * n)()
+        for i in range(n):
+            keys[i] = slot * MAX_MEMBERS * RING + i
+        seen.items_update_batch(keys, (seen.Leaf * n)())
+        self._clear_keys(slot)
+        self.region(slot).view(np.uint8)[:] = 0
+        alloc = self.family["alloc"]
+        alloc[alloc.Key(slot)] = alloc.Leaf(0)
+
+    def _clear_keys(self, slot: int) -> None:
+        """Delete the slot's keys from the key directory (the keys its VALID entries hold:
+        every directory entry of the slot points to one)."""
+        region = self.region(slot)[:self.allocated(slot)]
+        valid = region[region["state"] == ENTRY_VALID]
+        if not len(valid):
+            return
+        from bcc import libbcc
+
+        keys = np.zeros(len(valid), dtype=_DIR_KEY_DTYPE)
+        keys["slot"] = slot
+        keys["key"] = valid["key"]
+        count = ctypes.c_uint32(len(keys))
+        libbcc.lib.bpf_delete_batch(self.family["keydir"].map_fd,
+                                    ctypes.c_void_p(keys.ctypes.data), ctypes.byref(count))
+
+    # -- reading ----------------------------------------------------------------------
+
+    def slot_of(self, job_id: int) -> int:
+        return self._slots[job_id]
+
+    def region(self, slot: int) -> np.ndarray:
+        """The slot's entries, in this process's memory (a live view of the kernel's)."""
+        return self.entries[slot * self.map_entries:(slot + 1) * self.map_entries]
+
+    def allocated(self, slot: int) -> int:
+        """Entries the slot has handed out (some may still be being written)."""
+        from bcc import libbcc
+
+        key, value = ctypes.c_uint32(slot), ctypes.c_uint64(0)
+        libbcc.lib.bpf_lookup_elem(self._alloc_fd, ctypes.byref(key), ctypes.byref(value))
+        return min(value.value, self.map_entries)
+
+    def spill_bits(self, job_id: int, rank: int, seq: int) -> int | None:
+        """For a spilled packet (rank, seq): bit i set = pair i is the application's to
+        merge. None when the ring holds no spill for it."""
+        slot = self._slots.get(job_id)
+        if slot is None or not 0 <= rank < MAX_MEMBERS:
+            return None
+        key = ctypes.c_uint32((slot * MAX_MEMBERS + rank) * RING + (seq % RING))
+        value = (ctypes.c_uint64 * 2)()
+        from bcc import libbcc
+
+        if libbcc.lib.bpf_lookup_elem(self._seen_fd, ctypes.byref(key), ctypes.byref(value)):
+            return None
+        tag, spill = value[0], value[1]
+        if tag >> 8 != seq or tag & 0xFF != _STATE_SPILLED:
+            return None
+        return spill
+
+    def counters(self) -> dict[str, int]:
+        return self.family.counters()
+
+    def _unmap(self) -> None:
+        self.entries = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a KernelSums view is still alive: the GC will unmap
+                pass
+            self._mmap = None
+
+    def close(self) -> None:
+        self._unmap()
+        self.family.close()
+
+    def __enter__(self) -> ReduceByKeyPrograms:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class KernelSums:
+    """A reducer's view of its job's sums in the kernel's ``entries`` array.
+
+    :meth:`learn` turns newly published entries into a ``{key: entry number}`` directory;
+    the reducer calls it while it waits for the mappers, so that at the end only the sums
+    are left to read: :meth:`snapshot` copies them (one memcpy) once every mapper is done.
+    """
+
+    def __init__(self, programs: ReduceByKeyPrograms, job_id: int):
+        self.programs = programs
+        self.slot = programs.slot_of(job_id)
+        self.region = programs.region(self.slot)
+        self.directory: dict[bytes, int] = {}
+        self.learned = 0  # entries below this were looked at
+
+    def learn(self) -> int:
+        """Take in the entries published since the last call; returns how many remain
+        allocated but not yet published (being written right now)."""
+        n = self.programs.allocated(self.slot)
+        if n <= self.learned:
+            return 0
+        states = self.region["state"][self.learned:n]
+        pending = np.flatnonzero(states == ENTRY_FREE)
+        stop = self.learned + (int(pending[0]) if len(pending) else n - self.learned)
+        if stop > self.learned:
+            seg = self.region[self.learned:stop]
+            valid = np.flatnonzero(seg["state"] == ENTRY_VALID)
+            keys = seg["key"][valid].tolist()  # S16 drops the zero padding: exact
+            self.directory.update(zip(keys, (valid + self.learned).tolist(), strict=True))
+            self.learned = stop
+        return n - stop
+
+    def snapshot(self, settle_s: float = 0.05) -> np.ndarray:
+        """The sums of every entry learned (index = entry number). Call once nothing more
+        can be added (every mapper is done); waits up to ``settle_s`` for entries that a
+        CPU is still publishing."""
+        end = time.monotonic() + settle_s
+        while self.learn() and time.monotonic() < end:
+            time.sleep(0.0005)
+        return self.region["value"][:self.learned].copy()
+
+
+class KeyCounts(Mapping):
+    """The reducer's result: a read-only ``{key: sum}`` over the kernel's sums (a
+    snapshot array and the key directory) and the pairs merged in user space."""
+
+    def __init__(self, directory: dict[bytes, int], values: np.ndarray,
+                 extra: dict[bytes, int]):
+        self._dir = directory
+        self._values = values
+        self._extra: dict[bytes, int] = {}
+        for k, v in extra.items():
+            i = directory.get(k)
+            if i is None:
+                self._extra[k] = v
+            else:
+                values[i] += v
+        self._dict: dict[bytes, int] | None = None
+
+    def __getitem__(self, key: bytes) -> int:
+        i = self._dir.get(key)
+        if i is not None:
+            return int(self._values[i])
+        return self._extra[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._dir or key in self._extra
+
+    def __iter__(self):
+        yield from self._dir
+        yield from self._extra
+
+    def __len__(self) -> int:
+        return len(self._dir) + len(self._extra)
+
+    def to_dict(self) -> dict[bytes, int]:
+        if self._dict is None:
+            idx = np.fromiter(self._dir.values(), dtype=np.int64, count=len(self._dir))
+            self._dict = dict(zip(self._dir, self._values[idx].tolist(), strict=True))
+            self._dict.update(self._extra)
+        return self._dict
+
+    def items(self):
+        return self.to_dict().items()
+
+    def values(self):
+        return self.to_dict().values()
+
+
+# ----------------------------------------------------------------- the endpoint --------
+
+
+@dataclass
+class _Stream:
+    """One mapper -> reducer stream: its packets, what is acknowledged, what is in flight."""
+
+    reducer: int  # rank
+    dest: tuple[str, int]
+    packets: list[bytes]
+    acked: bytearray = field(init=False)
+    sent_at: list[float] = field(init=False)
+    next: int = 0  # index of the next packet never sent
+    low: int = 0  # every index below is acknowledged
+    done_sent_at: float = 0.0
+    done_acked: bool = False
+
+    def __post_init__(self) -> None:
+        self.acked = bytearray(len(self.packets))
+        self.sent_at = [0.0] * len(self.packets)
+
+    @property
+    def data_acked(self) -> bool:
+        return self.low >= len(self.packets)
+
+
+class ReduceByKey:
+    """One member's side of one reduce-by-key job (mapper, reducer, or both).
+
+    ``run(pairs)`` sends this member's pairs, and on a reducer waits for every mapper and
+    returns the counts of its keys. Use once; ``close()`` releases the socket and the job.
+    """
+
+    def __init__(self, group: Group, programs: ReduceByKeyPrograms | None = None,
+                 combine: bool = True, window: int = 64, mtu: int = 1500,
+                 rto_s: float = 0.01, timeout: float = 60.0):
+        if not 1 <= window <= RING:
+            raise AggBoxError(f"window must be 1..{RING} packets (the kernel's dedup ring)")
+        self.group = group
+        self.mappers = list(group.options.get("mappers", range(group.size)))
+        self.reducers = list(group.options.get("reducers", range(group.size)))
+        self.is_mapper = group.rank in self.mappers
+        self.is_reducer = group.rank in self.reducers
+        self.combine, self.window, self.mtu = combine, window, mtu
+        self.rto_s, self.timeout = rto_s, timeout
+        self._own_programs = False
+        self.programs = programs
+        if self.is_reducer and programs is None:
+            self.programs = ReduceByKeyPrograms(group.ifname)
+            self._own_programs = True
+        self.kernel: KernelSums | None = None
+        if self.is_reducer:
+            self.programs.install_job(group)
+            self.kernel = KernelSums(self.programs, group.job_id)
+        self.sock = udp_socket(group.port)
+        self.sock.setblocking(False)
+        self.streams: dict[int, _Stream] = {}
+        self.by_ip = {m.ip: m.rank for m in group.members}
+        # reducer state
+        self.local: dict[bytes, int] = {}  # pairs this member mapped to itself
+        self.spilled: dict[bytes, int] = {}
+        self.merged: set[tuple[int, int]] = set()  # (mapper rank, seq) spills merged
+        self.done_from: dict[int, int] = {}  # mapper rank -> packets it sent us
+        self.stats: dict[str, float] = {
+            "pairs_in": 0, "pairs_sent": 0, "packets": 0, "retransmits": 0, "acks": 0,
+            "spill_packets": 0, "spilled_pairs": 0, "spill_duplicates": 0, "map_keys": 0,
+            "local_pairs": 0, "t_first_send": 0.0, "t_last_send": 0.0, "t_all_done": 0.0,
+            "read_s": 0.0,
+        }
+        self._closed = False
+
+    # -- the public API -----------------------------------------------------------------
+
+    def run(self, pairs: Pairs | Mapping[bytes, int] | Iterable[tuple[bytes, int]] | None
+            ) -> KeyCounts | None:
+        """Send ``pairs`` (a mapper's; None for a reducer that maps nothing), then on a
+        reducer wait for every mapper and return its keys' sums."""
+        if self.is_mapper:
+            self._prepare(Pairs.of(pairs if pairs is not None else []))
+        deadline_idle = self.timeout
+        last_progress = last_learn = time.monotonic()
+        rto = self.rto_s
+        while not self._finished():
+            progressed = self._send_new()
+            wait = 0.0 if progressed else rto
+            if self.kernel is not None:
+                wait = min(wait, LEARN_INTERVAL_S)
+            progressed |= self._receive(wait=wait)
+            now = time.monotonic()
+            if self.kernel is not None and now - last_learn >= LEARN_INTERVAL_S:
+                self.kernel.learn()  # while waiting: the keys, so that only sums are left
+                last_learn = now
+            if progressed:
+                last_progress, rto = now, self.rto_s
+                continue
+            if now - last_progress > deadline_idle:
+                self._give_up()
+            if self._resend(now, rto):
+                rto = min(rto * 2, 0.2)
+        if not self.is_reducer:
+            return None
+        return self._result()
+
+    # -- mapper ---------------------------------------------------------------------------
+
+    def _prepare(self, pairs: Pairs) -> None:
+        self.stats["pairs_in"] = len(pairs)
+        if self.combine:
+            combined = pairs.combined()
+            keys, values = list(combined), np.fromiter(combined.values(), dtype=np.int64,
+                                                       count=len(combined))
+        else:
+            keys = pairs.keys
+            values = (np.ones(len(keys), dtype=np.int64) if pairs.values is None
+                      else np.asarray(pairs.values, dtype=np.int64))
+        n_red = len(self.reducers)
+        if n_red == 1:
+            parts = {self.reducers[0]: (keys, values)}
+        else:
+            owner = {k: reducer_of(k, n_red) for k in set(keys)}
+            idx = np.fromiter((owner[k] for k in keys), dtype=np.int64, count=len(keys))
+            parts = {}
+            for i, rank in enumerate(self.reducers):
+                sel = np.flatnonzero(idx == i)
+                parts[rank] = ([keys[j] for j in sel.tolist()], values[sel])
+        for rank, (k, v) in parts.items():
+            if rank == self.group.rank:  # pairs for ourselves never cross a wire
+                merge_into(self.local, k, v.tolist())
+                self.stats["local_pairs"] += len(k)
+                continue
+            m = self.group.members[rank]
+            self.streams[rank] = _Stream(rank, (m.ip, self.group.port),
+                                         build_packets(self.group, k, v, self.mtu))
+            self.stats["pairs_sent"] += len(k)
+
+    def _send_new(self) -> bool:
+        """Send what the windows allow; DONE once a stream is wholly acknowledged."""
+        sent = False
+        now = time.monotonic()
+        for st in self.streams.values():
+            limit = min(len(st.packets), st.low + self.window)
+            if st.next < limit:
+                if not self.stats["t_first_send"]:
+                    self.stats["t_first_send"] = now
+                send = self.sock.sendto
+                for i in range(st.next, limit):
+                    send(st.packets[i], st.dest)
+                    st.sent_at[i] = now
+                self.stats["packets"] += limit - st.next
+                st.next = limit
+                self.stats["t_last_send"] = time.monotonic()
+                sent = True
+            elif st.data_acked and not st.done_sent_at:
+                self._send_done(st, now)
+                sent = True
+        return sent
+
+    def _send_done(self, st: _Stream, now: float) -> None:
+        self.sock.sendto(_header(MsgType.KV, self.group, 0, 0, Flags.KV_DONE,
+                                 len(st.packets)), st.dest)
+        st.done_sent_at = now
+
+    def _resend(self, now: float, rto: float) -> bool:
+        """Resend what has waited longer than ``rto``. True if anything was resent."""
+        resent = False
+        for st in self.streams.values():
+            for i in range(st.low, st.next):
+                if not st.acked[i] and now - st.sent_at[i] >= rto:
+                    self.sock.sendto(st.packets[i], st.dest)
+                    st.sent_at[i] = now
+                    self.stats["retransmits"] += 1
+                    resent = True
+            if st.done_sent_at and not st.done_acked and now - st.done_sent_at >= rto:
+                self._send_done(st, now)
+                self.stats["retransmits"] += 1
+                resent = True
+        return resent
+
+    def _on_ack(self, rank: int, seq: int, flags: int) -> bool:
+        st = self.streams.get(rank)
+        if st is None:
+            return False
+        if flags & Flags.KV_DONE:
+            if st.done_acked:
+                return False
+            st.done_acked = True
+            return True
+        i = seq - 1
+        if not 0 <= i < st.next or st.acked[i]:
+            return False
+        st.acked[i] = 1
+        self.stats["acks"] += 1
+        while st.low < st.next and st.acked[st.low]:
+            st.low += 1
+        return True
+
+    # -- reducer --------------------------------------------------------------------------
+
+    def _ack(self, rank: int, seq: int, flags: int = 0) -> None:
+        m = self.group.members[rank]
+        self.sock.sendto(_header(MsgType.KV_ACK, self.group, seq, 0, flags),
+                         (m.ip, self.group.port))
+
+    def _on_spill(self, rank: int, seq: int, flags: int, count: int, payload: memoryview
+                  ) -> bool:
+        if (rank, seq) in self.merged:
+            self.stats["spill_duplicates"] += 1
+            self._ack(rank, seq)
+            return False
+        bits = self.programs.spill_bits(self.group.job_id, rank, seq)
+        if bits is None:
+            return False  # not a spill the kernel recorded: ignore it
+        try:
+            if flags & Flags.KV_LONG:
+                keys, values = decode_long(payload, count)
+            else:
+                keys, values = decode_fixed(payload, count)
+        except (ValueError, struct.error):
+            return False  # malformed: never acknowledged, never merged
+        get = self.spilled.get
+        n = 0
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            if bits >> i & 1:
+                self.spilled[k] = get(k, 0) + v
+                n += 1
+        self.merged.add((rank, seq))
+        self.stats["spill_packets"] += 1
+        self.stats["spilled_pairs"] += n
+        self._ack(rank, seq)
+        return True
+
+    def _on_done(self, rank: int, packets: int) -> bool:
+        self._ack(rank, 0, Flags.KV_DONE)
+        if rank in self.done_from or rank not in self.mappers:
+            return False
+        self.done_from[rank] = packets
+        if self._all_done():
+            self.stats["t_all_done"] = time.monotonic()
+        return True
+
+    def _all_done(self) -> bool:
+        return all(r in self.done_from for r in self.mappers if r != self.group.rank)
+
+    def _result(self) -> KeyCounts:
+        t0 = time.monotonic()
+        assert self.kernel is not None
+        values = self.kernel.snapshot()
+        extra = self.spilled
+        if self.local:
+            extra = dict(self.spilled)
+            merge_into(extra, self.local.keys(), self.local.values())
+        result = KeyCounts(self.kernel.directory, values, extra)
+        self.stats["map_keys"] = len(self.kernel.directory)
+        self.stats["read_s"] = time.monotonic() - t0
+        return result
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        mapped = all(st.data_acked and st.done_acked for st in self.streams.values())
+        return mapped and (not self.is_reducer or self._all_done())
+
+    def _receive(self, wait: float) -> bool:
+        """Handle every packet that arrives within ``wait``. True if anything progressed."""
+        if wait > 0:
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if not ready:
+                return False
+        progressed = False
+        recv = self.sock.recvfrom
+        unpack = HEADER.unpack_from
+        while True:
+            try:
+                buf, addr = recv(2048)
+            except BlockingIOError:
+                return progressed
+            if len(buf) < HEADER_SIZE:
+                continue
+            (magic, version, type_, flags, job_id, token, seq, _round, rank, count, _scale,
+             aux) = unpack(buf)
+            if (magic != MAGIC or version != VERSION or job_id != self.group.job_id
+                    or token != self.group.token or self.by_ip.get(addr[0]) != rank):
+                continue
+            if type_ == MsgType.KV_ACK:
+                progressed |= self._on_ack(rank, seq, flags)
+            elif not self.is_reducer:
+                continue
+            elif type_ == MsgType.KV_SPILL:
+                progressed |= self._on_spill(rank, seq, flags, count,
+                                             memoryview(buf)[HEADER_SIZE:])
+            elif type_ == MsgType.KV and flags & Flags.KV_DONE:
+                progressed |= self._on_done(rank, aux)
+
+    def _give_up(self) -> None:
+        lagging = sorted({st.reducer for st in self.streams.values()
+                          if not (st.data_acked and st.done_acked)})
+        silent = sorted(r for r in self.mappers
+                        if self.is_reducer and r != self.group.rank and r not in self.done_from)
+        parts = []
+        if lagging:
+            parts.append("reducers " + ", ".join(f"rank {r} ({self.group.members[r].ip})"
+                                                 for r in lagging)
+                         + " did not acknowledge everything")
+        if silent:
+            parts.append("mappers " + ", ".join(f"rank {r} ({self.group.members[r].ip})"
+                                                for r in silent) + " never said DONE")
+        raise CollectiveTimeout(
+            f"reduce-by-key job {self.group.job_id}: no progress for {self.timeout:.0f} s: "
+            + "; ".join(parts) + ". Are they running and reachable?", lagging + silent)
+
+    # -- closing --------------------------------------------------------------------------
+
+    def close(self, linger: bool = True) -> None:
+        """Release the socket and the kernel job. A reducer that returned keeps answering
+        DONE retransmissions (its last DONE-ACK may have been lost) for LINGER_S, in a
+        daemon thread, before it lets go."""
+        if self._closed:
+            return
+        self._closed = True
+        if linger and self.is_reducer and self.done_from:
+            thread = threading.Thread(target=self._linger, daemon=True)
+            _lingering.append(thread)
+            thread.start()
+            return
+        self._release()
+
+    def _linger(self) -> None:
+        end = time.monotonic() + LINGER_S
+        try:
+            while (left := end - time.monotonic()) > 0:
+                ready, _, _ = select.select([self.sock], [], [], left)
+                if ready:
+                    self._receive(0.0)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self.sock.close()
+        if self.is_reducer and self.programs is not None:
+            if self._own_programs:
+                self.programs.close()
+            else:
+                self.programs.remove_job(self.group.job_id)
+
+    def __enter__(self) -> ReduceByKey:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def wait_lingering(timeout: float = LINGER_S + 1.0) -> None:
+    """Wait for closed reducers that still answer DONE retransmissions (call before
+    closing the ReduceByKeyPrograms they use)."""
+    end = time.monotonic() + timeout
+    while _lingering:
+        _lingering.pop().join(max(0.0, end - time.monotonic()))
+
+
+def reduce_by_key(pairs: Pairs | Mapping[bytes, int] | Iterable[tuple[bytes, int]] | None,
+                  group: Group, programs: ReduceByKeyPrograms | None = None,
+                  **options) -> KeyCounts | None:
+    """Sum int64 values per key across ``group``, in the reducers' kernels.
+
+    Every member calls it with its own pairs. A reducer (``group.options["reducers"]``,
+    default every member) returns ``{key: sum}`` (a read-only Mapping, :class:`KeyCounts`;
+    ``to_dict()`` for a dict) for the keys it owns (:func:`reducer_of`);
+    a member that only maps returns None. ``options``: ``combine`` (sum per key before
+    sending, default True), ``window``, ``mtu``, ``rto_s``, ``timeout``.
+    """
+    endpoint = ReduceByKey(group, programs, **options)
+    try:
+        return endpoint.run(pairs)
+    finally:
+        endpoint.close()
