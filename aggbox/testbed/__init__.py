@@ -12,9 +12,12 @@ from aggbox.testbed.netns import (
 
 
 def testbed_hosts(params: dict) -> int:
-    """Hosts a cell needs: ``hosts``, or ``workers`` plus the aggregator's host."""
+    """Hosts a cell needs: ``hosts``, or ``workers`` plus the aggregator's host, or
+    ``mappers`` plus ``reducers``."""
     if "hosts" in params:
         return int(params["hosts"])
+    if "mappers" in params:  # mapreduce: mapper hosts plus reducer hosts
+        return int(params["mappers"]) + int(params.get("reducers", 1))
     return int(params["workers"]) + 1
 
 

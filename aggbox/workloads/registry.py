@@ -30,24 +30,28 @@ WorkloadFn = Callable[..., list[dict]]
 WORKLOADS: dict[str, str | WorkloadFn] = {
     "broadcast": "aggbox.workloads.broadcast:run_cell",
     "allreduce": "aggbox.workloads.allreduce:run_cell",
+    "mapreduce": "aggbox.workloads.mapreduce:run_cell",
 }
 
 #: workload name -> metric columns every sample carries (all in the units their suffix says).
 METRICS: dict[str, list[str]] = {
     "broadcast": ["completion_us", "delivery_us", "sender_cpu_us"],
     "allreduce": ["time_ms", "algbw_gbps", "max_abs_err", "err_bound"],
+    "mapreduce": ["reduce_s", "job_s", "reducer_cpu_s", "pairs_per_s"],
 }
 
 #: workload name -> the metric that figures and reports lead with.
 PRIMARY_METRIC: dict[str, str] = {
     "broadcast": "completion_us",
     "allreduce": "time_ms",
+    "mapreduce": "reduce_s",
 }
 
 #: workload name -> systems it can compare (AggBox and its baselines).
 SYSTEMS: dict[str, list[str]] = {
     "broadcast": ["aggbox", "tcp", "udp", "gloo"],
     "allreduce": ["aggbox", "gloo", "tcp_ps"],
+    "mapreduce": ["aggbox", "aggbox_nocombiner", "tcp", "tcp_combiner"],
 }
 
 _REQUIRED = object()
@@ -125,6 +129,25 @@ PARAMS: dict[str, dict[str, Param]] = {
         "duplicate": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
         "reorder": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
     },
+    "mapreduce": {
+        "mappers": Param(int, default=4, minimum=1, help="mapper hosts"),
+        "reducers": Param(int, default=1, minimum=1, help="reducer hosts"),
+        "words": Param(int, default=2_000_000, minimum=1, help="Zipf corpus: total words"),
+        "vocab": Param(int, default=50_000, minimum=1, help="Zipf corpus: distinct words"),
+        "skew": Param(float, default=1.0, minimum=0, help="Zipf exponent (0: uniform)"),
+        "files": Param(int, default=4, minimum=1, help="Zipf corpus: files written"),
+        "corpus": Param(str, default="", help="a text file or folder instead of Zipf"),
+        "map_entries": Param(int, default=131072, minimum=128,
+                             help="distinct keys the reducer's kernel holds (x128)"),
+        "window": Param(int, default=64, minimum=1, maximum=128,
+                        help="AggBox packets in flight per mapper and reducer"),
+        "placement": Param(str, default="shared", choices=("shared", "reducers-alone"),
+                           help="netns CPUs: all on all, or reducers alone on CPU 0"),
+        "loss": Param(float, default=0.0, minimum=0, maximum=100, help="loss, percent"),
+        "delay": Param(float, default=0.0, minimum=0, help="one-way delay, ms"),
+        "duplicate": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
+        "reorder": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
+    },
 }
 
 
@@ -154,6 +177,9 @@ class CostModel:
 COST: dict[str, CostModel] = {
     # ~15 s to start the workers (torch import, gloo rendezvous), then tens of ms a call.
     "allreduce": CostModel(fixed_s=15.0, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
+    # corpus + reference count and the reducers' BPF compile, then one job per iteration
+    # (~0.5-1.5 s at 2M words on 2 CPUs).
+    "mapreduce": CostModel(fixed_s=15.0, per_host_s=0.2, per_system_s=0.5, per_iter_s=1.0),
     # ~8 s of process start-up per cell spread over the systems, then a few ms per round
     # growing with the group (TCP sends N-1 copies from user space).
     "broadcast": CostModel(
