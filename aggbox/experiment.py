@@ -1029,6 +1029,11 @@ def register(subparsers) -> None:
     p.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run")
     p.add_argument("--testbed", choices=TESTBEDS, help="override the experiment's testbed")
     p.add_argument(
+        "--inventory",
+        type=Path,
+        help="Ansible inventory of the hosts (--testbed ansible; see playbooks/README.md)",
+    )
+    p.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help="results folder (default: results/)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -1051,9 +1056,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(plan)
         return 0
+    if (plan.backend == "ansible") != (args.inventory is not None):
+        raise ExperimentError(
+            "--inventory goes with the ansible testbed: aggbox run EXPERIMENT "
+            "--testbed ansible --inventory INVENTORY"
+        )
     try:
-        execute(plan, progress=not args.no_progress, draw_figures=not args.no_plots)
+        with _testbed_session(plan, args.inventory) as factory:
+            execute(
+                plan,
+                testbed_factory=factory,
+                progress=not args.no_progress,
+                draw_figures=not args.no_plots,
+            )
     except RunInterrupted as exc:
         print(f"aggbox: {exc}", file=sys.stderr)
         return 130
     return 0
+
+
+@contextmanager
+def _testbed_session(plan: Plan, inventory: Path | None) -> Iterator[TestbedFactory | None]:
+    """What a run's cells share: for ansible, one provisioned and deployed set of hosts
+    (torn down at the end); the other backends need nothing (None: the default factory)."""
+    if plan.backend != "ansible":
+        yield None
+        return
+    from aggbox.testbed.ansible import AnsibleSession
+
+    # The nodes' raw output comes back into the run's folder (hosts/<host>/<cell>/...).
+    with AnsibleSession(inventory, fetch_dir=(plan.tmp_dir / "hosts").resolve()) as session:
+        yield session.factory

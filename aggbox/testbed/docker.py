@@ -602,4 +602,7 @@ def make_docker_testbed(params: dict, netem: Netem) -> DockerTestbed:
     if not netem.is_noop():
         raise TestbedError("link impairments (loss, delay, duplicate, reorder) are emulated on "
                            "the netns testbed only; run this cell with --testbed netns")
-    return DockerTestbed(int(params["hosts"]), tx_offload=bool(params.get("tx_offload", True)))
+    from aggbox.testbed import testbed_hosts
+
+    return DockerTestbed(testbed_hosts(params), tx_offload=bool(params.get("tx_offload", True)),
+                         mtu=int(params.get("mtu", 1500)))
