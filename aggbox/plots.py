@@ -456,19 +456,20 @@ def allreduce_time_figures(run: Run) -> list[tuple[str, Figure]]:
         what = f"{workers} workers" if x == "floats" else f"{floats} floats"
         ax.set_title(what)
     ax = axes[2]
-    for x, fixed, marker in (("floats", {"workers": workers}, "o"),
-                             ("workers", {"floats": floats}, "s")):
-        part = _select(s, fixed).pivot_table(index=x, columns="system", values="time_ms_p50")
-        if {"aggbox", "gloo"} <= set(part.columns):
-            speedup = part["gloo"] / part["aggbox"]
-            ax.plot(range(len(speedup)), speedup.values, marker=marker, ms=4, lw=1.5,
-                    color=style("aggbox")["color"],
-                    label=f"vs {x} ({', '.join(str(v) for v in speedup.index)})")
+    table = s.pivot_table(index=["workers", "floats"], columns="system", values="time_ms_p50")
+    if {"aggbox", "gloo"} <= set(table.columns):
+        speedup = (table["gloo"] / table["aggbox"]).unstack("workers")
+        shades = np.linspace(0.35, 1.0, max(1, speedup.shape[1]))
+        for shade, w in zip(shades, speedup.columns, strict=True):
+            col = speedup[w].dropna()
+            ax.plot(col.index, col.values, marker="o", ms=4, lw=1.5,
+                    color=style("aggbox")["color"], alpha=float(shade), label=f"{w} workers")
+        ax.legend(fontsize=6.5)
     ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
-    ax.set_ylabel("speedup over gloo (p50 ratio)")
-    ax.set_xlabel("grid point (see legend)")
-    ax.set_title("AggBox speedup over gloo")
-    ax.legend(fontsize=6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tensor size (float32 values)")
+    ax.set_ylabel("gloo p50 / AggBox p50")
+    ax.set_title("speedup over gloo (>1: AggBox faster)")
     _finish_figure(fig, "Allreduce time per call",
                    _caption(run, "Solid line: median (p50); band up to p99; rank 0's time."),
                    {k: [pd.Series(v).min()] for k, v in counts.items()})
