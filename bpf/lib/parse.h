@@ -49,6 +49,17 @@ static __always_inline int parse_aggbox(void *data, void *data_end, struct pkt *
 	p->ip = (void *)(p->eth + 1);
 	if ((void *)(p->ip + 1) > data_end || p->ip->protocol != IPPROTO_UDP)
 		return PARSE_NOT_OURS;
+	if (p->ip->ihl != 5) {
+		/* Options move the UDP header: read the port where it really is, so that an
+		 * AggBox packet with options is counted and dropped instead of slipping past
+		 * every check into the stack (and a member's socket). */
+		__u32 ihl = p->ip->ihl * 4;
+		struct udphdr *u = (void *)p->ip + ihl;
+		if (ihl < sizeof(struct iphdr) || (void *)(u + 1) > data_end)
+			return PARSE_NOT_OURS;
+		__u16 port = bpf_ntohs(u->dest);
+		return port < port_lo || port > port_hi ? PARSE_NOT_OURS : PARSE_IP_OPTIONS;
+	}
 	p->udp = (void *)(p->ip + 1);
 	if ((void *)(p->udp + 1) > data_end)
 		return PARSE_NOT_OURS;

@@ -1,0 +1,264 @@
+"""An allreduce worker for the kernel tests: one process per worker host, driven over stdin.
+
+The process lives in its host's network namespace (started with ``host.popen``) and holds
+any number of :class:`Allreducer` objects by name (one per job it takes part in). Workers
+load no eBPF program, so starting one is cheap; the aggregator's programs are held by the
+test process itself. It prints ``{"ok": true, "event": "ready"}`` and then answers one
+JSON line per command line:
+
+    {"cmd": "reducer", "name": "a", "group": {...}, "block": 256, "timeout": 10,
+     "scale": "align"}                                  Allreducer(group, ...)
+    {"cmd": "run", "name": "a", "calls": [call, ...]}   the calls one after the other
+    {"cmd": "parallel", "runs": [{"name": "a", "calls": [...]}, ...]}
+                                                        each run in its own thread, at once
+    {"cmd": "stats", "name": "a"} / {"cmd": "close", "name": "a"} / {"cmd": "quit"}
+
+A call is ``{"kind": "int32" | "reduce_int32" | "float", "size": n, "seed": s,
+"dist": "gaussian", "poison": [index, "nan" | "inf"]}``: the worker makes its input with
+:func:`int32_input` / :func:`float_input` (the test makes the same to compute the
+reference) and answers ``{"result": <base64>, "dtype": ..., "bound": <base64>}``, the
+bound being ``Allreducer.error_bound`` for float calls.
+
+Failures are answered, not raised: ``{"ok": false, "error": "CollectiveTimeout",
+"message": ..., "missing": [...], "elapsed": seconds, "stats": {...}}``. The test side
+is :class:`WorkerProcess`.
+
+    python tests/kernel/allreduce_node.py
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+DISTRIBUTIONS = ("uniform", "gaussian", "heavy", "zeros")
+
+
+def int32_input(rank: int, size: int, seed: int) -> np.ndarray:
+    """Worker ``rank``'s int32 vector: the whole int32 range, so sums wrap."""
+    rng = np.random.default_rng([seed, rank, 32])
+    return rng.integers(-(2**31), 2**31, size, dtype=np.int64).astype(np.int32)
+
+
+def float_input(rank: int, size: int, dist: str, seed: int) -> np.ndarray:
+    """Worker ``rank``'s float32 vector drawn from ``dist``."""
+    rng = np.random.default_rng([seed, rank, 64])
+    if dist == "uniform":
+        x = rng.uniform(-1.0, 1.0, size)
+    elif dist == "gaussian":
+        x = rng.standard_normal(size)
+    elif dist == "heavy":  # Student's t, 1.5 degrees of freedom: infinite variance
+        x = rng.standard_t(1.5, size)
+    elif dist == "zeros":
+        x = np.zeros(size)
+    else:
+        raise ValueError(f"unknown distribution {dist!r}")
+    return x.astype(np.float32)
+
+
+def encode(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
+
+
+def decode(text: str, dtype: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype))
+
+
+# ----------------------------------------------------------------- the node side -------
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.reducers: dict[str, object] = {}
+
+    def reducer(self, name: str, group: dict, block: int = 256, timeout: float = 10.0,
+                scale: str = "align", rto: float = 0.02) -> dict:
+        from aggbox.collectives.allreduce import Allreducer
+        from aggbox.collectives.group import Group
+
+        self.close(name)
+        self.reducers[name] = Allreducer(Group.from_dict(group), block=block, timeout=timeout,
+                                         rto=rto, scale=scale)
+        return {}
+
+    def _call(self, reducer, call: dict) -> dict:
+        rank = reducer.group.rank
+        kind = call["kind"]
+        if kind in ("int32", "reduce_int32"):
+            x = int32_input(rank, call["size"], call["seed"])
+            y = reducer.allreduce(x) if kind == "int32" else reducer.reduce_int32(x)
+            return {"result": encode(y), "dtype": str(y.dtype)}
+        x = float_input(rank, call["size"], call.get("dist", "gaussian"), call["seed"])
+        if call.get("poison"):
+            index, what = call["poison"]
+            x[index] = np.nan if what == "nan" else np.inf
+        y = reducer.allreduce(x)
+        return {"result": encode(y), "dtype": str(y.dtype),
+                "bound": encode(reducer.error_bound(y).astype(np.float64))}
+
+    def run(self, name: str, calls: list[dict]) -> dict:
+        reducer = self.reducers[name]
+        results = []
+        for call in calls:
+            t0 = time.monotonic()
+            try:
+                results.append(self._call(reducer, call))
+            except Exception as exc:
+                exc.elapsed = time.monotonic() - t0  # how long the failing call took
+                exc.stats = dict(reducer.stats)
+                exc.done = len(results)
+                raise
+        return {"results": results, "stats": dict(reducer.stats)}
+
+    def parallel(self, runs: list[dict]) -> dict:
+        """Each run in its own thread, all at once; the answers in order."""
+        answers: list = [None] * len(runs)
+
+        def go(k: int, run: dict) -> None:
+            try:
+                answers[k] = {"ok": True, **self.run(**run)}
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                answers[k] = _failure(exc)
+
+        threads = [threading.Thread(target=go, args=(k, r)) for k, r in enumerate(runs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"runs": answers}
+
+    def stats(self, name: str) -> dict:
+        return {"stats": dict(self.reducers[name].stats)}
+
+    def close(self, name: str) -> dict:
+        reducer = self.reducers.pop(name, None)
+        if reducer is not None:
+            reducer.close()
+        return {}
+
+    def quit(self) -> dict:
+        for name in list(self.reducers):
+            self.close(name)
+        return {}
+
+
+def _failure(exc: Exception) -> dict:
+    reply = {"ok": False, "error": type(exc).__name__, "message": str(exc),
+             "missing": getattr(exc, "missing", None), "elapsed": getattr(exc, "elapsed", None),
+             "stats": getattr(exc, "stats", None), "done": getattr(exc, "done", None)}
+    return reply
+
+
+def _answer(reply: dict) -> None:
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    node = _Node()
+    try:
+        _answer({"ok": True, "event": "ready", "pid": os.getpid()})
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            cmd = request.pop("cmd")
+            try:
+                reply = {"ok": True, **getattr(node, cmd)(**request)}
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                reply = _failure(exc)
+            _answer(reply)
+            if cmd == "quit":
+                return 0
+    finally:
+        node.quit()
+    return 0
+
+
+# ----------------------------------------------------------------- the test side -------
+
+
+class NodeError(AssertionError):
+    pass
+
+
+class WorkerProcess:
+    """A running ``allreduce_node.py`` on one host; ``call`` sends a command and waits."""
+
+    def __init__(self, host, stderr_dir: Path, tag: str = ""):
+        self.host = host
+        self.stderr_path = stderr_dir / f"{host.name}{tag}.stderr"
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        with open(self.stderr_path, "wb") as err:
+            self.proc = host.popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                   cwd=REPO)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def post(self, cmd: str, **args) -> None:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self, wait: float = 60.0, check: bool = True) -> dict:
+        try:
+            line = self._lines.get(timeout=wait)
+        except queue.Empty:
+            raise NodeError(f"{self.host.name}: no answer in {wait} s\n"
+                            f"{self.stderr_tail()}") from None
+        if line is None:
+            self._lines.put(None)
+            raise NodeError(f"{self.host.name}: exited ({self.proc.poll()})\n"
+                            f"{self.stderr_tail()}")
+        answer = json.loads(line)
+        if check and not answer["ok"]:
+            raise NodeError(f"{self.host.name}: {answer['error']}: {answer['message']}")
+        return answer
+
+    def call(self, cmd: str, wait: float = 60.0, check: bool = True, **args) -> dict:
+        self.post(cmd, **args)
+        return self.reply(wait=wait, check=check)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to close anything."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def quit(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.call("quit", wait=timeout)
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

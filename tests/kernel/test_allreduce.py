@@ -1,0 +1,624 @@
+"""In-kernel allreduce (bpf/aggregate.c + aggbox/collectives/allreduce.py) on the real kernel.
+
+One testbed for the module: h0 is the aggregator, whose :class:`AggregatorPrograms` the
+test process holds (compiled once, attached from a thread inside h0's namespace); h1..h8
+each run tests/kernel/allreduce_node.py, a long-lived worker process holding one
+:class:`Allreducer` per job; h9 is in no group (it forges packets, or is a member that
+never runs or gets killed). Each test installs its own jobs on the one aggregator and
+removes them after, so the tests share the programs without sharing state. The MTU is
+65000 so that blocks of several tail-call stages fit in one packet; the other tests use
+blocks of K = 256 values.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from allreduce_node import WorkerProcess, decode, float_input, int32_input
+
+from aggbox.collectives.allreduce import (
+    CHUNK,
+    AggregatorPrograms,
+    chain_length,
+    make_group,
+    max_block,
+)
+from aggbox.collectives.group import Group, Member
+from aggbox.protocol import HEADER_SIZE, Header, MsgType
+from aggbox.testbed import Netem, NetnsTestbed
+from aggbox.testbed.netns import NetnsHost
+
+pytestmark = pytest.mark.kernel
+
+HOSTS = 10  # h0 the aggregator, h1..h8 workers, h9 in no group
+WORKERS = tuple(range(1, 9))
+OUTSIDER = 9
+MTU = 65000
+K = 256
+PORT = 48000
+SIZES = (1, 255, 257, 1000, 4097, 40000)  # 40000: 157 blocks, every slot reused twice
+
+
+@dataclass
+class Box:
+    tb: NetnsTestbed
+    programs: AggregatorPrograms
+    workers: dict[int, WorkerProcess]
+    workdir: Path
+
+    def host(self, index: int) -> NetnsHost:
+        return self.tb.hosts[index]
+
+    def counters(self) -> dict[str, int]:
+        return self.programs.counters()
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("allreduce")
+    with NetnsTestbed(HOSTS, mtu=MTU) as tb:
+        agg = tb.hosts[0]
+        workers: dict[int, WorkerProcess] = {}
+        programs = None
+        try:
+            for i in WORKERS:  # they start while the aggregator's programs compile
+                workers[i] = WorkerProcess(tb.hosts[i], workdir)
+            programs = agg.call(lambda: AggregatorPrograms(agg.ifname))
+            for node in workers.values():
+                assert node.reply(wait=120)["event"] == "ready"
+            yield Box(tb, programs, workers, workdir)
+        finally:
+            for node in workers.values():
+                node.quit()
+            if programs is not None:
+                agg.call(programs.close)
+
+
+def as_dict(group: Group, rank: int) -> dict:
+    return json.loads(group.with_rank(rank).to_json())
+
+
+class Job:
+    """One job installed on the aggregator, with an Allreducer per member that runs one.
+
+    ``hosts`` are the members' host indices in rank order; ``nodes`` overrides which
+    process plays a host (a member with no process never calls)."""
+
+    def __init__(self, box: Box, hosts: list[int], job_id: int, token: int, port: int = PORT,
+                 block: int = K, scale: str = "align", timeout: float = 10.0,
+                 name: str = "job", nodes: dict[int, WorkerProcess | None] | None = None):
+        self.box, self.name, self.hosts = box, name, hosts
+        agg = box.host(0)
+        members = [Member(rank=r, ip=box.host(h).ip, mac=box.host(h).mac)
+                   for r, h in enumerate(hosts)]
+        self.group = make_group(job_id, token, members, Member(0, agg.ip, agg.mac), rank=0,
+                                port=port, ifname=agg.ifname)
+        self.index = box.programs.install_job(self.group)
+        chosen = {**box.workers, **(nodes or {})}
+        self.nodes = {r: chosen[h] for r, h in enumerate(hosts) if chosen.get(h) is not None}
+        self._open: list[WorkerProcess] = []
+        try:
+            for r, node in self.nodes.items():
+                node.call("reducer", name=name, group=as_dict(self.group, r), block=block,
+                          timeout=timeout, scale=scale)
+                self._open.append(node)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def n(self) -> int:
+        return len(self.hosts)
+
+    def post(self, calls: list[dict], ranks=None) -> None:
+        for r in self.nodes if ranks is None else ranks:
+            self.nodes[r].post("run", name=self.name, calls=calls)
+
+    def collect(self, ranks=None, check: bool = True, wait: float = 120.0) -> dict[int, dict]:
+        # Every answer is read before any failure is raised: a worker's unread answer
+        # would otherwise be taken as the answer to the next test's command.
+        answers = {r: self.nodes[r].reply(wait=wait, check=False)
+                   for r in (self.nodes if ranks is None else ranks)}
+        failed = {r: f"{a['error']}: {a['message']}" for r, a in answers.items() if not a["ok"]}
+        if check and failed:
+            raise AssertionError(f"job {self.group.job_id} failed at ranks {failed}")
+        return answers
+
+    def run(self, calls: list[dict]) -> dict[int, list[dict]]:
+        """Every member runs ``calls``; per rank, the calls' answers."""
+        self.post(calls)
+        return {r: a["results"] for r, a in self.collect().items()}
+
+    def close(self) -> None:
+        for node in self._open:
+            if node.proc.poll() is None:
+                node.call("close", name=self.name, check=False)
+        self._open.clear()
+        self.box.programs.remove_job(self.group.job_id)
+
+
+def int32_call(size: int, seed: int, kind: str = "int32") -> dict:
+    return {"kind": kind, "size": size, "seed": seed}
+
+
+def float_call(size: int, seed: int, dist: str) -> dict:
+    return {"kind": "float", "size": size, "seed": seed, "dist": dist}
+
+
+def int32_reference(n: int, size: int, seed: int) -> np.ndarray:
+    """The numpy int64 sum of the members' inputs, cast (wrapped) to int32."""
+    total = np.sum([int32_input(r, size, seed).astype(np.int64) for r in range(n)], axis=0)
+    return total.astype(np.int32)
+
+
+def float_reference(n: int, size: int, dist: str, seed: int) -> np.ndarray:
+    return np.sum([float_input(r, size, dist, seed).astype(np.float64) for r in range(n)],
+                  axis=0)
+
+
+def results_of(answers: dict[int, list[dict]], k: int) -> list[np.ndarray]:
+    """Call ``k``'s result at every rank."""
+    return [decode(a[k]["result"], a[k]["dtype"]) for a in answers.values()]
+
+
+def assert_exact_int32(answers: dict[int, list[dict]], calls: list[dict], n: int) -> None:
+    for k, call in enumerate(calls):
+        want = int32_reference(n, call["size"], call["seed"])
+        for rank, got in zip(answers, results_of(answers, k), strict=True):
+            assert got.dtype == np.int32 and got.shape == want.shape
+            bad = np.flatnonzero(got != want)
+            assert bad.size == 0, (f"call {k} (size {call['size']}), rank {rank}: "
+                                   f"{bad.size} wrong sums, first at index {bad[:5]}")
+
+
+def assert_within_bound(answers: dict[int, list[dict]], k: int, call: dict, n: int) -> None:
+    want = float_reference(n, call["size"], call["dist"], call["seed"])
+    first = None
+    for rank, a in answers.items():
+        got = decode(a[k]["result"], a[k]["dtype"])
+        bound = decode(a[k]["bound"], "float64")
+        assert got.dtype == np.float32 and got.shape == want.shape
+        err = np.abs(got.astype(np.float64) - want)
+        over = np.flatnonzero(err > bound)
+        assert over.size == 0, (f"rank {rank}: {over.size} elements beyond the bound, e.g. "
+                                f"index {over[0]}: error {err[over[0]]:.3g} > "
+                                f"bound {bound[over[0]]:.3g}")
+        if first is None:
+            first = got
+        assert np.array_equal(got, first), f"rank {rank} got another result than rank 0"
+
+
+def blocks(sizes, block: int = K) -> int:
+    return sum(-(-s // block) for s in sizes)
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+DROPS = ("drop_truncated", "drop_bad_magic", "drop_bad_version", "drop_bad_type",
+         "drop_unknown_job", "drop_bad_token", "drop_non_member", "drop_ip_options",
+         "drop_gso", "agg_stale_round")
+
+
+# ------------------------------------------------------------ 1. exact int32 sums
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_int32_sums_are_exact_for_2_to_8_workers_and_sizes_off_the_block(box, n):
+    hosts = random.Random(n).sample(WORKERS, n)  # a different subset and rank order each
+    job = Job(box, hosts, job_id=1000 + n, token=0x1000ABC + n)
+    calls = [int32_call(s, 10 * n + i) for i, s in enumerate(SIZES)]
+    calls.append(int32_call(777, 99, kind="reduce_int32"))  # the lower-level entry point
+    before = box.counters()
+    try:
+        answers = job.run(calls)
+    finally:
+        job.close()
+    after = box.counters()
+    assert_exact_int32(answers, calls, n)
+    d = delta(after, before)
+    total = blocks(c["size"] for c in calls)
+    # Each block completed once and every worker's block was added exactly once, however
+    # many retransmissions a busy machine provoked.
+    assert d["agg_completed"] == total
+    assert d["agg_added"] == n * total
+    assert d["fanout_copies"] == n * total
+    assert not {k: d[k] for k in DROPS if k in d}, d
+
+
+# ------------------------------------------------------------ 2. float error bound
+
+
+@pytest.mark.parametrize("dist", ["uniform", "gaussian", "heavy", "zeros"])
+@pytest.mark.parametrize("scale", ["align", "agree"])
+def test_float_error_is_within_the_documented_bound(box, scale, dist):
+    n = 5
+    job_id = 2000 + 10 * ["align", "agree"].index(scale) + ["uniform", "gaussian", "heavy",
+                                                              "zeros"].index(dist)
+    job = Job(box, [3, 8, 1, 6, 4], job_id=job_id, token=job_id * 7919, scale=scale)
+    calls = [float_call(3001, 5, dist), float_call(257, 6, dist)]
+    try:
+        answers = job.run(calls)
+    finally:
+        job.close()
+    for k, call in enumerate(calls):
+        assert_within_bound(answers, k, call, n)
+        got = results_of(answers, k)[0]
+        bound = decode(answers[0][k]["bound"], "float64")
+        want = float_reference(n, call["size"], dist, call["seed"])
+        if dist == "zeros":
+            assert not got.any()  # zeros give exact zeros
+        else:
+            # The bound is a real one (a few float32 ulps of the block's peak), not a
+            # vacuous one, and the result is not trivially exact.
+            peak = np.abs(want).max()
+            assert bound.max() <= 1e-6 * peak, (bound.max(), peak)
+
+
+# ------------------------------------------------------------ 3. loss, duplication, reorder
+
+
+def test_sums_are_exact_under_loss_duplication_and_reordering(box):
+    n = 8
+    job = Job(box, list(WORKERS), job_id=3003, token=0x3003BEEF)
+    calls = [int32_call(40000, 31), int32_call(4097, 32), int32_call(1, 33),
+             int32_call(20000, 34)]
+    fcall = float_call(5000, 35, "gaussian")
+    before = box.counters()
+    try:
+        box.tb.set_netem(Netem(loss_pct=5, duplicate_pct=5, reorder_pct=5, seed=3003))
+        try:
+            answers = job.run([*calls, fcall])
+            stats = {r: node.call("stats", name=job.name)["stats"]
+                     for r, node in job.nodes.items()}
+        finally:
+            box.tb.set_netem(None)
+    finally:
+        job.close()
+    after = box.counters()
+    assert_exact_int32({r: a[:len(calls)] for r, a in answers.items()}, calls, n)
+    assert_within_bound(answers, len(calls), fcall, n)
+    d = delta(after, before)
+    total = blocks([c["size"] for c in calls] + [fcall["size"]])
+    assert d["agg_completed"] == total
+    assert d["agg_added"] == n * total  # duplicates and retransmissions never added twice
+    # ... and the impairment really bit: workers resent, the kernel saw copies of blocks
+    # it had counted and answered them (from the finished copy, or with a status).
+    assert any(s["retransmits"] > 0 for s in stats.values()), stats
+    assert d.get("agg_duplicate", 0) > 0, d
+    assert d.get("agg_late_reply", 0) + d.get("agg_status", 0) > 0, d
+
+
+# ------------------------------------------------------------ 4. two concurrent jobs
+
+
+def test_two_concurrent_jobs_on_one_aggregator_are_both_correct(box):
+    hosts = [1, 2, 3, 4, 5, 6]
+    a = Job(box, hosts, job_id=4001, token=0x4001, port=48000, name="a")
+    b = Job(box, hosts[::-1], job_id=4002, token=0x4002, port=48001, name="b")
+    calls_a = [int32_call(40000, 41), int32_call(257, 42), int32_call(9000, 43)]
+    calls_b = [int32_call(30000, 51), int32_call(4097, 52), float_call(3000, 53, "heavy")]
+    before = box.counters()
+    try:
+        assert a.index != b.index
+        # Each worker runs its calls of both jobs at the same time, in two threads.
+        host_rank = {job.name: {h: r for r, h in enumerate(job.hosts)} for job in (a, b)}
+        for h in hosts:
+            box.workers[h].post("parallel", runs=[{"name": "a", "calls": calls_a},
+                                                  {"name": "b", "calls": calls_b}])
+        replies = {h: box.workers[h].reply(wait=120)["runs"] for h in hosts}
+    finally:
+        a.close()
+        b.close()
+    after = box.counters()
+    for h, (ra, rb) in replies.items():
+        assert ra["ok"] and rb["ok"], (h, ra.get("message"), rb.get("message"))
+    ans_a = {host_rank["a"][h]: replies[h][0]["results"] for h in hosts}
+    ans_b = {host_rank["b"][h]: replies[h][1]["results"] for h in hosts}
+    ans_a = dict(sorted(ans_a.items()))
+    ans_b = dict(sorted(ans_b.items()))
+    assert_exact_int32(ans_a, calls_a, len(hosts))
+    assert_exact_int32({r: v[:2] for r, v in ans_b.items()}, calls_b[:2], len(hosts))
+    assert_within_bound(ans_b, 2, calls_b[2], len(hosts))
+    d = delta(after, before)
+    total = blocks([c["size"] for c in calls_a] + [c["size"] for c in calls_b])
+    assert d["agg_completed"] == total
+    assert d["agg_added"] == len(hosts) * total
+    assert not {k: d[k] for k in DROPS if k in d}, d
+
+
+# ------------------------------------------------------------ 5. NaN and Inf refused
+
+
+def test_nan_or_inf_input_is_refused_before_anything_is_sent(box):
+    n = 3
+    job = Job(box, [2, 5, 7], job_id=5005, token=0x5005)
+    try:
+        for what, index in (("nan", 17), ("inf", 3000)):
+            before = box.counters()
+            poisoned = {**float_call(3001, 55, "gaussian"), "poison": [index, what]}
+            job.post([poisoned])
+            answers = job.collect(check=False)
+            time.sleep(0.2)  # anything sent would have reached the aggregator by now
+            assert box.counters() == before, delta(box.counters(), before)
+            for rank, a in answers.items():
+                assert not a["ok"] and a["error"] == "QuantizationError", (rank, a)
+                assert "NaN or Inf" in a["message"] and "nothing was sent" in a["message"]
+                assert a["stats"]["blocks"] == 0, (rank, a["stats"])
+        # The job is unharmed: its next call starts at block 0 and is exact.
+        calls = [int32_call(1000, 56)]
+        answers = job.run(calls)
+        assert_exact_int32(answers, calls, n)
+        fcall = float_call(3001, 57, "gaussian")
+        assert_within_bound(job.run([fcall]), 0, fcall, n)
+    finally:
+        job.close()
+
+
+# ------------------------------------------------------------ 6. forged packets
+
+
+FORGED_SEQ = 3  # a block the job really uses: accepted, the forgery would corrupt it
+FORGED_VALUES = np.full(4, 0x01010101, dtype=np.int32).tobytes()
+
+
+def forged(group: Group, **changes) -> Header:
+    """An AGG header from rank 0 (h1) that the aggregator would accept but for ``changes``."""
+    fields = dict(type=MsgType.AGG, job_id=group.job_id, token=group.token, seq=FORGED_SEQ,
+                  rank=0, count=4)
+    fields.update(changes)
+    return Header(**fields)
+
+
+# case: (who sends: "member" is rank 0 = h1, "outsider" h9; the datagram; the counter;
+# IP options to set on the socket).
+IP_NOP_OPTIONS = bytes([1, 1, 1, 0])  # NOP NOP NOP END: a 24-byte IPv4 header
+FORGED = {
+    "from-a-host-outside-the-group": ("outsider", lambda g: forged(g).pack() + FORGED_VALUES,
+                                      "drop_non_member", None),
+    "rank-of-another-member": ("member", lambda g: forged(g, rank=1).pack() + FORGED_VALUES,
+                               "drop_non_member", None),
+    "rank-outside-the-group": ("member", lambda g: forged(g, rank=3).pack() + FORGED_VALUES,
+                               "drop_non_member", None),
+    "wrong-token": ("member", lambda g: forged(g, token=g.token ^ 0x5A5A).pack()
+                    + FORGED_VALUES, "drop_bad_token", None),
+    "wrong-job": ("member", lambda g: forged(g, job_id=g.job_id + 1).pack() + FORGED_VALUES,
+                  "drop_unknown_job", None),
+    "outsider-with-wrong-job": ("outsider", lambda g: forged(g, job_id=77).pack()
+                                + FORGED_VALUES, "drop_unknown_job", None),
+    "bad-magic": ("member", lambda g: forged(g, magic=0x12345678).pack() + FORGED_VALUES,
+                  "drop_bad_magic", None),
+    "bad-version": ("member", lambda g: forged(g, version=2).pack() + FORGED_VALUES,
+                    "drop_bad_version", None),
+    "unknown-type": ("member", lambda g: forged(g, type=0xEE).pack() + FORGED_VALUES,
+                     "drop_bad_type", None),
+    "result-sent-by-a-worker": ("member", lambda g: forged(g, type=MsgType.AGG_RESULT).pack()
+                                + FORGED_VALUES, "drop_bad_type", None),
+    "shorter-than-the-header": ("member", lambda g: forged(g).pack()[:HEADER_SIZE - 12],
+                                "drop_truncated", None),
+    "outsider-truncated": ("outsider", lambda g: forged(g).pack()[:5], "drop_truncated",
+                           None),
+    "count-beyond-the-payload": ("member", lambda g: forged(g, count=5).pack()
+                                 + FORGED_VALUES, "drop_truncated", None),
+    "count-zero": ("member", lambda g: forged(g, count=0).pack() + FORGED_VALUES,
+                   "drop_truncated", None),
+    "count-above-the-largest-block": ("member", lambda g: forged(g, count=40000).pack()
+                                      + FORGED_VALUES, "drop_truncated", None),
+    "ip-options": ("member", lambda g: forged(g).pack() + FORGED_VALUES, "drop_ip_options",
+                   IP_NOP_OPTIONS),
+}
+
+
+def send_raw(host: NetnsHost, dst: str, datagrams: list[tuple[bytes, bytes | None]],
+             gap: float = 0.0, stop: threading.Event | None = None) -> int:
+    """Send each (datagram, IP options) from ``host``, in a loop until ``stop`` is set if
+    given; returns how many rounds were sent."""
+    def go() -> int:
+        socks = {}
+        try:
+            rounds = 0
+            while True:
+                for data, opts in datagrams:
+                    if opts not in socks:
+                        socks[opts] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        if opts:
+                            socks[opts].setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, opts)
+                    socks[opts].sendto(data, (dst, PORT))
+                    if gap:
+                        time.sleep(gap)
+                rounds += 1
+                if stop is None or stop.is_set():
+                    return rounds
+        finally:
+            for s in socks.values():
+                s.close()
+
+    return host.call(go)
+
+
+def wait_for(box: Box, want: dict[str, int], wait: float = 5.0) -> dict[str, int]:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        now = box.counters()
+        if all(now[k] >= v for k, v in want.items()):
+            break
+        time.sleep(0.02)
+    time.sleep(0.05)  # let anything else the packet caused happen before comparing
+    return box.counters()
+
+
+@pytest.fixture(scope="class")
+def forgery(box):
+    """Job 6006: ranks 0, 1, 2 on h1, h2, h3; h9 is outside. One call already ran."""
+    job = Job(box, [1, 2, 3], job_id=6006, token=0x6006ABCD)
+    try:
+        calls = [int32_call(2000, 60)]  # blocks 0..7: FORGED_SEQ's slot is in use
+        assert_exact_int32(job.run(calls), calls, job.n)
+        yield job
+    finally:
+        job.close()
+
+
+class TestForgedPackets:
+    """Forged packets are counted once, in the right counter, and change nothing."""
+
+    def sender(self, job: Job, who: str) -> NetnsHost:
+        return job.box.host(job.hosts[0] if who == "member" else OUTSIDER)
+
+    @pytest.mark.parametrize("case", list(FORGED))
+    def test_a_forged_packet_is_counted_in_its_counter_and_dropped(self, forgery, case):
+        who, make, counter, opts = FORGED[case]
+        box = forgery.box
+        before = box.counters()
+        send_raw(self.sender(forgery, who), box.host(0).ip, [(make(forgery.group), opts)])
+        after = wait_for(box, {counter: before[counter] + 1})
+        assert delta(after, before) == {counter: 1}  # nothing accepted, added or answered
+
+    def test_forged_packets_during_and_between_calls_do_not_corrupt_the_job(self, forgery):
+        box, job = forgery.box, forgery
+        by_sender: dict[str, list] = {"member": [], "outsider": []}
+        want: dict[str, int] = {}
+        for who, make, _counter, opts in FORGED.values():
+            by_sender[who].append((make(job.group), opts))
+        # Between two calls: every forgery once (the job's next block is FORGED_SEQ + 5).
+        before = box.counters()
+        for who, datagrams in by_sender.items():
+            send_raw(self.sender(job, who), box.host(0).ip, datagrams)
+        # During calls: both senders forge in a loop until every worker has its results.
+        stop = threading.Event()
+        rounds: dict[str, int] = {}
+
+        def forge(who: str) -> None:
+            rounds[who] = send_raw(self.sender(job, who), box.host(0).ip, by_sender[who],
+                                   gap=0.0005, stop=stop)
+
+        threads = [threading.Thread(target=forge, args=(who,)) for who in by_sender]
+        calls = [int32_call(40000, 61), int32_call(3, 62), int32_call(20000, 63)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.05)
+            answers = job.run(calls)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        for who, _make, counter, _opts in FORGED.values():
+            want[counter] = want.get(counter, 0) + 1 + rounds[who]
+        after = wait_for(box, {k: before[k] + v for k, v in want.items()})
+        assert_exact_int32(answers, calls, job.n)
+        d = delta(after, before)
+        assert {k: d.get(k, 0) for k in want} == want
+        assert d["agg_added"] == job.n * blocks(c["size"] for c in calls)
+        # ... and after them, the job still sums exactly.
+        calls = [int32_call(1000, 64)]
+        assert_exact_int32(job.run(calls), calls, job.n)
+
+
+# ------------------------------------------------------------ 7. a worker that dies
+
+
+def test_a_killed_worker_gives_the_others_a_timeout_naming_it_and_the_next_job_runs(box):
+    victim = WorkerProcess(box.host(OUTSIDER), box.workdir, tag="-victim")
+    try:
+        assert victim.reply(wait=60)["event"] == "ready"
+        job = Job(box, [1, 2, OUTSIDER], job_id=7007, token=0x7007,
+                  timeout=2.0, nodes={OUTSIDER: victim})
+        try:
+            first, second = int32_call(5000, 71), int32_call(40000, 72)
+            job.post([first, second], ranks=[0, 1])
+            job.post([first], ranks=[2])
+            ok = job.collect(ranks=[2])[2]["results"]  # the victim took part in call 1 ...
+            victim.kill()  # ... and dies: SIGKILL, before its first block of call 2
+            answers = job.collect(ranks=[0, 1], check=False, wait=60)
+        finally:
+            job.close()
+        dead_index = job.index
+    finally:
+        victim.kill()
+    assert_exact_int32({2: ok}, [first], 3)
+    for rank, a in answers.items():
+        assert not a["ok"] and a["error"] == "CollectiveTimeout", (rank, a)
+        assert a["done"] == 1  # the first call had succeeded
+        assert a["missing"] == [2], a
+        assert f"rank 2 ({box.host(OUTSIDER).ip})" in a["message"], a["message"]
+        assert "rank 0" not in a["message"] and "rank 1" not in a["message"]
+        # It gives up after its 2 s without progress, in a bounded time (generous: the
+        # machine is shared, and the back-off adds up to 0.5 s).
+        assert 2.0 <= a["elapsed"] < 15.0, a["elapsed"]
+    # The next job on the same aggregator, no restart: it gets the dead job's slots back.
+    nxt = Job(box, [1, 2, 3], job_id=7008, token=0x7008)
+    try:
+        assert nxt.index == dead_index
+        calls = [int32_call(40000, 73), int32_call(300, 74)]
+        assert_exact_int32(nxt.run(calls), calls, 3)
+    finally:
+        nxt.close()
+
+
+def test_a_member_that_never_calls_makes_the_others_time_out_naming_it(box):
+    job = Job(box, [4, OUTSIDER, 5], job_id=7009, token=0x7009, timeout=2.0,
+              nodes={OUTSIDER: None})  # rank 1 (h9) runs nothing
+    try:
+        job.post([int32_call(1000, 75)])
+        answers = job.collect(check=False, wait=60)
+    finally:
+        job.close()
+    assert set(answers) == {0, 2}
+    for rank, a in answers.items():
+        assert not a["ok"] and a["error"] == "CollectiveTimeout", (rank, a)
+        assert a["missing"] == [1], a
+        assert f"rank 1 ({box.host(OUTSIDER).ip})" in a["message"], a["message"]
+        assert 2.0 <= a["elapsed"] < 15.0, a["elapsed"]
+
+
+# ------------------------------------------------------------ 8. the tail-call chain
+
+
+@pytest.mark.parametrize("block", [4 * CHUNK, max_block(MTU)])
+def test_large_blocks_run_a_tail_call_chain_of_at_least_4_adders(box, block):
+    assert max_block(MTU) == (MTU - 28 - HEADER_SIZE) // 4 > 4 * CHUNK
+    assert chain_length(block) >= 6  # entry + >= 4 adders + finish
+    assert chain_length(4 * CHUNK) == 6 and chain_length(4 * CHUNK + 1) == 7
+    n = 4
+    job = Job(box, [8, 7, 6, 5], job_id=8000 + block % 1000, token=0x8000 + block,
+              block=block)
+    calls = [int32_call(block, 81), int32_call(3 * block + 5, 82)]
+    fcall = float_call(2 * block + 1, 83, "heavy")
+    before = box.counters()
+    try:
+        answers = job.run([*calls, fcall])
+    finally:
+        job.close()
+    d = delta(box.counters(), before)
+    assert_exact_int32({r: a[:2] for r, a in answers.items()}, calls, n)
+    # Values in the last chunk of a block are added by the 4th (or later) program of the
+    # chain: exact there means the chain ran that far.
+    got = results_of(answers, 0)[0]
+    want = int32_reference(n, block, 81)
+    assert np.array_equal(got[3 * CHUNK:], want[3 * CHUNK:]) and got[3 * CHUNK:].any()
+    assert_within_bound(answers, 2, fcall, n)
+    total = blocks([c["size"] for c in calls] + [fcall["size"]], block)
+    assert d["agg_completed"] == total
+    assert d["agg_added"] == n * total
+    assert not {k: d[k] for k in DROPS if k in d}, d
+
+
+# ------------------------------------------------------------ nothing left behind
+
+
+def test_closing_the_aggregator_detaches_its_programs(box):
+    agg = box.host(0)
+    assert "agg_ingress" in agg.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+    agg.call(box.programs.close)
+    assert agg.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout.strip() == ""
+    assert "clsact" not in agg.run(["tc", "qdisc", "show", "dev", "eth0"]).stdout

@@ -1,0 +1,272 @@
+"""Edge quantization (aggbox/quant.py) without a kernel: headroom, error bounds, refusals.
+
+The in-kernel sum is simulated here exactly as bpf/aggregate.c computes it: plain int32
+additions for ``scale="agree"``; for ``scale="align"`` each chunk of AGG_CHUNK values
+keeps the largest (biased) exponent seen so far and the smaller side is brought to it
+with rounding right shifts (``rshift_round``), contributions arriving in any order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggbox import quant
+from aggbox.quant import (
+    ZERO_BLOCK_EXPONENT,
+    QuantizationError,
+    block_exponents,
+    check_finite,
+    dequantize,
+    error_bound,
+    headroom_bits,
+    quantize,
+)
+
+INT32_MAX = 2**31 - 1
+CHUNK = 1024  # AGG_CHUNK in bpf/aggregate.c
+EXP_BIAS = 1024  # EXP_BIAS in bpf/aggregate.c
+
+
+# ------------------------------------------------------------ the kernel, in Python
+
+
+def s32(x: np.ndarray) -> np.ndarray:
+    """A value the kernel holds in an __s32: it must fit (no wrap, by construction)."""
+    x = np.asarray(x, dtype=np.int64)
+    assert (x >= -(2**31)).all() and (x <= INT32_MAX).all(), "int32 overflow in the kernel"
+    return x
+
+
+def rshift_round(x: np.ndarray, d: int) -> np.ndarray:
+    """bpf/aggregate.c rshift_round: x / 2**d rounded to nearest (an arithmetic shift)."""
+    if d == 0:
+        return x
+    if d > 30:
+        return np.zeros_like(x)
+    return s32(s32(x + (1 << (d - 1))) >> d)
+
+
+def kernel_sum(qs: list[np.ndarray], block: int, exps: list[np.ndarray] | None = None,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The aggregator's result for workers' int32 vectors ``qs``: per block, the sum and
+    (``exps`` given: AGG_F_ALIGN) the exponent it comes back with. Every chunk takes the
+    contributions in its own random order (the kernel locks per chunk, so two workers'
+    packets may interleave chunk by chunk)."""
+    rng = np.random.default_rng(seed)
+    size = qs[0].size
+    n_blocks = max(1, -(-size // block))
+    out = np.zeros(size, dtype=np.int64)
+    out_exp = np.zeros(n_blocks, dtype=np.int32)
+    for b in range(n_blocks):
+        start, end = b * block, min((b + 1) * block, size)
+        chunk_exp0 = 0
+        for c0 in range(start, end, CHUNK):
+            c1 = min(c0 + CHUNK, end)
+            values = np.zeros(c1 - c0, dtype=np.int64)
+            cur = 0  # chunk_exp[c]: 0 means no value yet
+            for w in rng.permutation(len(qs)):
+                v = qs[w][c0:c1].astype(np.int64)
+                shift_sum = shift_in = 0
+                if exps is not None:
+                    mine = int(exps[w][b]) + EXP_BIAS
+                    if cur == 0 or mine > cur:
+                        shift_sum = mine - cur if cur else 0
+                        cur = mine
+                    else:
+                        shift_in = cur - mine
+                values = s32(rshift_round(values, shift_sum) + rshift_round(v, shift_in))
+            out[c0:c1] = values
+            if c0 == start:
+                chunk_exp0 = cur
+        out_exp[b] = chunk_exp0 - EXP_BIAS  # set_scale: chunk_exp[0] - EXP_BIAS
+    return s32(out).astype(np.int32), out_exp
+
+
+def allreduce(xs: list[np.ndarray], block: int, scale: str, seed: int = 0):
+    """What Allreducer.allreduce computes, with the kernel simulated: (result, bound)."""
+    n = len(xs)
+    if scale == "agree":
+        exps = np.max([block_exponents(x, block) for x in xs], axis=0)  # the MAX round
+        qs = [quantize(x, exps, block, n) for x in xs]
+        sums, _ = kernel_sum(qs, block, seed=seed)
+    else:
+        own = [block_exponents(x, block) for x in xs]
+        qs = [quantize(x, e, block, n) for x, e in zip(xs, own, strict=True)]
+        sums, exps = kernel_sum(qs, block, own, seed=seed)
+    dtype = xs[0].dtype
+    result = dequantize(sums, exps, block, n, xs[0].size, dtype)
+    bound = error_bound(result, exps, block, n, dtype, aligned=scale == "align")
+    return result, bound, exps
+
+
+def inputs(n: int, size: int, dist: str, seed: int, dtype=np.float32) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    xs = []
+    for w in range(n):
+        if dist == "uniform":
+            x = rng.uniform(-1.0, 1.0, size)
+        elif dist == "gaussian":
+            x = rng.standard_normal(size)
+        elif dist == "heavy":  # Student's t, 1.5 degrees of freedom
+            x = rng.standard_t(1.5, size)
+        elif dist == "zeros":
+            x = np.zeros(size)
+        elif dist == "magnitudes":  # workers 2**-20 .. 2**20 apart: many alignment shifts
+            x = rng.standard_normal(size) * 2.0 ** rng.integers(-20, 21)
+        elif dist == "some-zero":  # half the workers contribute exact zeros
+            x = np.zeros(size) if w % 2 else rng.standard_normal(size)
+        else:
+            raise ValueError(dist)
+        xs.append(x.astype(dtype))
+    return xs
+
+
+# ------------------------------------------------------------ headroom
+
+
+@pytest.mark.parametrize("n", range(1, 65))
+def test_n_quantized_extremes_sum_without_overflow(n):
+    bits = headroom_bits(n)
+    assert n * 2**bits <= 2**30 < INT32_MAX
+    # The most extreme inputs: the largest values below the block's power of two, of
+    # either sign, in float64 (which rounds them up to exactly 2**bits) and float32.
+    for dtype in (np.float64, np.float32):
+        for e in (-30, 0, 7, 100):
+            top = np.nextafter(dtype(2.0**e), dtype(0))
+            x = np.array([top, -top, top, dtype(2.0 ** (e - 1))], dtype=dtype)
+            exps = block_exponents(x, 4)
+            assert exps.tolist() == [e]
+            q = quantize(x, exps, 4, n)
+            assert np.abs(q.astype(np.int64)).max() <= 2**bits
+            if dtype is np.float64:
+                assert q[0] == 2**bits and q[1] == -(2**bits)  # the bound is reached
+            for sign in (1, -1):
+                total = sign * n * q.astype(np.int64)  # every worker sends the extreme
+                assert np.abs(total).max() <= 2**30
+            # ... and the kernel's own int32 arithmetic never wraps on it, in either mode.
+            kernel_sum([q] * n, 4)
+            kernel_sum([q] * n, 4, [exps] * n)
+
+
+def test_headroom_bits():
+    assert headroom_bits(1) == 30
+    assert headroom_bits(2) == 29
+    assert headroom_bits(3) == headroom_bits(4) == 28
+    assert headroom_bits(64) == 24
+    with pytest.raises(ValueError):
+        headroom_bits(0)
+
+
+def test_a_value_above_the_agreed_exponent_is_refused():
+    x = np.array([4.0, 1.0])
+    with pytest.raises(QuantizationError, match="agreed exponent"):
+        quantize(x, np.array([1]), 2, 4)  # 4.0 needs e = 3
+
+
+# ------------------------------------------------------------ error bounds
+
+
+@pytest.mark.parametrize("scale", ["align", "agree"])
+@pytest.mark.parametrize("dist", ["uniform", "gaussian", "heavy", "zeros", "magnitudes",
+                                  "some-zero"])
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 64])
+def test_error_is_within_the_bound_for_simulated_aggregation(n, dist, scale):
+    size, block = 3001, 256
+    xs = inputs(n, size, dist, seed=n * 100 + len(dist))
+    result, bound, exps = allreduce(xs, block, scale, seed=n)
+    want = np.sum([x.astype(np.float64) for x in xs], axis=0)
+    err = np.abs(result.astype(np.float64) - want)
+    assert result.dtype == np.float32 and result.shape == want.shape
+    over = np.flatnonzero(err > bound)
+    assert over.size == 0, f"{over.size} beyond the bound, e.g. {err[over[0]]} > {bound[over[0]]}"
+    if dist == "zeros":
+        assert not result.any()
+    else:
+        # The bound is tight enough to mean something: per block, within a few float32
+        # ulps of the block's largest input.
+        peak = np.max([np.abs(x).max() for x in xs])
+        quant_part = 2 * n * peak * 2.0 ** -headroom_bits(n)  # n steps, 2**E <= 2 * peak
+        assert bound.max() <= quant_part + np.abs(result).max() * 2.0**-24
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_aligned_mode_over_multi_chunk_blocks_and_any_arrival_order(seed):
+    """Blocks of 4 chunks and workers whose scales differ: every chunk ends at the
+    group's largest exponent whatever the order, and the error stays within the bound."""
+    n, block, size = 8, 4 * CHUNK, 2 * 4 * CHUNK + 77
+    xs = inputs(n, size, "magnitudes", seed=seed)
+    result, bound, exps = allreduce(xs, block, "align", seed=seed)
+    own = np.array([block_exponents(x, block) for x in xs])
+    assert exps.tolist() == own.max(axis=0).tolist()  # E = max e_w, as the agree round
+    want = np.sum([x.astype(np.float64) for x in xs], axis=0)
+    assert (np.abs(result.astype(np.float64) - want) <= bound).all()
+
+
+def test_float64_inputs_keep_float64_and_the_bound():
+    xs = inputs(4, 1000, "gaussian", seed=7, dtype=np.float64)
+    for scale in ("agree", "align"):
+        result, bound, _ = allreduce(xs, 256, scale)
+        assert result.dtype == np.float64
+        want = np.sum(xs, axis=0)
+        assert (np.abs(result - want) <= bound).all()
+        assert bound.max() < 1e-6  # the quantization step 4 * 2**(e - 28), e <= 3
+
+
+def test_the_aligned_bound_counts_the_shifts_the_agreed_one_does_not():
+    exps = np.array([3])
+    r = np.zeros(4, dtype=np.float32)
+    agreed = error_bound(r, exps, 4, 8, aligned=False)
+    aligned = error_bound(r, exps, 4, 8, aligned=True)
+    step = 2.0 ** (3 - headroom_bits(8))
+    assert agreed.tolist() == [8 / 2 * step] * 4
+    assert aligned.tolist() == [8 * step] * 4
+
+
+# ------------------------------------------------------------ refusals and zeros
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_refused_with_a_clear_error(bad):
+    x = np.ones(300, dtype=np.float32)
+    x[123] = bad
+    for fn in (check_finite, lambda v: block_exponents(v, 256),
+               lambda v: quantize(v, np.zeros(2, dtype=np.int32), 256, 2)):
+        with pytest.raises(QuantizationError, match="NaN or Inf") as info:
+            fn(x)
+        assert "1 NaN or Inf value" in str(info.value)
+        assert "nothing was sent" in str(info.value)
+
+
+def test_integer_tensors_are_not_quantized():
+    with pytest.raises(QuantizationError, match="float tensor"):
+        check_finite(np.arange(4, dtype=np.int32))
+
+
+def test_zeros_give_zeros():
+    x = np.zeros(1000, dtype=np.float32)
+    exps = block_exponents(x, 256)
+    assert (exps == ZERO_BLOCK_EXPONENT).all()
+    q = quantize(x, exps, 256, 8)
+    assert q.dtype == np.int32 and not q.any()
+    back = dequantize(q, exps, 256, 8, x.size, np.dtype(np.float32))
+    assert back.dtype == np.float32 and not back.any()
+    assert error_bound(back, exps, 256, 8).max() < 1e-60
+
+
+def test_a_zero_block_between_others_comes_back_exactly_zero():
+    xs = inputs(3, 768, "gaussian", seed=3)
+    for x in xs:
+        x[256:512] = 0.0
+    for scale in ("agree", "align"):
+        result, _, exps = allreduce(xs, 256, scale)
+        assert exps[1] == ZERO_BLOCK_EXPONENT
+        assert not result[256:512].any() and result[:256].all()
+
+
+def test_quantize_round_trips_exactly_representable_values():
+    x = np.array([0.5, -0.25, 1.75, 0.0, -1.0], dtype=np.float32)
+    exps = block_exponents(x, 8)
+    assert exps.tolist() == [1]  # 1.75 < 2**1
+    q = quantize(x, exps, 8, 2)
+    assert (dequantize(q, exps, 8, 2, x.size, quant.FLOAT32) == x).all()
