@@ -102,10 +102,19 @@ class InventoryHost:
         return str(self.vars.get("ansible_user", "root")) != "root"
 
 
+def _ansible_on_path() -> None:
+    """ansible-runner looks ansible-playbook up on PATH: make it the one next to us (the
+    venv's), also when the venv is not activated (.venv/bin/aggbox, make)."""
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
 def read_inventory(inventory: Path) -> list[InventoryHost]:
     """Hosts of group ``aggbox`` (with their merged variables), in rank order."""
     import ansible_runner
 
+    _ansible_on_path()
     out, err = ansible_runner.get_inventory(action="list", inventories=[str(inventory)],
                                             response_format="json", quiet=True)
     if not isinstance(out, dict):
@@ -203,10 +212,7 @@ class AnsibleSession:
             import ansible_runner  # noqa: F401
         except ImportError:
             raise SetupError("ansible-runner is missing: run `make setup`") from None
-        # ansible-runner looks ansible-playbook up on PATH: make it the one next to us.
-        bindir = str(Path(sys.executable).parent)
-        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        _ansible_on_path()
         self.data_dir = Path(tempfile.mkdtemp(prefix="aggbox-ansible-"))
         (self.data_dir / "ssh").mkdir()
         self.hosts = read_inventory(self.inventory)

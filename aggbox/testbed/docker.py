@@ -371,6 +371,8 @@ class DockerTestbed(Testbed):
         self.caps: list[str] = []
         self.engine_version = ""
         self.image_id = ""
+        self.image_digest = ""
+        self.image_stale = False
         self.is_up = False
         self._client = None
         self._network = None
@@ -417,11 +419,14 @@ class DockerTestbed(Testbed):
         except docker.errors.ImageNotFound:
             raise SetupError(f"no image {self.image}: build it with `sudo make image`") from None
         self.image_id = image.id
-        built_from = (image.labels or {}).get("aggbox.source-digest")
-        if self.check_image and built_from and built_from != source_digest():
-            raise SetupError(
-                f"image {self.image} was built from other sources than this checkout "
-                f"(aggbox/ or bpf/ changed since): rebuild it with `sudo make image`")
+        self.image_digest = (image.labels or {}).get("aggbox.source-digest", "")
+        # A warning, not an error: in a tree others edit, sources change under a running
+        # experiment; the run's meta.json says which sources its image was built from.
+        if self.check_image and self.image_digest and self.image_digest != source_digest():
+            self.image_stale = True
+            print(f"aggbox: warning: image {self.image} was built from other sources than "
+                  "this checkout (aggbox/ or bpf/ changed since); `sudo make image` rebuilds "
+                  "it", file=sys.stderr)
         self.engine_version = self._client.version().get("Version", "")
 
     def _create_network(self) -> None:
@@ -529,6 +534,8 @@ class DockerTestbed(Testbed):
             **super().describe(),
             "image": self.image,
             "image_id": self.image_id,
+            "image_source_digest": self.image_digest,
+            "image_stale": self.image_stale,
             "engine": self.engine_version,
             "capabilities": self.caps,
             "network": self.name,

@@ -33,18 +33,20 @@
 #define __always_inline inline __attribute__((always_inline))
 #endif
 
-/* ---- maps: BPF_TABLE(type, key, leaf, name, size) and the shorthands BCC provides */
+/* ---- maps: BPF_TABLE("type", key, leaf, name, size), BPF_F_TABLE(..., flags) and the
+ *      shorthands BCC provides */
 
-#define _ABX_MAP_DEF(_map_type, _key_type, _leaf_type, _name, _max)                     \
+#define _ABX_MAP_DEF(_map_type, _key_type, _leaf_type, _name, _max, _flags)             \
 	struct {                                                                          \
 		__uint(type, _map_type);                                                  \
 		__type(key, _key_type);                                                   \
 		__type(value, _leaf_type);                                                \
 		__uint(max_entries, _max);                                                \
+		__uint(map_flags, _flags);                                                \
 	} _name##__map SEC(".maps");
 
-#define _ABX_TABLE(_map_type, _key_type, _leaf_type, _name, _max)                       \
-	_ABX_MAP_DEF(_map_type, _key_type, _leaf_type, _name, _max)                       \
+#define _ABX_TABLE(_map_type, _key_type, _leaf_type, _name, _max, _flags)               \
+	_ABX_MAP_DEF(_map_type, _key_type, _leaf_type, _name, _max, _flags)               \
 	static __always_inline _leaf_type *_name##__lookup(_key_type *k)                  \
 	{ return bpf_map_lookup_elem(&_name##__map, k); }                                 \
 	static __always_inline _leaf_type *_name##__lookup_or_try_init(_key_type *k,      \
@@ -89,45 +91,52 @@
 		.atomic_increment = _name##__atomic_increment,                            \
 	}
 
-#define _ABX_TYPE_hash BPF_MAP_TYPE_HASH
-#define _ABX_TYPE_array BPF_MAP_TYPE_ARRAY
-#define _ABX_TYPE_percpu_hash BPF_MAP_TYPE_PERCPU_HASH
-#define _ABX_TYPE_percpu_array BPF_MAP_TYPE_PERCPU_ARRAY
-#define _ABX_TYPE_lru_hash BPF_MAP_TYPE_LRU_HASH
-#define _ABX_TYPE_lru_percpu_hash BPF_MAP_TYPE_LRU_PERCPU_HASH
-#define BPF_TABLE(_kind, _key, _leaf, _name, _max) \
-	_ABX_TABLE(_ABX_TYPE_##_kind, _key, _leaf, _name, _max)
+/* BCC names map types with strings ("hash", "percpu_array", ...); clang folds this to a
+ * constant (a GNU extension, hence -Wno-gnu-folding-constant in check.sh). Shorter names
+ * are tested first, so no index goes past the end of a string. */
+#define _ABX_MAP_TYPE(s)                                                                  \
+	((s)[0] == 'h' ? BPF_MAP_TYPE_HASH :                                              \
+	 (s)[0] == 'a' ? BPF_MAP_TYPE_ARRAY :                                             \
+	 (s)[0] == 'l' ? ((s)[4] == 'h' ? BPF_MAP_TYPE_LRU_HASH                           \
+				       : BPF_MAP_TYPE_LRU_PERCPU_HASH) :                  \
+	 (s)[0] == 'p' && (s)[1] == 'r' ? BPF_MAP_TYPE_PROG_ARRAY :                       \
+	 (s)[0] == 'p' ? ((s)[7] == 'a' ? BPF_MAP_TYPE_PERCPU_ARRAY                       \
+				       : BPF_MAP_TYPE_PERCPU_HASH) :                      \
+	 BPF_MAP_TYPE_UNSPEC)
+#define BPF_F_TABLE(_kind, _key, _leaf, _name, _max, _flags) \
+	_ABX_TABLE(_ABX_MAP_TYPE(_kind), _key, _leaf, _name, _max, _flags)
+#define BPF_TABLE(_kind, _key, _leaf, _name, _max) BPF_F_TABLE(_kind, _key, _leaf, _name, _max, 0)
 #define BPF_TABLE_PINNED(_kind, _key, _leaf, _name, _max, _path) \
 	BPF_TABLE(_kind, _key, _leaf, _name, _max)
 
 /* BCC's optional-argument forms: BPF_HASH(name), BPF_HASH(name, key), ..., up to 4. */
 #define _ABX_PICK(_1, _2, _3, _4, NAME, ...) NAME
-#define _ABX_HASH1(n) BPF_TABLE(hash, __u64, __u64, n, 10240)
-#define _ABX_HASH2(n, k) BPF_TABLE(hash, k, __u64, n, 10240)
-#define _ABX_HASH3(n, k, v) BPF_TABLE(hash, k, v, n, 10240)
-#define _ABX_HASH4(n, k, v, s) BPF_TABLE(hash, k, v, n, s)
+#define _ABX_HASH1(n) BPF_TABLE("hash", __u64, __u64, n, 10240)
+#define _ABX_HASH2(n, k) BPF_TABLE("hash", k, __u64, n, 10240)
+#define _ABX_HASH3(n, k, v) BPF_TABLE("hash", k, v, n, 10240)
+#define _ABX_HASH4(n, k, v, s) BPF_TABLE("hash", k, v, n, s)
 #define BPF_HASH(...) \
 	_ABX_PICK(__VA_ARGS__, _ABX_HASH4, _ABX_HASH3, _ABX_HASH2, _ABX_HASH1)(__VA_ARGS__)
-#define _ABX_PHASH1(n) BPF_TABLE(percpu_hash, __u64, __u64, n, 10240)
-#define _ABX_PHASH2(n, k) BPF_TABLE(percpu_hash, k, __u64, n, 10240)
-#define _ABX_PHASH3(n, k, v) BPF_TABLE(percpu_hash, k, v, n, 10240)
-#define _ABX_PHASH4(n, k, v, s) BPF_TABLE(percpu_hash, k, v, n, s)
+#define _ABX_PHASH1(n) BPF_TABLE("percpu_hash", __u64, __u64, n, 10240)
+#define _ABX_PHASH2(n, k) BPF_TABLE("percpu_hash", k, __u64, n, 10240)
+#define _ABX_PHASH3(n, k, v) BPF_TABLE("percpu_hash", k, v, n, 10240)
+#define _ABX_PHASH4(n, k, v, s) BPF_TABLE("percpu_hash", k, v, n, s)
 #define BPF_PERCPU_HASH(...) \
 	_ABX_PICK(__VA_ARGS__, _ABX_PHASH4, _ABX_PHASH3, _ABX_PHASH2, _ABX_PHASH1)(__VA_ARGS__)
-#define _ABX_LHASH1(n) BPF_TABLE(lru_hash, __u64, __u64, n, 10240)
-#define _ABX_LHASH2(n, k) BPF_TABLE(lru_hash, k, __u64, n, 10240)
-#define _ABX_LHASH3(n, k, v) BPF_TABLE(lru_hash, k, v, n, 10240)
-#define _ABX_LHASH4(n, k, v, s) BPF_TABLE(lru_hash, k, v, n, s)
+#define _ABX_LHASH1(n) BPF_TABLE("lru_hash", __u64, __u64, n, 10240)
+#define _ABX_LHASH2(n, k) BPF_TABLE("lru_hash", k, __u64, n, 10240)
+#define _ABX_LHASH3(n, k, v) BPF_TABLE("lru_hash", k, v, n, 10240)
+#define _ABX_LHASH4(n, k, v, s) BPF_TABLE("lru_hash", k, v, n, s)
 #define BPF_LRU_HASH(...) \
 	_ABX_PICK(__VA_ARGS__, _ABX_LHASH4, _ABX_LHASH3, _ABX_LHASH2, _ABX_LHASH1)(__VA_ARGS__)
-#define _ABX_ARRAY1(n) BPF_TABLE(array, int, __u64, n, 10240)
-#define _ABX_ARRAY2(n, v) BPF_TABLE(array, int, v, n, 10240)
-#define _ABX_ARRAY3(n, v, s) BPF_TABLE(array, int, v, n, s)
+#define _ABX_ARRAY1(n) BPF_TABLE("array", int, __u64, n, 10240)
+#define _ABX_ARRAY2(n, v) BPF_TABLE("array", int, v, n, 10240)
+#define _ABX_ARRAY3(n, v, s) BPF_TABLE("array", int, v, n, s)
 #define BPF_ARRAY(...) \
 	_ABX_PICK(__VA_ARGS__, _ABX_ARRAY3, _ABX_ARRAY3, _ABX_ARRAY2, _ABX_ARRAY1)(__VA_ARGS__)
-#define _ABX_PARRAY1(n) BPF_TABLE(percpu_array, int, __u64, n, 10240)
-#define _ABX_PARRAY2(n, v) BPF_TABLE(percpu_array, int, v, n, 10240)
-#define _ABX_PARRAY3(n, v, s) BPF_TABLE(percpu_array, int, v, n, s)
+#define _ABX_PARRAY1(n) BPF_TABLE("percpu_array", int, __u64, n, 10240)
+#define _ABX_PARRAY2(n, v) BPF_TABLE("percpu_array", int, v, n, 10240)
+#define _ABX_PARRAY3(n, v, s) BPF_TABLE("percpu_array", int, v, n, s)
 #define BPF_PERCPU_ARRAY(...) \
 	_ABX_PICK(__VA_ARGS__, _ABX_PARRAY3, _ABX_PARRAY3, _ABX_PARRAY2, _ABX_PARRAY1)(__VA_ARGS__)
 
