@@ -3,6 +3,7 @@
 Applications import :mod:`aggbox.collectives`; everything else is machinery.
 """
 
+import os
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -10,4 +11,6 @@ __version__ = "0.1.0"
 #: The project's root (where bpf/, experiments/ and results/ live).
 ROOT = Path(__file__).resolve().parent.parent
 BPF_DIR = ROOT / "bpf"
-RESULTS_DIR = ROOT / "results"
+#: Where runs are stored and read; ``AGGBOX_RESULTS`` points everything (``aggbox run``,
+#: ``report``, the loader, results/analysis.ipynb) at another folder, e.g. a copy.
+RESULTS_DIR = Path(os.environ.get("AGGBOX_RESULTS") or ROOT / "results")

@@ -303,3 +303,22 @@ def ensure_bpffs() -> None:
 
 def pin_path(tag: str, family: str, name: str) -> Path:
     return PIN_ROOT / tag / f"{family}_{name}"
+
+
+def remove_pins(tag: str) -> list[Path]:
+    """Remove the pins under ``tag`` and ``tag-*`` (e.g. a testbed's ``<run>-h3``) that a
+    process killed before it could unpin left on bpffs; returns the folders removed."""
+    removed: list[Path] = []
+    if not tag:
+        return removed
+    with contextlib.suppress(OSError):  # no bpffs, or not root: nothing of ours there
+        for folder in sorted({*PIN_ROOT.glob(f"{tag}-*"), PIN_ROOT / tag}):
+            if not folder.is_dir():
+                continue
+            for pin in folder.iterdir():
+                with contextlib.suppress(OSError):
+                    pin.unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+                removed.append(folder)
+    return removed

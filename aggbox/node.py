@@ -49,7 +49,15 @@ def parse_cpus(text: str) -> set[int]:
 
 
 def _terminate(signum: int, _frame: Any) -> None:
-    # Turn SIGTERM into an exception so `with` blocks detach the eBPF programs.
+    # Turn SIGTERM (and SIGINT) into an exception so `with` blocks detach the eBPF
+    # programs and unpin their maps. Only the first signal counts: Ctrl-C reaches every
+    # process of the terminal's group, and the runner then sends SIGTERM to the nodes
+    # still running; a second exception raised inside that cleanup would leave pins on
+    # bpffs. From here on both are ignored (the runner's SIGKILL after a grace remains).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         "aggbox.workloads.launcher.cpu_placement)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     if args.cpus:
         os.sched_setaffinity(0, parse_cpus(args.cpus))
     with open(args.spec) as f:

@@ -63,6 +63,7 @@ class NodeGroup:
         self.spec_path = self.workdir / "spec.json"
         self.spec_path.write_text(json.dumps(spec))
         self.python = python
+        self.pin_tag = str(spec.get("pin_tag") or "")  # the nodes pin maps under <tag>-*
         self.nodes: list[Node] = []
 
     def start(self, host: Host, role: str, rank: int, cpus: str = "") -> Node:
@@ -144,6 +145,11 @@ class NodeGroup:
 
     def close(self) -> None:
         self.stop_all()
+        # Nodes unpin their maps as they close; one killed first (SIGKILL after the grace)
+        # leaves them on bpffs, which no namespace deletion removes.
+        from aggbox.bpf import remove_pins
+
+        remove_pins(self.pin_tag)
         for path in self.workdir.iterdir():
             path.unlink()
         self.workdir.rmdir()
