@@ -11,7 +11,8 @@ RUN_FLAGS   := $(if $(filter 1 yes true,$(FULL)),--full)
 .DEFAULT_GOAL := help
 # Steps share .venv and the kernel; running them side by side (make -j) would only race.
 .NOTPARALLEL:
-.PHONY: help setup test test-unit test-kernel lint experiment doctor clean clean-testbeds
+.PHONY: help setup test test-unit test-kernel lint experiment doctor clean clean-testbeds \
+	docker-up docker-down image bpf-check test-docker test-ansible clean-cloud
 
 help: ## list the targets
 	@echo "AggBox: make <target>"
@@ -57,6 +58,30 @@ doctor: $(AGGBOX) ## check kernel features, privileges, BCC and headers
 
 clean-testbeds: $(AGGBOX) ## remove namespaces/containers left behind by interrupted runs
 	$(AGGBOX) testbed down --all
+	@$(PYTHON) -c 'from aggbox.testbed.docker import down_all_docker as d; c, n = d(); \
+		print(f"removed {len(c)} containers, {len(n)} networks")'
+
+docker-up: ## start the Docker engine for the docker testbed (installs docker.io; idempotent)
+	@bash docker/engine.sh up
+
+docker-down: ## stop the Docker engine that docker-up started (images are kept)
+	@bash docker/engine.sh down
+
+image: docker-up ## build the aggbox image (toolchain, checked bpf/ programs, the package)
+	@bash docker/build.sh
+
+bpf-check: ## compile every bpf/*.c with clang -target bpf (what `make image` checks)
+	@bash docker/bpf-check/check.sh
+
+test-docker: setup ## the docker backend tests only (builds the image; slow)
+	$(PYTHON) -m pytest -m docker tests/kernel
+
+test-ansible: setup ## the ansible-over-SSH tests only (local stand-in hosts; slow)
+	$(PYTHON) -m pytest -m ansible tests/kernel
+
+clean-cloud: $(AGGBOX) ## teardown.yml on the hosts of INVENTORY=... (uninstalls aggbox too)
+	@test -n "$(INVENTORY)" || { echo "usage: make clean-cloud INVENTORY=path/to/inventory"; exit 2; }
+	$(VENV)/bin/ansible-playbook -i "$(INVENTORY)" playbooks/teardown.yml -e aggbox_uninstall=true
 
 clean: ## remove .venv, stamps and caches (results/ is kept)
 	rm -rf $(VENV) .stamps .pytest_cache .ruff_cache build

@@ -54,4 +54,19 @@ def no_namespace_left_behind():
     if left:
         down_all(SESSION_PREFIX)
     shutil.rmtree(_STATE_DIR, ignore_errors=True)
+    containers, networks = _docker_leftovers()
     assert not left, f"the test run left namespaces behind: {' '.join(left)}"
+    assert not containers and not networks, (
+        f"the test run left docker containers {containers} / networks {networks} behind")
+
+
+def _docker_leftovers() -> tuple[list[str], list[str]]:
+    """Docker testbed resources of this session (removed); none when no engine runs."""
+    try:
+        from aggbox.testbed.docker import down_all_docker, list_docker_resources
+    except ImportError:
+        return [], []
+    left = list_docker_resources(SESSION_PREFIX)
+    if left[0] or left[1]:
+        down_all_docker(SESSION_PREFIX)
+    return left
