@@ -41,4 +41,6 @@ say "building $IMAGE on $BASE (source digest $DIGEST)"
 # --network host: build steps reach Debian's mirror without a default bridge or NAT rules.
 docker build --network host --build-arg "BASE=$BASE" --build-arg "SOURCE_DIGEST=$DIGEST" \
     -f docker/Dockerfile -t "$IMAGE" .
+# The image this build replaced is now untagged: with vfs it holds a full copy on disk.
+docker image prune -f --filter "label=aggbox.source-digest" >/dev/null
 say "$IMAGE: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
