@@ -173,6 +173,94 @@ def bench_allreduce(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+MAPREDUCE_DETAIL = ("map_s", "done_wait_s", "reducer_read_s", "read_input_s")
+
+
+def summarize_mapreduce(samples: list[dict], systems: list[str]) -> dict[str, dict]:
+    """Per system: medians over the measured jobs (min and max beside them), and exact
+    only if every job was exact."""
+    out: dict[str, dict] = {}
+    for system in systems:
+        rows = [s for s in samples if s["system"] == system]
+        entry: dict = {"n": len(rows), "exact": bool(rows) and all(r["exact"] for r in rows)}
+        for metric in ("job_s", "reduce_s", "reducer_cpu_s", "pairs_per_s", *MAPREDUCE_DETAIL):
+            x = np.asarray([r[metric] for r in rows if r[metric] is not None], dtype=float)
+            if x.size == 0:
+                entry[metric] = None
+                continue
+            digits = 0 if metric == "pairs_per_s" else 5
+            entry[metric] = round(float(np.median(x)), digits)
+            if metric in ("job_s", "reduce_s"):
+                entry[f"{metric}_min"] = round(float(x.min()), 5)
+                entry[f"{metric}_max"] = round(float(x.max()), 5)
+        for count in ("shuffled_pairs", "packets", "retransmits", "spilled_pairs", "keys"):
+            entry[count] = int(np.median([r[count] for r in rows])) if rows else 0
+        out[system] = entry
+    return out
+
+
+def mapreduce_ratios(per_system: dict[str, dict]) -> dict[str, float]:
+    """Speed-ups of AggBox over each baseline: baseline time / AggBox time (median jobs)."""
+    ratios = {}
+    for ours in ("aggbox", "aggbox_nocombiner"):
+        for base in ("tcp", "tcp_combiner"):
+            if ours not in per_system or base not in per_system:
+                continue
+            for metric in ("reduce_s", "job_s"):
+                a, b = per_system[ours].get(metric), per_system[base].get(metric)
+                if a and b:
+                    ratios[f"{metric} {base}/{ours}"] = round(b / a, 2)
+    return ratios
+
+
+def _print_mapreduce_table(result: dict) -> None:
+    c = result["corpus"]
+    print(f"mapreduce word count: {result['mappers']} mappers -> {result['reducers']} "
+          f"reducer(s), {result['words']} words ({c.get('distinct', '?')} distinct; "
+          f"vocab {result['vocab']}, skew {result['skew']}), loss {result['loss']}%, "
+          f"placement {result['placement']}")
+    head = (f"{'system':<18} {'job_s':>8} {'reduce_s':>9} {'red.cpu_s':>9} {'Mpairs/s':>8} "
+            f"{'shuffled':>9} {'spilled':>7} {'rtx':>5} {'n':>3}  exact")
+    print(head)
+    print("-" * len(head))
+    for name, s in result["systems"].items():
+        def f(v, w=8, d=4):
+            return f"{v:>{w}.{d}f}" if v is not None else f"{'-':>{w}}"
+        print(f"{name:<18} {f(s['job_s'])} {f(s['reduce_s'], 9)} {f(s['reducer_cpu_s'], 9)} "
+              f"{f((s['pairs_per_s'] or 0) / 1e6, 8, 2)} {s['shuffled_pairs']:>9} "
+              f"{s['spilled_pairs']:>7} {s['retransmits']:>5} {s['n']:>3}  {s['exact']}")
+    for name, ratio in result.get("ratios", {}).items():
+        print(f"speed-up {name}: {ratio:.2f}x")
+
+
+def bench_mapreduce(args: argparse.Namespace) -> int:
+    from aggbox.workloads.mapreduce import run_mapreduce
+
+    systems = args.systems.split(",")
+    params = {"mappers": args.mappers, "reducers": args.reducers, "words": args.words,
+              "vocab": args.vocab, "skew": args.skew, "files": args.files,
+              "corpus": args.corpus or "", "map_entries": args.map_entries,
+              "window": args.window, "placement": args.placement}
+    netem = Netem(loss_pct=args.loss, duplicate_pct=args.duplicate, seed=args.seed)
+    with NetnsTestbed(args.mappers + args.reducers,
+                      netem=None if netem.is_noop() else netem) as tb:
+        run = run_mapreduce(tb, params, systems, args.iters, args.warmup, args.seed)
+    per_system = summarize_mapreduce(run.samples, systems)
+    result = {"workload": "mapreduce", "mappers": args.mappers, "reducers": args.reducers,
+              "words": run.corpus.get("tokens", args.words), "vocab": args.vocab,
+              "skew": args.skew, "loss": args.loss, "duplicate": args.duplicate,
+              "placement": args.placement, "iters": args.iters, "warmup": args.warmup,
+              "corpus": run.corpus, "systems": per_system,
+              "ratios": mapreduce_ratios(per_system)}
+    if args.counters:
+        result["nodes"] = run.events
+    _print_mapreduce_table(result)
+    if args.json:
+        print(json.dumps(result))
+    sys.stdout.flush()
+    return 0 if all(s["exact"] for s in per_system.values()) else 1
+
+
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="measure one point: AggBox vs its baselines")
     workloads = bench.add_subparsers(dest="workload", metavar="WORKLOAD")
@@ -213,3 +301,30 @@ def register(subparsers) -> None:
     a.add_argument("--counters", action="store_true")
     a.add_argument("--json", action="store_true", help="last line: one JSON object")
     a.set_defaults(func=bench_allreduce)
+
+    m = workloads.add_parser("mapreduce", help="word count: in-kernel reduce-by-key vs TCP "
+                             "shuffles", description="One MapReduce word count per system and "
+                             "repetition, systems interleaved; each job is checked against "
+                             "collections.Counter over the corpus.")
+    m.add_argument("--mappers", type=int, default=4)
+    m.add_argument("--reducers", type=int, default=1)
+    m.add_argument("--words", type=int, default=2_000_000, help="Zipf corpus: total words")
+    m.add_argument("--vocab", type=int, default=50_000, help="Zipf corpus: distinct words")
+    m.add_argument("--skew", type=float, default=1.0, help="Zipf exponent (0: uniform)")
+    m.add_argument("--files", type=int, default=4, help="Zipf corpus: files")
+    m.add_argument("--corpus", help="a text file or folder to count instead of a Zipf corpus")
+    m.add_argument("--iters", type=int, default=3, help="measured jobs per system")
+    m.add_argument("--warmup", type=int, default=1, help="unmeasured jobs per system")
+    m.add_argument("--map-entries", type=int, default=131072,
+                   help="distinct keys the reducer's kernel holds (a multiple of 128)")
+    m.add_argument("--window", type=int, default=64, help="AggBox packets in flight")
+    m.add_argument("--placement", choices=("shared", "reducers-alone"), default="shared",
+                   help="CPUs: every host on every CPU (default), or the reducers alone on "
+                   "CPU 0")
+    m.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
+    m.add_argument("--duplicate", type=float, default=0.0, help="duplication, percent")
+    m.add_argument("--systems", default="aggbox,aggbox_nocombiner,tcp,tcp_combiner")
+    m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--counters", action="store_true", help="include kernel counters")
+    m.add_argument("--json", action="store_true", help="last line: one JSON object")
+    m.set_defaults(func=bench_mapreduce)
