@@ -115,8 +115,10 @@ struct kv_key {
 	__u32 pad;
 	__u8 key[AGGBOX_KV_KEY_WIDTH];
 };
-/* the key directory: full key -> entry number inside the job's part of `entries` */
-BPF_HASH(keydir, struct kv_key, __u32, KV_MAP_ENTRIES * KV_MAX_JOBS);
+/* the key directory: full key -> entry number inside the job's part of `entries`. A job's
+ * keys leave it when its sums were read, so two jobs' worth is enough; the per-job limit
+ * is `alloc`'s. */
+BPF_HASH(keydir, struct kv_key, __u32, KV_MAP_ENTRIES * 2);
 
 enum kv_entry_state { KV_ENTRY_FREE = 0, KV_ENTRY_VALID = 1, KV_ENTRY_WASTED = 2 };
 struct kv_entry {

@@ -270,6 +270,8 @@ class ReduceByKeyPrograms:
             self.family.close()
             raise
         self._slots: dict[int, int] = {}
+        self._lingering: list[int] = []  # jobs whose sums were read, oldest first
+        self._keys_cleared: set[int] = set()
         self._lock = threading.Lock()  # lingering endpoints remove jobs from a thread
         self._seen_fd = self.family["seen"].map_fd
         self._alloc_fd = self.family["alloc"].map_fd
@@ -284,6 +286,9 @@ class ReduceByKeyPrograms:
             slot = self._slots.get(group.job_id)
             if slot is None:
                 free = sorted(set(range(MAX_JOBS)) - set(self._slots.values()))
+                if not free and self._lingering:  # the oldest finished job gives way
+                    self._remove(self._lingering.pop(0))
+                    free = sorted(set(range(MAX_JOBS)) - set(self._slots.values()))
                 if not free:
                     raise AggBoxError(f"at most {MAX_JOBS} reduce-by-key jobs per host at once")
                 slot = free[0]
@@ -303,14 +308,31 @@ class ReduceByKeyPrograms:
 
     def remove_job(self, job_id: int) -> None:
         with self._lock:
-            slot = self._slots.pop(job_id, None)
-            jobs = self.family["jobs"]
-            try:
-                del jobs[jobs.Key(job_id)]
-            except KeyError:
-                pass
-            if slot is not None:
-                self._clear_keys(slot)
+            self._remove(job_id)
+
+    def _remove(self, job_id: int) -> None:
+        slot = self._slots.pop(job_id, None)
+        if job_id in self._lingering:
+            self._lingering.remove(job_id)
+        jobs = self.family["jobs"]
+        try:
+            del jobs[jobs.Key(job_id)]
+        except KeyError:
+            pass
+        if slot is not None:
+            self._clear_keys(slot)
+
+    def finish_job(self, job_id: int) -> None:
+        """The job's sums were read: its keys leave the kernel's directory now (nothing is
+        added any more: the dedup ring answers resent packets), and its slot may be taken
+        over by a new job, the oldest finished first, while it still answers DONEs."""
+        with self._lock:
+            slot = self._slots.get(job_id)
+            if slot is None:
+                return
+            self._clear_keys(slot)
+            if job_id not in self._lingering:
+                self._lingering.append(job_id)
 
     def _reset_slot(self, slot: int, n_members: int) -> None:
         """Empty the slot: dedup rings (of ranks 0..n_members-1), key directory, entries."""
@@ -321,13 +343,17 @@ class ReduceByKeyPrograms:
             keys[i] = slot * MAX_MEMBERS * RING + i
         seen.items_update_batch(keys, (seen.Leaf * n)())
         self._clear_keys(slot)
+        self._keys_cleared.discard(slot)
         self.region(slot).view(np.uint8)[:] = 0
         alloc = self.family["alloc"]
         alloc[alloc.Key(slot)] = alloc.Leaf(0)
 
     def _clear_keys(self, slot: int) -> None:
         """Delete the slot's keys from the key directory (the keys its VALID entries hold:
-        every directory entry of the slot points to one)."""
+        every directory entry of the slot points to one). Once per job."""
+        if slot in self._keys_cleared:
+            return
+        self._keys_cleared.add(slot)
         region = self.region(slot)[:self.allocated(slot)]
         valid = region[region["state"] == ENTRY_VALID]
         if not len(valid):
@@ -806,6 +832,8 @@ class ReduceByKey:
         if self._closed:
             return
         self._closed = True
+        if self.is_reducer and self.programs is not None:
+            self.programs.finish_job(self.group.job_id)
         if linger and self.is_reducer and self.done_from:
             thread = threading.Thread(target=self._linger, daemon=True)
             _lingering.append(thread)
