@@ -38,6 +38,7 @@ FIGURES: dict[str, FigureFn] = {}
 DEFAULT_FIGURES: dict[str, list[str]] = {
     "broadcast": ["broadcast_latency", "broadcast_cdf"],
     "allreduce": ["allreduce_time"],
+    "mapreduce": ["mapreduce_speedup", "mapreduce_times"],
 }
 
 RC = {
@@ -62,6 +63,8 @@ SYSTEM_STYLE = {
     "tcp": {"label": "TCP", "color": "#2c3e50", "marker": "s"},
     "udp": {"label": "UDP", "color": "#7f8c8d", "marker": "^"},
     "gloo": {"label": "Gloo", "color": "#2980b9", "marker": "D"},
+    "aggbox_nocombiner": {"label": "AggBox, no combiner", "color": "#e67e22", "marker": "o"},
+    "tcp_combiner": {"label": "TCP + combiner", "color": "#16a085", "marker": "P"},
     "tcp_ps": {"label": "TCP param. server", "color": "#2c3e50", "marker": "s"},
 }
 _FALLBACK_COLORS = itertools.cycle(["#8e44ad", "#16a085", "#d35400", "#27ae60"])
@@ -479,6 +482,134 @@ def allreduce_time_figures(run: Run) -> list[tuple[str, Figure]]:
 @figure("allreduce_time")
 def allreduce_time(run: Run, out_dir: Path | None = None) -> list[Path]:
     return _save_all(run, allreduce_time_figures(run), out_dir)
+
+
+# ----------------------------------------------------------------------------- mapreduce
+
+MAPREDUCE_REFERENCE = {"words": 2_000_000, "mappers": 4, "skew": 1.0}
+MAPREDUCE_AXES = (("words", "corpus size (words)"), ("mappers", "mappers"),
+                  ("skew", "Zipf skew"))
+_BASELINE_DASH = {"tcp": "-", "tcp_combiner": "--"}
+
+
+def _short_number(v) -> str:
+    v = float(v)
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if v >= size:
+            return f"{v / size:g}{unit}"
+    return f"{v:g}"
+
+
+def _closest(values: list, target: float):
+    return min(values, key=lambda v: (abs(float(v) - target), -float(v)))
+
+
+def mapreduce_slices(run: Run) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Per axis (words, mappers, skew): the summary rows where the other two parameters
+    sit at the reference point (their grid values closest to 2M words, 4 mappers, skew
+    1.0), and a title saying where that is."""
+    s = run.summary
+    fixed = {k: _closest(sorted(s[k].unique()), v) for k, v in MAPREDUCE_REFERENCE.items()
+             if k in s}
+    out = {}
+    for axis, _label in MAPREDUCE_AXES:
+        if axis not in s:
+            continue
+        others = {k: v for k, v in fixed.items() if k != axis}
+        title = ", ".join(f"{k}={_short_number(v)}" for k, v in others.items())
+        out[axis] = (title, _select(s, others))
+    return out
+
+
+@_styled
+def mapreduce_speedup_figures(run: Run) -> list[tuple[str, Figure]]:
+    """Speed-up of AggBox over the TCP shuffles (baseline p50 / AggBox p50) vs corpus
+    size, mappers and skew: reduce phase (markers, solid) and whole job (hollow)."""
+    slices = mapreduce_slices(run)
+    fig = _new_figure(1, max(1, len(slices)), width=3.2)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(slices))))
+    counts: dict[str, list] = {}
+    ours = "aggbox"
+    for ax, (axis, label) in zip(axes, [a for a in MAPREDUCE_AXES if a[0] in slices],
+                                 strict=False):
+        title, part = slices[axis]
+        table = part.pivot_table(index=axis, columns="system",
+                                 values=["reduce_s_p50", "job_s_p50", "reduce_s_n"])
+        for base in ("tcp", "tcp_combiner"):
+            if (("reduce_s_p50", ours) not in table.columns
+                    or ("reduce_s_p50", base) not in table.columns):
+                continue
+            st = style(base)
+            for metric, filled in (("reduce_s_p50", True), ("job_s_p50", False)):
+                ratio = (table[(metric, base)] / table[(metric, ours)]).dropna()
+                ax.plot(ratio.index, ratio.values, color=st["color"], marker=st["marker"],
+                        ms=4, lw=1.3 if filled else 0.9, ls=_BASELINE_DASH[base],
+                        mfc=st["color"] if filled else "white")
+            counts.setdefault(base, []).extend(table[("reduce_s_n", base)].dropna().tolist())
+        ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+        ax.axhline(43.0, color=style(ours)["color"], lw=0.8, ls=":", alpha=0.7)
+        ax.annotate("paper: 43x", xy=(0.02, 43.0), xycoords=("axes fraction", "data"),
+                    fontsize=6.5, color=style(ours)["color"], va="bottom")
+        ax.set_yscale("log")
+        values = sorted(part[axis].unique())
+        if axis in ("words", "mappers"):
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(values, [_short_number(v) for v in values])
+        ax.set_xlabel(label)
+        ax.set_title(title, fontsize=7.5)
+        _readable_log(ax, "y")
+    axes[0].set_ylabel("speed-up of AggBox (baseline / AggBox)")
+    _finish_figure(
+        fig, "MapReduce word count, AggBox vs TCP shuffles",
+        _caption(run, "Filled: reduce phase (last byte sent -> counts final); hollow: whole "
+                 "job.\nColour: the baseline; n: jobs per point"),
+        counts)
+    return [("mapreduce_speedup", fig)]
+
+
+@_styled
+def mapreduce_times_figures(run: Run) -> list[tuple[str, Figure]]:
+    """Reduce-phase and job time per system at the reference point (p50, bar to p99)."""
+    s = run.summary
+    title, part = mapreduce_slices(run).get("words", ("", s))
+    at = part[part["words"] == part["words"].max()] if "words" in part else part
+    systems = [x for x in run.systems if x in set(at["system"])]
+    fig = _new_figure(1, 2, width=3.4)
+    axes = fig.subplots(1, 2)
+    counts: dict[str, list] = {}
+    for ax, metric in zip(axes, ("reduce_s", "job_s"), strict=True):
+        for i, system in enumerate(systems):
+            row = at[at["system"] == system]
+            if row.empty:
+                continue
+            st = style(system)
+            p50, p99 = float(row[f"{metric}_p50"].iloc[0]), float(row[f"{metric}_p99"].iloc[0])
+            ax.bar(i, p50, color=st["color"], width=0.65)
+            ax.plot([i, i], [p50, p99], color="0.2", lw=0.8)
+            ax.annotate(f"{p50 * 1e3:.1f} ms", (i, p50), ha="center", va="bottom", fontsize=6.5,
+                        xytext=(0, 2), textcoords="offset points")
+            counts.setdefault(system, []).append(int(row[f"{metric}_n"].iloc[0]))
+        ax.set_xticks(range(len(systems)), [style(x)["label"] for x in systems], rotation=20,
+                      fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel({"reduce_s": "reduce phase (s)", "job_s": "whole job (s)"}[metric])
+        _readable_log(ax, "y")
+        ax.set_title(f"{title}, words={_short_number(at['words'].max())}" if "words" in at
+                     else title, fontsize=7.5)
+    _finish_figure(fig, "MapReduce word count: time per system",
+                   _caption(run, "Bars: median; line: up to p99; n: jobs"), counts)
+    return [("mapreduce_times", fig)]
+
+
+@figure("mapreduce_speedup")
+def mapreduce_speedup(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, mapreduce_speedup_figures(run), out_dir)
+
+
+@figure("mapreduce_times")
+def mapreduce_times(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, mapreduce_times_figures(run), out_dir)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -177,9 +177,9 @@ class CostModel:
 COST: dict[str, CostModel] = {
     # ~15 s to start the workers (torch import, gloo rendezvous), then tens of ms a call.
     "allreduce": CostModel(fixed_s=15.0, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
-    # corpus + reference count and the reducers' BPF compile, then one job per iteration
-    # (~0.5-1.5 s at 2M words on 2 CPUs).
-    "mapreduce": CostModel(fixed_s=15.0, per_host_s=0.2, per_system_s=0.5, per_iter_s=1.0),
+    # corpus, reference count and the reducers' BPF compile, then one job per iteration
+    # (~0.1-0.8 s; 2M words, 4 mappers on 2 CPUs: 0.4-0.8 s).
+    "mapreduce": CostModel(fixed_s=4.0, per_host_s=0.1, per_system_s=0.2, per_iter_s=0.4),
     # ~8 s of process start-up per cell spread over the systems, then a few ms per round
     # growing with the group (TCP sends N-1 copies from user space).
     "broadcast": CostModel(

@@ -20,6 +20,7 @@ from aggbox.results import load_run
 REFERENCES = {
     "broadcast": REFERENCE_DIR,  # synthetic, labelled so on the figures
     "allreduce": REFERENCE_DIR.parent / "allreduce-reference",  # a real quick run
+    "mapreduce": REFERENCE_DIR.parent / "mapreduce-reference",  # a real quick run
 }
 
 
