@@ -31,8 +31,9 @@ enum aggbox_type {
 /* Flags (aggbox_hdr.flags). */
 #define AGGBOX_F_LAST_FRAG  0x0001 /* DATA: last packet of a message */
 #define AGGBOX_F_RETRANSMIT 0x0002 /* DATA: a resend (unicast to the members that miss it) */
-#define AGGBOX_F_KV_DONE    0x0004 /* KV: the mapper's last message to this reducer; every
-                                    * earlier packet of it was acknowledged (aux = packets) */
+#define AGGBOX_F_KV_DONE    0x0004 /* KV: the mapper's last message to this reducer, sent
+                                    * after its last packet: aux = packets it sent (seq
+                                    * 1..aux), which the reducer's kernel counts       */
 #define AGGBOX_F_KV_LONG    0x0008 /* KV: variable-length pairs for the reducer's application
                                     * (keys longer than AGGBOX_KV_KEY_WIDTH), see below    */
 

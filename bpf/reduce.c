@@ -16,10 +16,11 @@
  *                 older than the ring -> acknowledged long ago: drop
  *   kv_walk x N adds KV_CHUNK pairs per program and tail-calls itself for the next
  *               chunk: ceil(count / KV_CHUNK) programs, the progress in a per-CPU map
- *   finish      every pair taken: the packet becomes a KV_ACK, redirected out of the
- *               same interface (TC_ACT_REDIRECT); some pair not taken (map full, update
- *               failed, broken chain): the packet goes up to the reducer's socket as a
- *               KV_SPILL, and the dedup ring says which pairs (bit i: pair i not taken)
+ *   finish      counts the seq in `streams` (taken or spilled, once per seq); every
+ *               pair taken: the packet becomes a KV_ACK, redirected out of the same
+ *               interface (TC_ACT_REDIRECT); some pair not taken (map full, update failed,
+ *               broken chain): the packet goes up to the reducer's socket as a KV_SPILL,
+ *               and the dedup ring says which pairs (bit i: pair i not taken)
  *
  * Pairs with keys longer than AGGBOX_KV_KEY_WIDTH come in AGGBOX_F_KV_LONG packets and go
  * up whole. DONE messages (AGGBOX_F_KV_DONE) and KV_ACKs go up after the checks.
@@ -132,10 +133,21 @@ BPF_F_TABLE("array", __u32, struct kv_entry, entries, KV_MAP_ENTRIES * KV_MAX_JO
 /* per slot: entries handed out so far (may pass KV_MAP_ENTRIES: those inserts failed) */
 BPF_ARRAY(alloc, __u64, KV_MAX_JOBS);
 
+/* Per (slot, sender): packets finished, each seq once. With the packet count a DONE
+ * announces, the reducer's application knows from these alone that its kernel has taken
+ * (or spilled) everything, without waiting for the sender's ACK round trips. */
+struct kv_stream {
+	__u64 taken;   /* every pair in the map */
+	__u64 spilled; /* some pair passed up as KV_SPILL */
+};
+/* key: slot * AGGBOX_MAX_MEMBERS + sender rank */
+BPF_ARRAY(streams, struct kv_stream, KV_MAX_JOBS * AGGBOX_MAX_MEMBERS);
+
 /* What one packet's chain carries from program to program (per CPU: a chain runs on one
  * CPU without interruption). */
 struct kv_progress {
 	__u32 seen_key;
+	__u32 stream_key; /* slot * AGGBOX_MAX_MEMBERS + sender rank */
 	__u32 slot;
 	__u32 seq;
 	__u32 my_rank;
@@ -143,7 +155,6 @@ struct kv_progress {
 	__u32 count; /* pairs in the packet */
 	__u64 spill; /* pairs not taken so far */
 	__u32 spilled;
-	__u32 pad;
 };
 BPF_PERCPU_ARRAY(progress, struct kv_progress, 1);
 
@@ -318,6 +329,14 @@ static __always_inline int finish(struct __sk_buff *skb, struct kv_progress *pr)
 	s->spill = spill;
 	__u64 tag = ((__u64)pr->seq << 8) | (spill ? KV_SPILLED : KV_TAKEN);
 	__sync_lock_test_and_set(&s->tag, tag);
+	__u32 skey = pr->stream_key;
+	struct kv_stream *st = streams.lookup(&skey);
+	if (st) {
+		if (spill)
+			__sync_fetch_and_add(&st->spilled, 1);
+		else
+			__sync_fetch_and_add(&st->taken, 1);
+	}
 	if (!spill)
 		return make_ack(skb, pr->my_rank);
 	count_n(CNT_KV_SPILLED, pr->spilled);
@@ -489,6 +508,7 @@ int kv_ingress(struct __sk_buff *skb)
 	}
 	count(CNT_ACCEPTED);
 	pr->seen_key = seen_key;
+	pr->stream_key = job->slot * AGGBOX_MAX_MEMBERS + p.hdr->rank;
 	pr->slot = job->slot;
 	pr->seq = seq;
 	pr->my_rank = job->my_rank;

@@ -275,6 +275,7 @@ class ReduceByKeyPrograms:
         self._lock = threading.Lock()  # lingering endpoints remove jobs from a thread
         self._seen_fd = self.family["seen"].map_fd
         self._alloc_fd = self.family["alloc"].map_fd
+        self._streams_fd = self.family["streams"].map_fd
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -342,6 +343,11 @@ class ReduceByKeyPrograms:
         for i in range(n):
             keys[i] = slot * MAX_MEMBERS * RING + i
         seen.items_update_batch(keys, (seen.Leaf * n)())
+        streams = self.family["streams"]
+        keys = (streams.Key * n_members)()
+        for i in range(n_members):
+            keys[i] = slot * MAX_MEMBERS + i
+        streams.items_update_batch(keys, (streams.Leaf * n_members)())
         self._clear_keys(slot)
         self._keys_cleared.discard(slot)
         self.region(slot).view(np.uint8)[:] = 0
@@ -383,6 +389,14 @@ class ReduceByKeyPrograms:
         key, value = ctypes.c_uint32(slot), ctypes.c_uint64(0)
         libbcc.lib.bpf_lookup_elem(self._alloc_fd, ctypes.byref(key), ctypes.byref(value))
         return min(value.value, self.map_entries)
+
+    def stream_counts(self, slot: int, rank: int) -> tuple[int, int]:
+        """(packets taken whole, packets spilled) from sender ``rank``, each seq once."""
+        from bcc import libbcc
+
+        key, value = ctypes.c_uint32(slot * MAX_MEMBERS + rank), (ctypes.c_uint64 * 2)()
+        libbcc.lib.bpf_lookup_elem(self._streams_fd, ctypes.byref(key), ctypes.byref(value))
+        return value[0], value[1]
 
     def spill_bits(self, job_id: int, rank: int, seq: int) -> int | None:
         """For a spilled packet (rank, seq): bit i set = pair i is the application's to
@@ -576,11 +590,13 @@ class ReduceByKey:
         self.spilled: dict[bytes, int] = {}
         self.merged: set[tuple[int, int]] = set()  # (mapper rank, seq) spills merged
         self.done_from: dict[int, int] = {}  # mapper rank -> packets it sent us
+        self.merged_from: Counter = Counter()  # mapper rank -> spilled packets merged
+        self._complete = False
         self.stats: dict[str, float] = {
             "pairs_in": 0, "pairs_sent": 0, "packets": 0, "retransmits": 0, "acks": 0,
             "spill_packets": 0, "spilled_pairs": 0, "spill_duplicates": 0, "map_keys": 0,
-            "local_pairs": 0, "t_first_send": 0.0, "t_last_send": 0.0, "t_all_done": 0.0,
-            "read_s": 0.0,
+            "local_pairs": 0, "t_first_send": 0.0, "t_last_send": 0.0, "t_acked": 0.0,
+            "t_done_sent": 0.0, "t_done_acked": 0.0, "t_all_done": 0.0, "read_s": 0.0,
         }
         self._closed = False
 
@@ -599,7 +615,9 @@ class ReduceByKey:
             progressed = self._send_new()
             wait = 0.0 if progressed else rto
             if self.kernel is not None:
-                wait = min(wait, LEARN_INTERVAL_S)
+                # Once every mapper announced its end, only resent packets are missing:
+                # look at the kernel's counts often.
+                wait = min(wait, 0.001 if self._announced() else LEARN_INTERVAL_S)
             progressed |= self._receive(wait=wait)
             now = time.monotonic()
             if self.kernel is not None and now - last_learn >= LEARN_INTERVAL_S:
@@ -665,7 +683,9 @@ class ReduceByKey:
                 st.next = limit
                 self.stats["t_last_send"] = time.monotonic()
                 sent = True
-            elif st.data_acked and not st.done_sent_at:
+            elif st.next >= len(st.packets) and not st.done_sent_at:
+                # Right behind the last packet: it tells the reducer how many to expect;
+                # the reducer checks its kernel's counts, not our ACKs.
                 self._send_done(st, now)
                 sent = True
         return sent
@@ -673,6 +693,8 @@ class ReduceByKey:
     def _send_done(self, st: _Stream, now: float) -> None:
         self.sock.sendto(_header(MsgType.KV, self.group, 0, 0, Flags.KV_DONE,
                                  len(st.packets)), st.dest)
+        if not st.done_sent_at:
+            self.stats["t_done_sent"] = now
         st.done_sent_at = now
 
     def _resend(self, now: float, rto: float) -> bool:
@@ -699,6 +721,7 @@ class ReduceByKey:
             if st.done_acked:
                 return False
             st.done_acked = True
+            self.stats["t_done_acked"] = time.monotonic()
             return True
         i = seq - 1
         if not 0 <= i < st.next or st.acked[i]:
@@ -707,6 +730,8 @@ class ReduceByKey:
         self.stats["acks"] += 1
         while st.low < st.next and st.acked[st.low]:
             st.low += 1
+        if st.data_acked:
+            self.stats["t_acked"] = time.monotonic()
         return True
 
     # -- reducer --------------------------------------------------------------------------
@@ -739,6 +764,7 @@ class ReduceByKey:
                 self.spilled[k] = get(k, 0) + v
                 n += 1
         self.merged.add((rank, seq))
+        self.merged_from[rank] += 1
         self.stats["spill_packets"] += 1
         self.stats["spilled_pairs"] += n
         self._ack(rank, seq)
@@ -749,11 +775,27 @@ class ReduceByKey:
         if rank in self.done_from or rank not in self.mappers:
             return False
         self.done_from[rank] = packets
-        if self._all_done():
-            self.stats["t_all_done"] = time.monotonic()
         return True
 
     def _all_done(self) -> bool:
+        """Has every mapper said DONE, and has this host's kernel finished every packet
+        it announced (taken, or spilled and merged here)?"""
+        if self._complete:
+            return True
+        assert self.kernel is not None
+        for r in self.mappers:
+            if r == self.group.rank:
+                continue
+            if r not in self.done_from:
+                return False
+            taken, spilled = self.programs.stream_counts(self.kernel.slot, r)
+            if taken + spilled < self.done_from[r] or self.merged_from[r] < spilled:
+                return False  # a packet still to be resent, or its spill still to come
+        self._complete = True
+        self.stats["t_all_done"] = time.monotonic()
+        return True
+
+    def _announced(self) -> bool:
         return all(r in self.done_from for r in self.mappers if r != self.group.rank)
 
     def _result(self) -> KeyCounts:
@@ -811,6 +853,7 @@ class ReduceByKey:
                           if not (st.data_acked and st.done_acked)})
         silent = sorted(r for r in self.mappers
                         if self.is_reducer and r != self.group.rank and r not in self.done_from)
+        short = sorted(r for r in self.done_from if self.is_reducer and not self._complete)
         parts = []
         if lagging:
             parts.append("reducers " + ", ".join(f"rank {r} ({self.group.members[r].ip})"
@@ -819,6 +862,10 @@ class ReduceByKey:
         if silent:
             parts.append("mappers " + ", ".join(f"rank {r} ({self.group.members[r].ip})"
                                                 for r in silent) + " never said DONE")
+        if short and not silent:
+            counts = {r: self.programs.stream_counts(self.kernel.slot, r) for r in short}
+            parts.append("packets announced but not all in: " + ", ".join(
+                f"rank {r}: {sum(counts[r])} of {self.done_from[r]}" for r in short))
         raise CollectiveTimeout(
             f"reduce-by-key job {self.group.job_id}: no progress for {self.timeout:.0f} s: "
             + "; ".join(parts) + ". Are they running and reachable?", lagging + silent)
