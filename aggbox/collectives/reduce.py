@@ -62,7 +62,7 @@ CHUNK = 16  # KV_CHUNK: pairs one program of the tail-call chain adds
 RING = 128  # 1 << KV_RING_SHIFT: the dedup ring per mapper, the largest window
 MAX_JOBS = 4  # KV_MAX_JOBS: concurrent jobs per host (a returned one lingers 1 s)
 LINGER_S = 1.0  # a reducer keeps answering DONE retransmissions this long after it returns
-LEARN_INTERVAL_S = 0.005  # a waiting reducer takes in new kernel keys this often
+LEARN_INTERVAL_S = 0.001  # a waiting reducer takes in new kernel keys this often
 _lingering: list[threading.Thread] = []
 
 PAIR_DTYPE = np.dtype([("key", f"S{KEY_WIDTH}"), ("value", "<i8")])
@@ -596,7 +596,8 @@ class ReduceByKey:
             "pairs_in": 0, "pairs_sent": 0, "packets": 0, "retransmits": 0, "acks": 0,
             "spill_packets": 0, "spilled_pairs": 0, "spill_duplicates": 0, "map_keys": 0,
             "local_pairs": 0, "t_first_send": 0.0, "t_last_send": 0.0, "t_acked": 0.0,
-            "t_done_sent": 0.0, "t_done_acked": 0.0, "t_all_done": 0.0, "read_s": 0.0,
+            "t_done_sent": 0.0, "t_done_acked": 0.0, "t_done_in": 0.0, "t_all_done": 0.0,
+            "read_s": 0.0,
         }
         self._closed = False
 
@@ -617,7 +618,7 @@ class ReduceByKey:
             if self.kernel is not None:
                 # Once every mapper announced its end, only resent packets are missing:
                 # look at the kernel's counts often.
-                wait = min(wait, 0.001 if self._announced() else LEARN_INTERVAL_S)
+                wait = min(wait, 0.0002 if self._announced() else LEARN_INTERVAL_S)
             progressed |= self._receive(wait=wait)
             now = time.monotonic()
             if self.kernel is not None and now - last_learn >= LEARN_INTERVAL_S:
@@ -775,6 +776,7 @@ class ReduceByKey:
         if rank in self.done_from or rank not in self.mappers:
             return False
         self.done_from[rank] = packets
+        self.stats["t_done_in"] = time.monotonic()
         return True
 
     def _all_done(self) -> bool:
