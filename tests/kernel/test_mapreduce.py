@@ -15,6 +15,7 @@ import json
 import select
 import socket
 import subprocess
+import threading
 import time
 from collections import Counter
 
@@ -108,6 +109,49 @@ def test_exact_under_5pct_loss_and_duplication_on_every_link():
     aggbox = [s for s in result.samples if s["system"].startswith("aggbox")]
     assert all(s["retransmits"] > 0 for s in aggbox)
     assert any(s["spilled_pairs"] > 0 for s in aggbox)
+
+
+def test_reduce_by_key_sums_any_int64_values_when_every_member_maps_and_reduces():
+    """The API beyond word count: negative and large int64 values, keys of every length,
+    three members that each map and reduce (their own keys never leave the host), one
+    of them without a combiner."""
+    rng = np.random.default_rng(5)
+    keys = [b"k%d" % i for i in range(300)] + [b"long-key-%030d" % i for i in range(20)]
+    inputs = {r: [(keys[i], int(v)) for i, v in zip(rng.integers(0, len(keys), 4000),
+                                                     rng.integers(-2**40, 2**40, 4000),
+                                                     strict=True)]
+              for r in range(3)}
+    expected = [Counter() for _ in range(3)]
+    for pairs in inputs.values():
+        for k, v in pairs:
+            expected[kv.reducer_of(k, 3)][k] += v
+    results: dict[int, dict] = {}
+    with NetnsTestbed(3) as tb:
+        NAMESPACES.extend(tb.namespaces)
+        members = tuple(Member(h.index, h.ip, h.mac) for h in tb.hosts)
+        group = Group(job_id=7007, token=0x7007, members=members, rank=0, port=49200)
+
+        # One compile at a time: BCC (LLVM) cannot compile in two threads at once.
+        programs = {h.index: h.call(kv.ReduceByKeyPrograms, "eth0", map_entries=1024)
+                    for h in tb.hosts}
+
+        def member(rank: int) -> None:
+            out = kv.reduce_by_key(inputs[rank], group.with_rank(rank), programs[rank],
+                                   combine=rank != 1, timeout=30)
+            results[rank] = out.to_dict()
+
+        try:
+            threads = [threading.Thread(target=tb.hosts[r].call, args=(member, r))
+                       for r in range(3)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(120)
+        finally:
+            kv.wait_lingering()
+            for h in tb.hosts:
+                h.call(programs[h.index].close)
+    assert [results.get(r) for r in range(3)] == [dict(e) for e in expected]
 
 
 # ------------------------------------------------------------ one reducer, by packet ----
