@@ -136,6 +136,8 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
             chunk = conn.recv(n - len(data))
         except TimeoutError:
             raise AggBoxError("barrier: timed out waiting for the other nodes") from None
+        except OSError as exc:  # reset: the other side failed and closed
+            raise AggBoxError(f"barrier: a node left ({exc}; see its stderr)") from None
         if not chunk:
             raise AggBoxError("barrier: a node left (did it fail? see its stderr)")
         data += chunk
