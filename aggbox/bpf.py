@@ -21,6 +21,7 @@ import ctypes
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ class ProgramFamily:
 
         self.family = family
         self._BPF = BPF
+        # Interfaces are named by name (XDP) and index (TC) inside the network namespace
+        # this family was created in: detaching from another one would hit the wrong
+        # interface (e.g. the machine's own eth0), so detach goes back here (see detach).
+        self._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         source = BPF_DIR / f"{family}.c"
         if not source.exists():
             raise SetupError(f"no eBPF source {source}")
@@ -136,6 +141,7 @@ class ProgramFamily:
             else:
                 compile_error = None
         if compile_error is not None:
+            os.close(self._netns_fd)
             raise VerifierError(
                 f"bpf/{family}.c did not compile:\n{_tail(err[0])}\n"
                 "(run `aggbox doctor` if this looks like missing kernel headers)"
@@ -222,6 +228,28 @@ class ProgramFamily:
         self._tc.append(_TcAttachment(ifindex, parent, prio, created))
 
     def detach(self) -> None:
+        """Detach everything this family attached and unpin its maps. Idempotent; from
+        any thread or namespace (the work is done in the family's own namespace)."""
+        if self._netns_fd < 0 or _same_netns(self._netns_fd):
+            self._detach_here()
+            return
+        errors: list[BaseException] = []
+
+        def in_family_netns() -> None:
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(self._netns_fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns into the family's namespace")
+                self._detach_here()
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+
+        worker = threading.Thread(target=in_family_netns, name=f"detach-{self.family}")
+        worker.start()
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def _detach_here(self) -> None:
         """Detach everything this family attached and unpin its maps. Idempotent."""
         for ifname, flags in self._xdp:
             with contextlib.suppress(Exception), _captured_stderr():
@@ -255,6 +283,9 @@ class ProgramFamily:
         self.detach()
         with contextlib.suppress(Exception):
             self.bpf.cleanup()
+        if self._netns_fd >= 0:
+            os.close(self._netns_fd)
+            self._netns_fd = -1
 
     def __enter__(self) -> ProgramFamily:
         return self
@@ -299,6 +330,14 @@ def ensure_bpffs() -> None:
     if proc.returncode != 0:
         raise SetupError(f"bpffs is not mounted and mounting it failed: {proc.stderr.strip()}; "
                          "run `mount -t bpf bpf /sys/fs/bpf` as root")
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _same_netns(fd: int) -> bool:
+    """Is the calling thread in the network namespace that ``fd`` refers to?"""
+    return os.fstat(fd).st_ino == os.stat("/proc/thread-self/ns/net").st_ino
 
 
 def pin_path(tag: str, family: str, name: str) -> Path:

@@ -88,6 +88,25 @@ def test_broadcast_family_attaches_and_detaches_without_leftovers():
         assert not (loader.PIN_ROOT / f"{tb.run_id}-h0").exists()
 
 
+def test_closing_from_another_namespace_detaches_in_the_familys_own():
+    """The test process (root namespace) closes a family made inside a host: the host's
+    hooks are cleared, and nothing is done to the root namespace's interfaces."""
+    from aggbox.collectives.broadcast import BroadcastPrograms
+
+    with NetnsTestbed(1) as tb:
+        host = tb.hosts[0]
+
+        def make():
+            programs = BroadcastPrograms("eth0")
+            programs.enable_root()
+            return programs
+
+        programs = host.call(make)
+        assert "xdp" in attached(host) and "tc_ingress" in attached(host)
+        programs.close()  # here, outside the host's namespace
+        assert attached(host) == ""
+
+
 def test_aggbox_stats_reads_the_pinned_counters_of_a_running_host():
     from aggbox.collectives.broadcast import BroadcastPrograms
     from aggbox.stats import collect
