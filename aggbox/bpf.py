@@ -135,7 +135,7 @@ class ProgramFamily:
         cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
         with _captured_stderr() as err:
             try:
-                self.bpf = BPF(text=inline_source(source), cflags=cflags)
+                self.bpf = BPF(text=inline_source(source).encode(), cflags=cflags)
             except Exception as exc:
                 compile_error = exc
             else:

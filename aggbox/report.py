@@ -140,10 +140,9 @@ def build_report(results_dir: Path = RESULTS_DIR) -> str:
         out += [f"Run `{run.run_id}` ({run.meta.get('mode', '?')} mode), machine: "
                 f"{_machine(run)}.", ""]
         out += claim.measure(run)
-        for fig in run.figures:
-            png = run.path / f"{fig}.png"
-            if png.exists():
-                out += ["", f"![{fig}]({rel}/{fig}.png)"]
+        for fig in run.figures:  # a figure may be split per parameter: name-param=value.png
+            for png in sorted(run.path.glob(f"{fig}*.png")):
+                out += ["", f"![{png.stem}]({rel}/{png.name})"]
         out.append("")
     return "\n".join(out)
 
