@@ -292,7 +292,8 @@ def register(subparsers) -> None:
     a.add_argument("--warmup", type=int, default=5)
     a.add_argument("--block", type=int, default=0,
                    help="int32 values per packet (0: the largest the MTU allows)")
-    a.add_argument("--mtu", type=int, default=9000, help="testbed MTU (all systems)")
+    a.add_argument("--mtu", type=int, default=65000,
+                   help="testbed MTU, for every system (65000: 16 Ki-value AggBox blocks)")
     a.add_argument("--distribution", default="gaussian",
                    choices=("gaussian", "uniform", "heavy", "zeros"))
     a.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
