@@ -6,6 +6,7 @@ tests/kernel/test_protocol_kernel.py checks the struct layout against what BCC c
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
@@ -144,6 +145,16 @@ def packet(hdr: Header, payload: bytes = b"") -> bytes:
     if not hdr.count and payload:
         hdr.count = len(payload)
     return hdr.pack() + payload
+
+
+def ip_to_u32(ip: str) -> int:
+    """An IPv4 address as the u32 the eBPF maps hold: network byte order in memory."""
+    return struct.unpack("<I", socket.inet_aton(ip))[0]
+
+
+def mac_bytes(mac: str) -> bytes:
+    """'02:ab:00:00:00:01' -> its six bytes."""
+    return bytes(int(part, 16) for part in mac.split(":"))
 
 
 def max_payload(mtu: int = 1500) -> int:

@@ -35,7 +35,15 @@ import numpy as np
 from aggbox import quant
 from aggbox.collectives.group import Group, Member
 from aggbox.errors import AggBoxError, CollectiveTimeout
-from aggbox.protocol import HEADER, HEADER_SIZE, MAX_MEMBERS, MsgType, max_payload
+from aggbox.protocol import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_MEMBERS,
+    MsgType,
+    ip_to_u32,
+    mac_bytes,
+    max_payload,
+)
 from aggbox.sockets import udp_socket
 
 DEFAULT_PORTS = (48000, 48999)
@@ -63,14 +71,6 @@ def chain_length(block: int, chunk: int = CHUNK) -> int:
 def max_block(mtu: int) -> int:
     """The largest block (int32 values) one packet carries at this MTU."""
     return min(MAX_VALUES, max_payload(mtu) // 4)
-
-
-def _ip_u32(ip: str) -> int:
-    return struct.unpack("<I", socket.inet_aton(ip))[0]
-
-
-def _mac(mac: str) -> bytes:
-    return bytes(int(x, 16) for x in mac.split(":"))
 
 
 class AggregatorPrograms:
@@ -118,14 +118,14 @@ class AggregatorPrograms:
         workers = self.family["workers"]
         for m in group.members:
             leaf = workers.Leaf()
-            leaf.ip = _ip_u32(m.ip)
-            ctypes.memmove(leaf.mac, _mac(m.mac), 6)
+            leaf.ip = ip_to_u32(m.ip)
+            ctypes.memmove(leaf.mac, mac_bytes(m.mac), 6)
             workers[workers.Key(index * MAX_MEMBERS + m.rank)] = leaf
         jobs = self.family["jobs"]
         job = jobs.Leaf()
         job.token, job.index, job.n_workers = group.token, index, group.size
-        job.my_ip = _ip_u32(group.aggregator.ip)
-        ctypes.memmove(job.my_mac, _mac(group.aggregator.mac), 6)
+        job.my_ip = ip_to_u32(group.aggregator.ip)
+        ctypes.memmove(job.my_mac, mac_bytes(group.aggregator.mac), 6)
         jobs[jobs.Key(group.job_id)] = job
         self._index[group.job_id] = index
         return index

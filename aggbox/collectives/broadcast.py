@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import select
 import socket
-import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,20 +33,13 @@ from aggbox.protocol import (
     Flags,
     Header,
     MsgType,
+    ip_to_u32,
+    mac_bytes,
     max_payload,
 )
 from aggbox.sockets import udp_socket
 
 DEFAULT_PORTS = (47000, 47999)
-
-
-def _ip_to_u32(ip: str) -> int:
-    """Network-order IPv4 address as the little-endian u32 the BPF maps hold."""
-    return struct.unpack("<I", socket.inet_aton(ip))[0]
-
-
-def _mac_bytes(mac: str) -> bytes:
-    return bytes(int(part, 16) for part in mac.split(":"))
 
 
 class BroadcastPrograms:
@@ -99,7 +91,7 @@ class BroadcastPrograms:
         jobs = self.family["jobs"]
         job = jobs.Leaf()
         job.token, job.slot, job.n_members, job.my_rank = group.token, slot, group.size, group.rank
-        job.group_ip = _ip_to_u32(group.group_ip) if group.group_ip else 0
+        job.group_ip = ip_to_u32(group.group_ip) if group.group_ip else 0
         jobs[jobs.Key(group.job_id)] = job
         self._slots[group.job_id] = slot
         return slot
@@ -118,8 +110,8 @@ class BroadcastPrograms:
         table = self.family["members"]
         for m in members:
             leaf = table.Leaf()
-            leaf.ip = _ip_to_u32(m.ip)
-            ctypes.memmove(leaf.mac, _mac_bytes(m.mac), 6)
+            leaf.ip = ip_to_u32(m.ip)
+            ctypes.memmove(leaf.mac, mac_bytes(m.mac), 6)
             table[table.Key(slot * MAX_MEMBERS + m.rank)] = leaf
 
     def _reset_slot(self, slot: int) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import select
-import socket
 import struct
 import threading
 import time
@@ -50,6 +49,7 @@ from aggbox.protocol import (
     VERSION,
     Flags,
     MsgType,
+    ip_to_u32,
     max_payload,
 )
 from aggbox.sockets import udp_socket
@@ -230,9 +230,6 @@ def pairs_per_packet(mtu: int = 1500) -> int:
 # ----------------------------------------------------------------- the kernel side -----
 
 
-def _ip_to_u32(ip: str) -> int:
-    return struct.unpack("<I", socket.inet_aton(ip))[0]
-
 
 class ReduceByKeyPrograms:
     """bpf/reduce.c on a reducer host: ``kv_ingress`` on TC ingress (priority 3) and
@@ -301,7 +298,7 @@ class ReduceByKeyPrograms:
             members = self.family["members"]
             for m in group.members:
                 leaf = members.Leaf()
-                leaf.ip = _ip_to_u32(m.ip)
+                leaf.ip = ip_to_u32(m.ip)
                 members[members.Key(slot * MAX_MEMBERS + m.rank)] = leaf
             jobs = self.family["jobs"]
             job = jobs.Leaf()
