@@ -298,6 +298,12 @@ class ProgramFamily:
     def __getitem__(self, name: str):
         return self.bpf[name]
 
+    def discard(self, name: str, key: int) -> None:
+        """Delete ``key`` from hash map ``name`` if it is there (removing a job)."""
+        table = self.bpf[name]
+        with contextlib.suppress(KeyError):
+            del table[table.Key(key)]
+
     def counters(self) -> dict[str, int]:
         """The per-CPU counters map, summed over CPUs, by name."""
         table = self.bpf["counters"]

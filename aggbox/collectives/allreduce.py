@@ -141,11 +141,7 @@ class AggregatorPrograms:
 
     def remove_job(self, job_id: int) -> None:
         index = self._index.pop(job_id, None)
-        jobs = self.family["jobs"]
-        try:
-            del jobs[jobs.Key(job_id)]
-        except KeyError:
-            pass
+        self.family.discard("jobs", job_id)
         if index is not None:
             self._reset_slots(index)
 

@@ -98,11 +98,7 @@ class BroadcastPrograms:
 
     def remove_job(self, job_id: int) -> None:
         slot = self._slots.pop(job_id, None)
-        jobs = self.family["jobs"]
-        try:
-            del jobs[jobs.Key(job_id)]
-        except KeyError:
-            pass
+        self.family.discard("jobs", job_id)
         if slot is not None:
             self._reset_slot(slot)
 

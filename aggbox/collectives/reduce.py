@@ -316,11 +316,7 @@ class ReduceByKeyPrograms:
         slot = self._slots.pop(job_id, None)
         if job_id in self._lingering:
             self._lingering.remove(job_id)
-        jobs = self.family["jobs"]
-        try:
-            del jobs[jobs.Key(job_id)]
-        except KeyError:
-            pass
+        self.family.discard("jobs", job_id)
         if slot is not None:
             self._clear_keys(slot)
 
