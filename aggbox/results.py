@@ -111,6 +111,51 @@ def t975(df: int) -> float:
     )
 
 
+def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    x = np.asarray(values, dtype=float)
+    return x[np.isfinite(x)]
+
+
+def bootstrap_median_ci(
+    values: Sequence[float] | np.ndarray, confidence: float = 0.95, n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A percentile-bootstrap confidence interval of the median (scipy), seeded so a
+    result re-summarizes to the same numbers. NaN where fewer than 3 finite values."""
+    x = _finite(values)
+    if x.size < 3 or np.all(x == x[0]):
+        v = float(x[0]) if x.size and np.all(x == x[0]) else math.nan
+        return (v, v) if x.size >= 3 else (math.nan, math.nan)
+    from scipy.stats import bootstrap
+
+    res = bootstrap((x,), np.median, confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", random_state=np.random.default_rng(seed),
+                    vectorized=True)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def bootstrap_ratio_ci(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = 0.95,
+    n_resamples: int = 2000, seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(median(a) / median(b), low, high)``: the two samples resampled independently
+    (they come from different systems), percentile interval of the ratio of medians."""
+    x, y = _finite(a), _finite(b)
+    if x.size == 0 or y.size == 0 or np.median(y) == 0:
+        return (math.nan, math.nan, math.nan)
+    ratio = float(np.median(x) / np.median(y))
+    if x.size < 3 or y.size < 3:
+        return (ratio, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    mx = np.median(rng.choice(x, size=(n_resamples, x.size)), axis=1)
+    my = np.median(rng.choice(y, size=(n_resamples, y.size)), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = mx / my
+    r = r[np.isfinite(r)]
+    alpha = (1 - confidence) / 2
+    return ratio, float(np.quantile(r, alpha)), float(np.quantile(r, 1 - alpha))
+
+
 def describe(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     """p50, p99, mean, std, n and a 95% confidence interval of the mean of ``values``.
 

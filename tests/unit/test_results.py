@@ -169,3 +169,25 @@ def test_list_runs_and_latest_run(tmp_path):
     assert latest_run("broadcast", tmp_path / "results").path.name == "20250101-000000-aaaa"
     with pytest.raises(AggBoxError, match="aggbox run experiments/nothing.yaml"):
         latest_run("nothing", tmp_path / "results")
+
+
+def test_the_bootstrap_interval_of_the_median_covers_it_and_narrows_with_n():
+    rng = np.random.default_rng(3)
+    small, large = rng.exponential(1.0, 30), rng.exponential(1.0, 3000)
+    lo_s, hi_s = results.bootstrap_median_ci(small)
+    lo_l, hi_l = results.bootstrap_median_ci(large)
+    assert lo_s <= np.median(small) <= hi_s
+    assert lo_l <= np.median(large) <= hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3  # ~sqrt(100) = 10x narrower in theory
+    assert results.bootstrap_median_ci(small) == (lo_s, hi_s)  # seeded: reproducible
+    assert all(math.isnan(v) for v in results.bootstrap_median_ci([1.0, 2.0]))
+    assert results.bootstrap_median_ci([4.0, 4.0, 4.0]) == (4.0, 4.0)
+
+
+def test_the_bootstrap_ratio_of_medians_brackets_the_true_ratio():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(10.0, 1.0, 400), rng.normal(20.0, 2.0, 400)
+    ratio, lo, hi = results.bootstrap_ratio_ci(a, b)
+    assert ratio == pytest.approx(np.median(a) / np.median(b))
+    assert lo < 0.5 < hi and hi - lo < 0.05
+    assert math.isnan(results.bootstrap_ratio_ci(a, [])[0])
