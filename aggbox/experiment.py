@@ -45,6 +45,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aggbox import RESULTS_DIR, ROOT, __version__
+from aggbox.cpu import USER_HZ, MachineCpu, load_snapshot
 from aggbox.errors import AggBoxError, SetupError
 from aggbox.results import (
     FORMAT_VERSION,
@@ -58,6 +59,7 @@ from aggbox.results import (
     atomic_write_parquet,
     load_run,
     summarize,
+    summary_group_columns,
 )
 from aggbox.workloads import registry
 
@@ -68,6 +70,10 @@ CELLS_DIR = "cells"  # inside .tmp-<run-id>/: one parquet file per finished cell
 TMP_PREFIX = ".tmp-"
 
 TestbedFactory = Callable[[str, dict, str], object]
+
+#: Every cell runs at least this many times, each on a fresh testbed, so that run-to-run
+#: variance (placement, caches, the other tenants of the machine) shows in the results.
+MIN_REPETITIONS = {"quick": 3, "full": 5}
 
 
 class ExperimentError(AggBoxError):
@@ -112,20 +118,24 @@ class Experiment:
     description: str = ""
     testbed: str = "netns"
     warmup: int = 0
-    repetitions: int = 1
+    repetitions: int | None = None  # None: the mode's floor (MIN_REPETITIONS; smoke: 1)
     seed: int = 1
     quick: dict = field(default_factory=dict)
     figures: tuple[str, ...] = ()
+    smoke: bool = False  # a check of the pipeline, not a measurement: no repetition floor
 
     def settings(self, full: bool = False) -> Settings:
         """Full mode uses the top-level values; quick mode (the default) applies ``quick:``."""
         over = {} if full else self.quick
+        default_reps = 1 if self.smoke else MIN_REPETITIONS["full" if full else "quick"]
         return Settings(
             systems=tuple(over.get("systems", self.systems)),
             params={**self.params, **over.get("params", {})},
             iters=over.get("iters", self.iters),
             warmup=over.get("warmup", self.warmup),
-            repetitions=over.get("repetitions", self.repetitions),
+            repetitions=over.get(
+                "repetitions", default_reps if self.repetitions is None else self.repetitions
+            ),
         )
 
 
@@ -139,10 +149,11 @@ _TOP_KEYS = {
     "params": ("a mapping of parameter name -> list of values", True),
     "iters": ("an integer >= 1", True),
     "warmup": ("an integer >= 0", False),
-    "repetitions": ("an integer >= 1", False),
+    "repetitions": (f"an integer >= {MIN_REPETITIONS['full']} (full mode)", False),
     "seed": ("an integer", False),
     "quick": ("a mapping of overrides for quick mode", False),
     "figures": ("a list of figure names", False),
+    "smoke": ("true or false (true: a pipeline check, not a measurement)", False),
 }
 _QUICK_KEYS = ("systems", "params", "iters", "warmup", "repetitions")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -195,14 +206,16 @@ class _Checker:
                     f"unknown key {key!r} in {what}{hint}; expected one of: {', '.join(allowed)}",
                 )
 
-    def integer(self, data: dict, key: str, where: tuple, minimum: int | None) -> None:
+    def integer(
+        self, data: dict, key: str, where: tuple, minimum: int | None, why: str = ""
+    ) -> None:
         if key not in data:
             return
         value = data[key]
         ok = isinstance(value, int) and not isinstance(value, bool)
         if not ok or (minimum is not None and value < minimum):
             bound = "" if minimum is None else f" >= {minimum}"
-            self.fail((*where, key), f"{key} is {value!r}; expected an integer{bound}")
+            self.fail((*where, key), f"{key} is {value!r}; expected an integer{bound}{why}")
 
     def name_list(self, data: dict, key: str, where: tuple, known: list[str] | None, what: str):
         value = data.get(key)
@@ -291,9 +304,18 @@ def parse_experiment(text: str, path: str | Path = "<experiment>") -> Experiment
     testbed = data.get("testbed", "netns")
     if testbed not in TESTBEDS:
         check.fail(("testbed",), f"testbed is {testbed!r}; expected one of: {', '.join(TESTBEDS)}")
+    smoke = data.get("smoke", False)
+    if not isinstance(smoke, bool):
+        check.fail(("smoke",), f"smoke is {smoke!r}; expected {_TOP_KEYS['smoke'][0]}")
     check.integer(data, "iters", (), 1)
     check.integer(data, "warmup", (), 0)
-    check.integer(data, "repetitions", (), 1)
+    check.integer(
+        data,
+        "repetitions",
+        (),
+        1 if smoke else MIN_REPETITIONS["full"],
+        "" if smoke else _repetitions_why("full"),
+    )
     check.integer(data, "seed", (), None)
     params = check.grid(data["params"], ("params",), workload, complete=True)
 
@@ -305,7 +327,13 @@ def parse_experiment(text: str, path: str | Path = "<experiment>") -> Experiment
         check.name_list(quick, "systems", ("quick",), known_systems, "systems")
     check.integer(quick, "iters", ("quick",), 1)
     check.integer(quick, "warmup", ("quick",), 0)
-    check.integer(quick, "repetitions", ("quick",), 1)
+    check.integer(
+        quick,
+        "repetitions",
+        ("quick",),
+        1 if smoke else MIN_REPETITIONS["quick"],
+        "" if smoke else _repetitions_why("quick"),
+    )
     if "params" in quick:
         quick = {
             **quick,
@@ -329,10 +357,21 @@ def parse_experiment(text: str, path: str | Path = "<experiment>") -> Experiment
         params=params,
         iters=data["iters"],
         warmup=data.get("warmup", 0),
-        repetitions=data.get("repetitions", 1),
+        repetitions=data.get("repetitions"),
         seed=data.get("seed", 1),
         quick=quick,
         figures=tuple(figures),
+        smoke=smoke,
+    )
+
+
+def _repetitions_why(mode: str) -> str:
+    where = "" if mode == "full" else " under quick:"
+    return (
+        f" in {mode} mode{where}: every cell runs at least {MIN_REPETITIONS[mode]} times, each"
+        " on a fresh testbed, so that run-to-run variance shows in the confidence intervals"
+        f" (leave repetitions out for {MIN_REPETITIONS[mode]}, or set smoke: true for a"
+        " pipeline check that is not a measurement)"
     )
 
 
@@ -571,7 +610,8 @@ def print_plan(plan: Plan, console=None) -> None:
         f"  workload  {exp.workload}; systems {', '.join(settings.systems)}",
         f"  grid      {escape(grid)}",
         f"  cells     {len(plan.cells)} = {configurations} configurations"
-        f" x {settings.repetitions} repetition(s)",
+        f" x {settings.repetitions} repetition(s)"
+        + (" (smoke: a pipeline check, not a measurement)" if exp.smoke else ""),
         f"  each      {settings.iters} iterations after {settings.warmup} warm-up, per system",
         f"  testbed   {plan.backend}",
         f"  output    {_display_path(output)}",
@@ -721,8 +761,10 @@ def _new_state(plan: Plan) -> dict:
         "machine": machine_info(),
         "git": git_info(),
         "versions": versions(),
-        "testbed_describe": None,
+        "load_start": load_snapshot(),
+        "testbed_describe": None,  # the first cell's, for readers of meta["testbed"]
         "cell_seconds": {},
+        "cells": {},  # cell key -> what ran it: see _run_cell
     }
 
 
@@ -755,11 +797,12 @@ def _run_cells(plan, state, workload, factory, progress, console) -> None:
         )
         for n, cell in enumerate(todo, 1):
             started = time.monotonic()
-            frame = _run_cell(plan, state, cell, workload, factory)
+            frame, record = _run_cell(plan, state, cell, workload, factory)
             atomic_write_parquet(plan.tmp_dir / CELLS_DIR / cell.file_name, frame)
             seconds = time.monotonic() - started
             done_s += seconds
             state["cell_seconds"][cell.key] = round(seconds, 3)
+            state.setdefault("cells", {})[cell.key] = {**record, "seconds": round(seconds, 3)}
             atomic_write_json(plan.tmp_dir / STATE_FILE, state)
             bar.update(
                 task,
@@ -775,19 +818,73 @@ def _run_cells(plan, state, workload, factory, progress, console) -> None:
             )
 
 
-def _run_cell(plan: Plan, state: dict, cell: Cell, workload, factory) -> pd.DataFrame:
+def _run_cell(plan: Plan, state: dict, cell: Cell, workload, factory) -> tuple[pd.DataFrame, dict]:
+    """Run one cell on a fresh testbed: its samples, and the record meta.json keeps of it
+    (the testbed as described, the machine's load and steal time before and after, and the
+    CPU affinity its processes got), so that a disturbed cell can be told apart."""
     settings = plan.settings
+    record: dict = {
+        "repetition": cell.repetition,
+        "seed": cell.seed,
+        "started": _now(),
+        "load_before": load_snapshot(),
+    }
     testbed = factory(plan.backend, cell.params, plan.run_id)
     with testbed as live:
+        try:
+            record["testbed"] = live.describe()
+        except Exception as exc:  # metadata must never stop a run
+            record["testbed"] = {"backend": plan.backend, "error": str(exc)}
         if state.get("testbed_describe") is None:
-            try:
-                state["testbed_describe"] = live.describe()
-            except Exception as exc:  # metadata must never stop a run
-                state["testbed_describe"] = {"backend": plan.backend, "error": str(exc)}
+            state["testbed_describe"] = record["testbed"]
         samples = workload(
             live, cell.params, list(settings.systems), settings.iters, settings.warmup, cell.seed
         )
-    return cell_frame(plan.experiment, settings, cell, samples)
+    record["load_after"] = load_snapshot()
+    record["steal_s"] = _steal_between(record["load_before"], record["load_after"])
+    frame = cell_frame(plan.experiment, settings, cell, samples)
+    record["affinity"] = cell_affinity(frame, cell.params, plan.backend)
+    return frame, record
+
+
+def _steal_between(before: dict, after: dict) -> float | None:
+    """Seconds of CPU the hypervisor gave to others during the cell (all CPUs summed)."""
+    if "steal_s" not in before or "steal_s" not in after:
+        return None
+    return round(after["steal_s"] - before["steal_s"], 3)
+
+
+def cell_affinity(frame: pd.DataFrame, params: dict, backend: str) -> dict:
+    """The CPUs a cell's processes were given: per system, every ``*_cpus`` column the
+    workload put on its samples (what was applied, e.g. root_cpus, member_cpus). A workload
+    that records none gets the launcher's plan for the cell's ``placement`` (marked
+    ``planned``: what was asked for, not read back) or nothing."""
+    columns = [c for c in frame.columns if c.endswith("_cpus")]
+    if columns:
+        applied: dict = {}
+        for system, group in frame.groupby("system", sort=False):
+            applied[str(system)] = {
+                c: _one_or_all(group[c].dropna().astype(str).unique()) for c in columns
+            }
+        return {"source": "samples", "by_system": applied}
+    if "placement" in params:
+        from aggbox.workloads.launcher import cpu_placement
+
+        first, rest = cpu_placement(backend, str(params["placement"]))
+        return {
+            "source": "planned",
+            "placement": params["placement"],
+            "first_cpus": first or "all",  # the root (broadcast) or reducers (mapreduce)
+            "other_cpus": rest or "all",
+        }
+    return {"source": "none"}
+
+
+def _one_or_all(values) -> str | list[str] | None:
+    values = sorted(v or "all" for v in values)  # "": not pinned, every CPU
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def cell_frame(experiment: Experiment, settings: Settings, cell: Cell, samples) -> pd.DataFrame:
@@ -852,7 +949,8 @@ def _finish(plan: Plan, state: dict, draw_figures: bool, console) -> Path:
 
     param_columns = list(plan.cells[0].params)
     metrics = registry.METRICS.get(exp.workload, [])
-    summary = summarize(samples, [*param_columns, "system"], metrics)
+    cells_meta = state.get("cells") or {}
+    summary = summarize(samples, summary_group_columns({"param_columns": param_columns}), metrics)
     # summary.csv: one row per configuration and system; repetitions are pooled.
     atomic_write_csv(plan.tmp_dir / SUMMARY_FILE, summary)
 
@@ -880,7 +978,14 @@ def _finish(plan: Plan, state: dict, draw_figures: bool, console) -> Path:
         "cell_seeds": {c.key: c.seed for c in sorted(plan.cells, key=lambda c: c.index)},
         "cell_order": [c.key for c in plan.cells],
         "cell_seconds": state["cell_seconds"],
+        # Per cell (grid order): testbed, load and steal before/after, CPU affinity, time.
+        "cells": {
+            c.key: cells_meta.get(c.key, {}) for c in sorted(plan.cells, key=lambda c: c.index)
+        },
+        "smoke": exp.smoke,
+        # The first cell's testbed (every cell's is under "cells"), for older readers.
         "testbed": {"backend": plan.backend, "describe": state.get("testbed_describe")},
+        "load": {"start": state.get("load_start"), "end": load_snapshot()},
         "machine": state["machine"],
         "git": state["git"],
         "versions": state["versions"],
@@ -964,6 +1069,7 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    config_hz, hz_source = kernel_hz()
     return {
         "hostname": socket.gethostname(),
         "kernel": uname.release,
@@ -971,7 +1077,42 @@ def machine_info() -> dict:
         "arch": uname.machine,
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
+        "runner_cpus": sorted(os.sched_getaffinity(0)),
+        # The scheduler tick (CONFIG_HZ) sets how long a preempted process waits for its
+        # turn; USER_HZ is the unit of /proc/stat, the CPU meter's fallback.
+        "config_hz": config_hz,
+        "config_hz_source": hz_source,
+        "user_hz": USER_HZ,
+        "cpu_meter": cpu_meter_source(),
     }
+
+
+def kernel_hz() -> tuple[int | None, str | None]:
+    """CONFIG_HZ of the running kernel and the file it was read from; None where unreadable."""
+    import gzip
+
+    candidates = [
+        (Path("/proc/config.gz"), gzip.open),
+        (Path(f"/boot/config-{platform.release()}"), open),
+    ]
+    for path, opener in candidates:
+        try:
+            with opener(path, "rt") as f:
+                for line in f:
+                    if line.startswith("CONFIG_HZ="):
+                        return int(line.split("=", 1)[1]), str(path)
+        except (OSError, ValueError, EOFError):
+            continue
+    return None, None
+
+
+def cpu_meter_source() -> str | None:
+    """What aggbox.cpu.MachineCpu measures with here: "cpuidle" (exact) or "proc_stat"."""
+    try:
+        with MachineCpu() as meter:
+            return meter.source
+    except Exception:  # metadata must never stop a run
+        return None
 
 
 def git_info() -> dict:

@@ -24,7 +24,9 @@ from aggbox import RESULTS_DIR
 from aggbox.errors import AggBoxError
 
 #: The layout this code writes. Bump it when the layout changes, and add an upgrader.
-FORMAT_VERSION = 1
+#: 2: summary.csv gained the bootstrap CI of the median, per-repetition medians and the
+#: per-system constants; p99 only from 100 samples on; meta.json gained "cells".
+FORMAT_VERSION = 2
 
 SAMPLES_FILE = "samples.parquet"
 SUMMARY_FILE = "summary.csv"
@@ -35,13 +37,49 @@ Upgrader = Callable[[dict, pd.DataFrame, pd.DataFrame | None], tuple[dict, pd.Da
 
 #: format_version N -> function taking (meta, samples, summary) of version N and returning
 #: (meta, samples) of version N + 1 (the summary is recomputed after the last upgrade).
-#: Example for a future version 2 that renamed a column:
-#:   UPGRADERS[1] = lambda meta, s, _: ({**meta, "format_version": 2},
+#: Example for a future version 3 that renamed a column:
+#:   UPGRADERS[2] = lambda meta, s, _: ({**meta, "format_version": 3},
 #:                                      s.rename(columns={"old": "new"}))
 UPGRADERS: dict[int, Upgrader] = {}
 
-#: Summary statistics computed for every metric, as ``<metric>_<stat>`` columns.
-STATS = ("p50", "p99", "mean", "std", "n", "ci95_low", "ci95_high")
+
+def _upgrade_1_to_2(meta: dict, samples: pd.DataFrame, _summary) -> tuple[dict, pd.DataFrame]:
+    """Version 1 kept the testbed of the first cell only and no per-cell record: give every
+    cell what is known of it (its time), so readers of ``meta["cells"]`` need no special
+    case. The samples are unchanged; the loader recomputes the summary (new columns)."""
+    cells = meta.get("cells") or {
+        key: {"seconds": seconds} for key, seconds in (meta.get("cell_seconds") or {}).items()
+    }
+    return {**meta, "format_version": 2, "cells": cells, "upgraded_from": 1}, samples
+
+
+UPGRADERS[1] = _upgrade_1_to_2
+
+#: Summary statistics computed for every metric, as ``<metric>_<stat>`` columns:
+#: the median with its bootstrap 95% CI, p99 (NaN below :data:`P99_MIN_N` samples), the
+#: mean with its t-based 95% CI, std and n.
+STATS = (
+    "p50", "p50_ci_low", "p50_ci_high", "p99", "mean", "std", "n", "ci95_low", "ci95_high",
+)  # fmt: skip
+
+#: Per-metric columns about the repetitions (separate testbeds) of a configuration: the
+#: smallest and largest of the per-repetition medians. A pooled CI that does not reach
+#: them says the run-to-run variance is larger than the within-run one.
+REP_STATS = ("p50_rep_min", "p50_rep_max")
+
+#: A p99 needs at least this many samples (at 100, one sample lies above it); fewer: NaN.
+P99_MIN_N = 100
+
+#: Columns the workloads put on every sample, constant per system within a cell, carried
+#: into the summary (one value per row) and how a row's value is taken from its samples:
+#: what the system promises, and whether the processes that must run at once outnumber
+#: the CPUs (any overcommitted repetition marks the row). NaN where a run lacks them.
+CARRIED: dict[str, str] = {
+    "promise": "first",
+    "procs_per_cpu": "max",
+    "overcommitted": "any",
+    "cpu_source": "first",
+}
 
 
 @dataclass
@@ -117,7 +155,9 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def bootstrap_median_ci(
-    values: Sequence[float] | np.ndarray, confidence: float = 0.95, n_resamples: int = 2000,
+    values: Sequence[float] | np.ndarray,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float]:
     """A percentile-bootstrap confidence interval of the median (scipy), seeded so a
@@ -128,15 +168,24 @@ def bootstrap_median_ci(
         return (v, v) if x.size >= 3 else (math.nan, math.nan)
     from scipy.stats import bootstrap
 
-    res = bootstrap((x,), np.median, confidence_level=confidence, n_resamples=n_resamples,
-                    method="percentile", random_state=np.random.default_rng(seed),
-                    vectorized=True)
+    res = bootstrap(
+        (x,),
+        np.median,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+        vectorized=True,
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def bootstrap_ratio_ci(
-    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = 0.95,
-    n_resamples: int = 2000, seed: int = 0,
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
 ) -> tuple[float, float, float]:
     """``(median(a) / median(b), low, high)``: the two samples resampled independently
     (they come from different systems), percentile interval of the ratio of medians."""
@@ -157,14 +206,15 @@ def bootstrap_ratio_ci(
 
 
 def describe(values: Sequence[float] | np.ndarray) -> dict[str, float]:
-    """p50, p99, mean, std, n and a 95% confidence interval of the mean of ``values``.
+    """Every stat in :data:`STATS` of ``values``.
 
-    Percentiles interpolate linearly between order statistics (numpy's default). NaN values
-    (a sample whose metric could not be measured) are left out and not counted in ``n``.
-    The confidence interval is t-based: mean +- t(0.975, n-1) * std / sqrt(n), with the
-    sample standard deviation (ddof=1). Latencies are skewed, but with the hundreds of
-    samples per point a run takes, the mean is close to normal (central limit theorem);
-    the interval is deterministic, unlike a bootstrap.
+    NaN values (a sample whose metric could not be measured) are left out and not counted
+    in ``n``. Percentiles interpolate linearly between order statistics (numpy's default).
+    The median's interval is a seeded percentile bootstrap (:func:`bootstrap_median_ci`;
+    latencies are skewed, so no normal approximation); p99 is NaN below
+    :data:`P99_MIN_N` values (a "p99" of 10 samples is their maximum, not a percentile).
+    The mean's interval is t-based: mean +- t(0.975, n-1) * std / sqrt(n), with the sample
+    standard deviation (ddof=1).
     """
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
@@ -174,9 +224,12 @@ def describe(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     mean = float(x.mean())
     std = float(x.std(ddof=1)) if n > 1 else math.nan
     half = t975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    ci_low, ci_high = bootstrap_median_ci(x)
     return {
         "p50": float(np.percentile(x, 50)),
-        "p99": float(np.percentile(x, 99)),
+        "p50_ci_low": ci_low,
+        "p50_ci_high": ci_high,
+        "p99": float(np.percentile(x, 99)) if n >= P99_MIN_N else math.nan,
         "mean": mean,
         "std": std,
         "n": n,
@@ -185,10 +238,24 @@ def describe(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     }
 
 
-def summarize(samples: pd.DataFrame, group_cols: list[str], metrics: list[str]) -> pd.DataFrame:
-    """One row per group of ``group_cols``, with ``<metric>_<stat>`` for every stat in STATS.
+def _carried_value(values: pd.Series, how: str) -> object:
+    present = values.dropna()
+    if present.empty:
+        return math.nan
+    if how == "any":
+        return bool(present.astype(bool).any())
+    if how == "max":
+        return float(pd.to_numeric(present).max())
+    return present.iloc[0]
 
-    Groups keep the order in which they first appear in ``samples``.
+
+def summarize(samples: pd.DataFrame, group_cols: list[str], metrics: list[str]) -> pd.DataFrame:
+    """One row per group of ``group_cols``.
+
+    Columns: the group columns, ``repetitions`` (how many separate testbeds were pooled),
+    the :data:`CARRIED` columns (NaN where the samples lack them), then for every metric
+    ``<metric>_<stat>`` for every stat in :data:`STATS` and :data:`REP_STATS`. Groups keep
+    the order in which they first appear in ``samples``.
     """
     missing = [c for c in [*group_cols, *metrics] if c not in samples.columns]
     if missing:
@@ -197,15 +264,33 @@ def summarize(samples: pd.DataFrame, group_cols: list[str], metrics: list[str]) 
     grouped = (
         samples.groupby(group_cols, sort=False, dropna=False) if group_cols else [((), samples)]
     )
+    has_reps = "repetition" in samples.columns
+    carried = {c: how for c, how in CARRIED.items() if c not in group_cols}
     for key, group in grouped:
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(group_cols, key, strict=True))
+        row["repetitions"] = int(group["repetition"].nunique()) if has_reps else 1
+        for column, how in carried.items():
+            row[column] = _carried_value(group[column], how) if column in group else math.nan
         for metric in metrics:
             for stat, value in describe(group[metric].to_numpy(dtype=float)).items():
                 row[f"{metric}_{stat}"] = value
+            per_rep = (
+                group.groupby("repetition", sort=False)[metric].median()
+                if has_reps
+                else pd.Series([group[metric].median()])
+            ).dropna()
+            row[f"{metric}_p50_rep_min"] = float(per_rep.min()) if len(per_rep) else math.nan
+            row[f"{metric}_p50_rep_max"] = float(per_rep.max()) if len(per_rep) else math.nan
         rows.append(row)
-    columns = [*group_cols, *(f"{m}_{s}" for m in metrics for s in STATS)]
+    columns = [
+        *group_cols,
+        "repetitions",
+        *carried,
+        *(f"{m}_{s}" for m in metrics for s in (*STATS, *REP_STATS)),
+    ]
     frame = pd.DataFrame(rows, columns=columns)
+    frame["repetitions"] = frame["repetitions"].astype("int64")
     for metric in metrics:
         frame[f"{metric}_n"] = frame[f"{metric}_n"].astype("int64")
     return frame

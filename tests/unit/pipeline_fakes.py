@@ -81,6 +81,20 @@ def synthetic_samples(params: dict, systems: list[str], iters: int, seed: int) -
     }
     samples = []
     for system in systems:
+        # The per-system constants the real workloads put on every sample: the promise,
+        # the overcommit of the processes that must run at once (a kernel promise needs
+        # only the root, on CPU 0; an app promise every member too, sharing CPU 1), the CPU
+        # meter and the CPUs applied.
+        kernel = system == "aggbox"
+        procs_per_cpu = 1.0 if kernel else float(hosts - 1)
+        constants = {
+            "promise": "kernel" if kernel else "app",
+            "procs_per_cpu": procs_per_cpu,
+            "overcommitted": procs_per_cpu > 1.0,
+            "cpu_source": "cpuidle",
+            "root_cpus": "0",
+            "member_cpus": "1",
+        }
         base, busy_factor, cpu = model[system]
         base *= busy_factor if busy else 1.0
         noise = rng.lognormal(0.0, 0.35 if busy else 0.15, iters)
@@ -95,6 +109,7 @@ def synthetic_samples(params: dict, systems: list[str], iters: int, seed: int) -
                     "delivery_us": round(float(completion[i] * 0.7), 2),
                     "sender_cpu_us": round(float(cpu * rng.lognormal(0.0, 0.1)), 2),
                     "delivered": True,
+                    **constants,
                 }
             )
     return samples
@@ -159,8 +174,13 @@ def experiment_text(
     repetitions=1,
     figures=(),
     name="fakecast",
+    smoke=True,
 ) -> str:
-    """A small experiment file over the fake workload (quick mode = the same grid)."""
+    """A small experiment file over the fake workload (quick mode = the same grid).
+
+    ``smoke`` (default) lifts the repetition floor so that tests can run one repetition;
+    ``smoke=False`` writes the file a measurement would have.
+    """
     lines = [
         f"name: {name}",
         "description: synthetic test experiment",
@@ -176,6 +196,7 @@ def experiment_text(
         f"repetitions: {repetitions}",
         "seed: 7",
         f"figures: [{', '.join(figures)}]",
+        *(["smoke: true"] if smoke else []),
     ]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from pipeline_fakes import experiment_text, registered
 
 from aggbox import ROOT
 from aggbox.experiment import (
+    MIN_REPETITIONS,
     ExperimentError,
     estimate_seconds,
     expand,
@@ -29,12 +30,12 @@ params:
   receivers: [idle, busy]
 iters: 300
 warmup: 30
-repetitions: 2
+repetitions: 5
 seed: 5
 quick:
   params: {hosts: [2, 8]}
   iters: 50
-  repetitions: 1
+  repetitions: 3
 figures: [broadcast_latency]
 """
 
@@ -42,11 +43,11 @@ figures: [broadcast_latency]
 def test_full_grid_is_the_cross_product_times_repetitions():
     exp = parse_experiment(GOOD, "demo.yaml")
     cells = expand(exp, full=True)
-    assert len(cells) == 3 * 2 * 2 * 2
+    assert len(cells) == 3 * 2 * 2 * 5
     assert len({c.key for c in cells}) == len(cells)
     configs = {(c.params["hosts"], c.params["size"], c.params["receivers"]) for c in cells}
     assert len(configs) == 12
-    assert {c.repetition for c in cells} == {0, 1}
+    assert {c.repetition for c in cells} == {0, 1, 2, 3, 4}
     assert exp.settings(full=True).iters == 300
 
 
@@ -54,9 +55,9 @@ def test_quick_mode_overrides_only_the_keys_it_names():
     exp = parse_experiment(GOOD, "demo.yaml")
     quick = exp.settings(full=False)
     assert quick.params == {"hosts": [2, 8], "size": [64, 1024], "receivers": ["idle", "busy"]}
-    assert (quick.iters, quick.warmup, quick.repetitions) == (50, 30, 1)
+    assert (quick.iters, quick.warmup, quick.repetitions) == (50, 30, 3)
     assert quick.systems == ("aggbox", "tcp")
-    assert len(expand(exp)) == 2 * 2 * 2
+    assert len(expand(exp)) == 2 * 2 * 2 * 3
 
 
 def test_cells_carry_workload_defaults_but_keys_name_only_the_grid():
@@ -159,12 +160,66 @@ def test_the_fake_workload_validates_like_a_real_one():
         assert len(expand(exp)) == 4
 
 
-@pytest.mark.parametrize(
-    "path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem
-)
-def test_shipped_experiments_are_valid_and_quick_mode_is_quick(path):
+SHIPPED = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_experiments_are_valid_and_repeat_every_cell(path):
     exp = load_experiment(path)
-    quick = estimate_seconds(exp, expand(exp, full=False), full=False)
+    assert not exp.smoke
+    assert exp.settings(full=False).repetitions >= MIN_REPETITIONS["quick"]
+    assert exp.settings(full=True).repetitions >= MIN_REPETITIONS["full"]
     full = estimate_seconds(exp, expand(exp, full=True), full=True)
-    assert quick < 5 * 60, f"quick mode of {path.name} is estimated at {quick:.0f} s"
-    assert full < 60 * 60, f"full mode of {path.name} is estimated at {full:.0f} s"
+    assert full < 6 * 3600, f"full mode of {path.name} is estimated at {full:.0f} s"
+
+
+def test_every_shipped_quick_mode_together_fits_in_a_make_experiment():
+    # `make experiment` runs every quick mode, then the report: 15 min on the 2-CPU VM.
+    quick = {
+        p.stem: estimate_seconds(exp, expand(exp, full=False), full=False)
+        for p in SHIPPED
+        for exp in [load_experiment(p)]
+    }
+    assert sum(quick.values()) < 13 * 60, f"quick modes estimated at {quick} s"
+
+
+def test_without_repetitions_every_cell_runs_the_floor():
+    exp = parse_experiment(
+        GOOD.replace("repetitions: 5\n", "").replace("  repetitions: 3\n", ""), "demo.yaml"
+    )
+    assert exp.settings(full=False).repetitions == MIN_REPETITIONS["quick"] == 3
+    assert exp.settings(full=True).repetitions == MIN_REPETITIONS["full"] == 5
+    assert {c.repetition for c in expand(exp)} == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    "old, new, line_text, floor",
+    [
+        ("repetitions: 5", "repetitions: 3", "repetitions: 3", "at least 5 times"),
+        ("  repetitions: 3", "  repetitions: 2", "  repetitions: 2", "at least 3 times"),
+        ("  repetitions: 3", "  repetitions: 1", "  repetitions: 1", "at least 3 times"),
+    ],
+)
+def test_too_few_repetitions_are_refused_at_their_line(tmp_path, old, new, line_text, floor):
+    text = GOOD.replace(old, new, 1)
+    message = _error(text, tmp_path)
+    assert message.startswith(f"{tmp_path / 'broken.yaml'}:{_line_of(text, line_text)}: ")
+    assert floor in message and "smoke: true" in message and "fresh testbed" in message
+
+
+def test_a_smoke_check_may_run_once_and_says_so(tmp_path):
+    text = (
+        GOOD.replace("repetitions: 5", "repetitions: 1").replace(
+            "  repetitions: 3", "  repetitions: 1"
+        )
+        + "smoke: true\n"
+    )
+    exp = parse_experiment(text, "demo.yaml")
+    assert exp.smoke and exp.settings().repetitions == 1 == exp.settings(full=True).repetitions
+    bare = parse_experiment(
+        GOOD.replace("repetitions: 5\n", "").replace("  repetitions: 3\n", "") + "smoke: true\n",
+        "demo.yaml",
+    )
+    assert bare.settings().repetitions == 1
+    message = _error(GOOD + "smoke: yes please\n", tmp_path)
+    assert "smoke is 'yes please'" in message and "true or false" in message

@@ -191,3 +191,87 @@ def test_the_bootstrap_ratio_of_medians_brackets_the_true_ratio():
     assert ratio == pytest.approx(np.median(a) / np.median(b))
     assert lo < 0.5 < hi and hi - lo < 0.05
     assert math.isnan(results.bootstrap_ratio_ci(a, [])[0])
+
+
+def test_p99_needs_a_hundred_samples():
+    assert math.isnan(describe(np.arange(99.0))["p99"])  # a "p99" of 99 samples: none
+    assert describe(np.arange(100.0))["p99"] == pytest.approx(98.01)
+    assert math.isnan(describe(np.arange(10.0))["p99"])
+
+
+def test_the_median_interval_is_in_the_summary_and_brackets_the_median():
+    rng = np.random.default_rng(5)
+    samples = pd.DataFrame(
+        {
+            "system": ["aggbox"] * 150 + ["tcp"] * 40,
+            "repetition": [0, 1, 2] * 50 + [0, 1] * 20,
+            "completion_us": np.concatenate([rng.lognormal(3, 0.4, 150), rng.lognormal(4, 1, 40)]),
+        }
+    )
+    summary = summarize(samples, ["system"], ["completion_us"]).set_index("system")
+    for system in ("aggbox", "tcp"):
+        row = summary.loc[system]
+        assert row["completion_us_p50_ci_low"] < row["completion_us_p50"]
+        assert row["completion_us_p50"] < row["completion_us_p50_ci_high"]
+        low, high = results.bootstrap_median_ci(
+            samples.loc[samples.system == system, "completion_us"]
+        )
+        assert (row["completion_us_p50_ci_low"], row["completion_us_p50_ci_high"]) == (low, high)
+        assert row["completion_us_p50_rep_min"] <= row["completion_us_p50_rep_max"]
+    assert summary.loc["aggbox", "completion_us_p99"] > summary.loc["aggbox", "completion_us_p50"]
+    assert math.isnan(summary.loc["tcp", "completion_us_p99"])  # 40 samples
+    assert list(summary["repetitions"]) == [3, 2]
+    per_rep = samples[samples.system == "aggbox"].groupby("repetition")["completion_us"].median()
+    assert summary.loc["aggbox", "completion_us_p50_rep_min"] == per_rep.min()
+
+
+def test_the_per_system_constants_are_carried_and_missing_ones_are_nan():
+    samples = pd.DataFrame(
+        {
+            "system": ["tcp"] * 4,
+            "repetition": [0, 0, 1, 1],
+            "completion_us": [1.0, 2.0, 3.0, 4.0],
+            "promise": ["app"] * 4,
+            "procs_per_cpu": [1.0, 1.0, 1.5, 1.5],
+            "overcommitted": [False, False, True, True],  # one overcommitted repetition
+        }
+    )
+    row = summarize(samples, ["system"], ["completion_us"]).iloc[0]
+    assert row["promise"] == "app" and row["procs_per_cpu"] == 1.5
+    assert row["overcommitted"] == True  # noqa: E712 (numpy bool)
+    assert math.isnan(row["cpu_source"])  # not recorded by this run
+    columns = list(summarize(samples, ["system"], ["completion_us"]).columns)
+    assert columns[:6] == ["system", "repetitions", *results.CARRIED]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        REFERENCE_DIR.parent / "allreduce-reference",
+        REFERENCE_DIR.parent / "mapreduce-reference",
+        *sorted(Path(results.RESULTS_DIR).glob("*/2*")),
+    ],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_format_1_runs_are_upgraded_and_resummarized(path, tmp_path):
+    copy = tmp_path / path.name
+    shutil.copytree(path, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    if meta["format_version"] != 1:
+        pytest.skip(f"{path} is not a format-1 run any more")
+    old_summary = pd.read_csv(copy / "summary.csv")
+    run = load_run(copy)
+    assert run.meta["format_version"] == results.FORMAT_VERSION
+    assert run.meta["upgraded_from"] == 1
+    assert list(run.meta["cells"]) == list(meta["cell_seconds"])
+    assert all("seconds" in c for c in run.meta["cells"].values())
+    metric = run.primary_metric
+    for column in (f"{metric}_p50_ci_low", f"{metric}_p50_ci_high", "repetitions", "promise"):
+        assert column in run.summary
+    assert len(run.summary) == len(old_summary)
+    pd.testing.assert_series_equal(
+        run.summary[f"{metric}_p50"], old_summary[f"{metric}_p50"], check_exact=False
+    )
+    few = run.summary[f"{metric}_n"] < results.P99_MIN_N
+    assert run.summary.loc[few, f"{metric}_p99"].isna().all()
+    assert run.summary.loc[~few, f"{metric}_p99"].notna().all()

@@ -19,7 +19,7 @@ from pipeline_fakes import (
 )
 
 from aggbox import experiment as experiment_module
-from aggbox import plots
+from aggbox import plots, results
 from aggbox.errors import AggBoxError
 from aggbox.experiment import (
     ExperimentError,
@@ -79,12 +79,13 @@ def test_a_run_writes_samples_summary_meta_figures_and_latest(tmp_path, fake):
 
     summary = pd.read_csv(run_dir / "summary.csv")
     assert len(summary) == 4 * 3  # configurations x systems
-    for stat in ("p50", "p99", "mean", "std", "n", "ci95_low", "ci95_high"):
+    for stat in (*results.STATS, *results.REP_STATS):
         assert f"completion_us_{stat}" in summary.columns
     assert (summary["completion_us_n"] == 20).all()
+    assert summary["completion_us_p99"].isna().all()  # 20 samples: no p99
 
     meta = json.loads((run_dir / "meta.json").read_text())
-    assert meta["complete"] is True and meta["format_version"] == 1
+    assert meta["complete"] is True and meta["format_version"] == results.FORMAT_VERSION
     assert meta["mode"] == "quick" and meta["experiment"] == "fakecast"
     assert meta["experiment_text"] == exp.read_text()
     assert meta["testbed"]["backend"] == "netns"
@@ -273,3 +274,61 @@ def test_atomic_json_write_leaves_the_old_file_when_interrupted(tmp_path, monkey
     monkeypatch.undo()
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_summary_carries_the_per_system_constants(tmp_path, fake):
+    run_dir = run(write_experiment(tmp_path, hosts=(2, 8)), tmp_path / "results")
+    summary = pd.read_csv(run_dir / "summary.csv").set_index(["hosts", "receivers", "system"])
+    assert summary.loc[(8, "idle", "aggbox"), "promise"] == "kernel"
+    assert summary.loc[(8, "idle", "tcp"), "promise"] == "app"
+    assert bool(summary.loc[(8, "idle", "tcp"), "overcommitted"]) is True
+    assert summary.loc[(8, "idle", "tcp"), "procs_per_cpu"] == 7.0
+    assert bool(summary.loc[(2, "idle", "tcp"), "overcommitted"]) is False
+    assert (summary["cpu_source"] == "cpuidle").all()
+    assert (summary["repetitions"] == 1).all()
+
+
+def test_meta_records_every_cell_its_testbed_load_and_cpus(tmp_path, fake):
+    run_dir = run(write_experiment(tmp_path, repetitions=2), tmp_path / "results")
+    meta = json.loads((run_dir / "meta.json").read_text())
+    cells = meta["cells"]
+    assert list(cells) == list(meta["cell_seeds"])  # every cell, in grid order
+    assert len(cells) == 8
+    for key, cell in cells.items():
+        hosts = int(key.split(",")[0].removeprefix("hosts="))
+        assert cell["testbed"] == {"backend": "fake", "hosts": hosts, "run_id": run_dir.name}
+        assert cell["repetition"] == int(key.rsplit("rep=", 1)[1])
+        assert cell["seed"] == meta["cell_seeds"][key]
+        for when in ("load_before", "load_after"):
+            assert len(cell[when]["loadavg"]) == 3 and cell[when]["steal_s"] >= 0
+        assert cell["steal_s"] >= 0 and cell["seconds"] == meta["cell_seconds"][key]
+        assert cell["affinity"]["source"] == "samples"
+        assert cell["affinity"]["by_system"]["tcp"] == {"root_cpus": "0", "member_cpus": "1"}
+    # The run-level copy of the first cell's testbed stays for older readers.
+    assert meta["testbed"]["describe"] in [c["testbed"] for c in cells.values()]
+    machine = meta["machine"]
+    assert machine["user_hz"] > 0 and machine["cpu_count"] >= 1
+    assert machine["cpu_meter"] in ("cpuidle", "proc_stat")
+    assert machine["config_hz"] is None or machine["config_hz"] in (100, 250, 300, 1000)
+    assert meta["smoke"] is True and {"start", "end"} <= set(meta["load"])
+
+
+def test_without_cpu_columns_the_planned_placement_is_recorded():
+    frame = pd.DataFrame({"system": ["tcp"], "iter": [0]})
+    planned = experiment_module.cell_affinity(frame, {"placement": "root-alone"}, "netns")
+    assert planned["source"] == "planned" and planned["placement"] == "root-alone"
+    assert experiment_module.cell_affinity(frame, {}, "netns") == {"source": "none"}
+    mixed = pd.DataFrame({"system": ["a", "a"], "iter": [0, 1], "worker_cpus": ["1", "0-1"]})
+    by_system = experiment_module.cell_affinity(mixed, {}, "netns")["by_system"]
+    assert by_system == {"a": {"worker_cpus": ["0-1", "1"]}}
+
+
+def test_a_resumed_run_keeps_the_records_of_the_cells_run_before(tmp_path):
+    exp = write_experiment(tmp_path)
+    results_dir = tmp_path / "results"
+    with registered(FakeBroadcast(interrupt_on=3)), pytest.raises(RunInterrupted) as info:
+        run(exp, results_dir)
+    with registered():
+        run_dir = run(exp, results_dir, resume=info.value.run_id)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert len(meta["cells"]) == 4 and all("testbed" in c for c in meta["cells"].values())
