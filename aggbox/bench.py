@@ -111,34 +111,122 @@ def parse_sizes(text: str) -> list[int]:
     return [one(t) for t in text.split(",")]
 
 
+#: per-system allreduce CPU columns (constant over a system's samples), us per call
+ALLREDUCE_CPU = ("cpu_us_per_op", "workers_cpu_us_per_op", "aggregator_cpu_us_per_op")
+P99_MIN_SAMPLES = 100  # below this a "p99" is the maximum of a few calls: none is given
+
+
+def _allreduce_number(value, digits: int) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), digits)
+
+
 def summarize_allreduce(samples: list[dict], systems: list[str], floats: int) -> dict:
+    """Per system: time p50 with a bootstrap 95% CI of the median, p99 only from
+    :data:`P99_MIN_SAMPLES` calls on (else None), the worst error over every rank's
+    result, the CPU per call (whole machine and per role, the same on every sample of a
+    system), the promise, the CPU sets and the overcommit flag."""
+    from aggbox.results import bootstrap_median_ci
+
     out: dict[str, dict] = {}
     for system in systems:
         rows = [s for s in samples if s["system"] == system]
-        t = _stats([r["time_ms"] for r in rows])
-        entry = {"p50_ms": round(t["p50"], 3), "p99_ms": round(t["p99"], 3),
+        first = rows[0] if rows else {}
+        times = [r["time_ms"] for r in rows]
+        t = _stats(times)
+        entry = {"promise": first.get("promise", "app"),
+                 "p50_ms": _allreduce_number(t["p50"], 3),
+                 "time_ms_p50_ci": [_allreduce_number(v, 3) for v in bootstrap_median_ci(times)],
+                 "p99_ms": _allreduce_number(t["p99"], 3) if t["n"] >= P99_MIN_SAMPLES else None,
                  "algbw_gbps": round(floats * 4 / (t["p50"] * 1e6), 4) if t["n"] else None,
                  "max_abs_err": max((r["max_abs_err"] for r in rows), default=None),
+                 "ranks_checked": min((r.get("ranks_checked", 1) for r in rows), default=0),
                  "n": t["n"]}
         if system == "aggbox":
             entry["err_bound"] = max((r["err_bound"] for r in rows), default=None)
             entry["within_bound"] = all(r["within_bound"] for r in rows)
+        for key in ALLREDUCE_CPU:
+            entry[key] = _allreduce_number(first.get(key), 1)
+        for key in ("procs_per_cpu", "overcommitted", "cpu_source", "cpu_background",
+                    "worker_cpus", "aggregator_cpus"):
+            entry[key] = first.get(key)
         out[system] = entry
     return out
 
 
+def allreduce_ratios(samples: list[dict], per_system: dict[str, dict]) -> dict:
+    """AggBox / each baseline (< 1: AggBox takes less): time p50 as a ratio of medians with
+    a bootstrap 95% CI, CPU per call as the ratio of the two figures (no CI: one figure
+    per system); and the strongest baseline (lowest time p50) named, with its ratios."""
+    from aggbox.results import bootstrap_ratio_ci
+
+    if "aggbox" not in per_system:
+        return {}
+    ours = [s["time_ms"] for s in samples if s["system"] == "aggbox"]
+    ratios: dict[str, dict] = {}
+    for base in per_system:
+        if base == "aggbox":
+            continue
+        ratio, low, high = bootstrap_ratio_ci(
+            ours, [s["time_ms"] for s in samples if s["system"] == base])
+        if not math.isnan(ratio):
+            ratios[f"aggbox/{base} time p50"] = {
+                "ratio": round(ratio, 4),
+                "ci95": [_allreduce_number(low, 4), _allreduce_number(high, 4)]}
+        a, b = per_system["aggbox"]["cpu_us_per_op"], per_system[base]["cpu_us_per_op"]
+        if a is not None and b:
+            ratios[f"aggbox/{base} cpu_us_per_op"] = {"ratio": round(a / b, 4), "ci95": None}
+    out: dict = {"ratios": ratios}
+    timed = [b for b, s in per_system.items() if b != "aggbox" and s["p50_ms"] is not None]
+    if timed:
+        strongest = min(timed, key=lambda b: per_system[b]["p50_ms"])
+        out["strongest_baseline"] = strongest
+        out["strongest_baseline_ratio"] = {
+            "time p50": ratios.get(f"aggbox/{strongest} time p50"),
+            "cpu_us_per_op": ratios.get(f"aggbox/{strongest} cpu_us_per_op")}
+    return out
+
+
 def _print_allreduce_table(results: list[dict]) -> None:
-    print(f"{'size':>10} {'count':>10} {'type':>6} {'system':>8} {'time p50':>11} "
-          f"{'time p99':>11} {'algbw':>10} {'max err':>10} {'bound':>10}")
+    def f(v, w, spec):
+        return f"{v:>{w}{spec}}" if v is not None else f"{'-':>{w}}"
+
+    first = next(iter(results[0]["systems"].values()), {}) if results else {}
+    print(f"allreduce: {results[0]['workers'] if results else '?'} workers + the aggregator "
+          "host; promise app (every worker's application holds the sum)\n"
+          "times in ms: p50, bootstrap 95% CI of the median, p99 from 100 calls on\n"
+          f"CPU per call in ms: the whole machine ({first.get('cpu_source') or '?'}, "
+          f"{first.get('cpu_background')} busy CPUs of background subtracted), the workers'\n"
+          "processes, the aggregator's process (AggBox's aggregator works in softirq: in the "
+          "machine figure only)\n"
+          f"CPUs: workers {first.get('worker_cpus') or '?'}, aggregator "
+          f"{first.get('aggregator_cpus') or '?'}; p/cpu: processes a call needs per CPU "
+          "(! = overcommitted)")
+    head = (f"{'bytes':>9} {'system':<7} {'p50':>8} {'95% CI':>15} {'p99':>8} {'GB/s':>6} "
+            f"{'max err':>8} {'bound':>8} {'cpu/op':>7} {'workers':>7} {'aggr':>7} "
+            f"{'p/cpu':>5}")
+    print(head)
+    print("-" * len(head))
     for res in results:
         for name, s in res["systems"].items():
-            bound = f"{s['err_bound']:.2e}" if s.get("err_bound") is not None else "-"
-            print(f"{res['floats'] * 4:>10} {res['floats']:>10} {'float':>6} {name:>8} "
-                  f"{s['p50_ms']:>9.3f}ms {s['p99_ms']:>9.3f}ms {s['algbw_gbps'] or 0:>7.3f}GB/s"
-                  f" {s['max_abs_err']:>10.2e} {bound:>10}")
-        if "ratios" in res:
-            for name, ratio in res["ratios"].items():
-                print(f"{'':>10} {name}: {ratio:.3f}")
+            lo, hi = s.get("time_ms_p50_ci") or (None, None)
+            ci = f"[{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else "-"
+            cpu = [None if s.get(k) is None else s[k] / 1e3 for k in ALLREDUCE_CPU]
+            ppc = s.get("procs_per_cpu")
+            ppc_text = "-" if ppc is None else f"{ppc:g}" + ("!" if s.get("overcommitted")
+                                                          else "")
+            print(f"{res['floats'] * 4:>9} {name:<7} {f(s['p50_ms'], 8, '.3f')} {ci:>15} "
+                  f"{f(s['p99_ms'], 8, '.3f')} {f(s['algbw_gbps'], 6, '.3f')} "
+                  f"{f(s['max_abs_err'], 8, '.1e')} {f(s.get('err_bound'), 8, '.1e')} "
+                  f"{f(cpu[0], 7, '.2f')} {f(cpu[1], 7, '.2f')} {f(cpu[2], 7, '.2f')} "
+                  f"{ppc_text:>5}")
+        for name, r in res.get("ratios", {}).items():
+            ci = r.get("ci95")
+            ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
+            print(f"{'':>9} {name}: {r['ratio']:.3f}{ci_text}")
+        if res.get("strongest_baseline"):
+            print(f"{'':>9} strongest baseline (lowest time p50): {res['strongest_baseline']}")
 
 
 def bench_allreduce(args: argparse.Namespace) -> int:
@@ -154,13 +242,10 @@ def bench_allreduce(args: argparse.Namespace) -> int:
                       "distribution": args.distribution}
             run = run_allreduce(tb, params, systems, args.iters, args.warmup, args.seed)
             res = {"workload": "allreduce", "workers": args.workers, "floats": floats,
-                   "mtu": args.mtu, "loss": args.loss,
+                   "mtu": args.mtu, "loss": args.loss, "iters": args.iters,
+                   "warmup": args.warmup,
                    "systems": summarize_allreduce(run.samples, systems, floats)}
-            if "aggbox" in res["systems"]:
-                agg = res["systems"]["aggbox"]["p50_ms"]
-                res["ratios"] = {f"aggbox/{b} p50": round(agg / s["p50_ms"], 4)
-                                 for b, s in res["systems"].items()
-                                 if b != "aggbox" and s["p50_ms"]}
+            res.update(allreduce_ratios(run.samples, res["systems"]))
             if args.counters:
                 res["nodes"] = run.events
             results.append(res)

@@ -24,6 +24,10 @@ class GlooAllreducer:
 
         # Inside a namespace the hostname resolves to 127.0.0.1: name the interface.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", group.ifname)
+        # One intra-op thread: a rank is one busy thread, like every other system's.
+        # gloo's own threads (its work queue, the TCP transport's loop) stay: they are
+        # threads of this process, on its CPU set, and hand a call's work over rather
+        # than run beside it.
         torch.set_num_threads(1)
         self.torch, self.dist = torch, dist
         self.group = group

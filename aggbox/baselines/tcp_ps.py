@@ -6,6 +6,7 @@ per-call connect."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -13,6 +14,7 @@ import time
 import numpy as np
 
 from aggbox.collectives.group import Group
+from aggbox.cpu import ProcessCpu
 from aggbox.errors import AggBoxError
 from aggbox.sockets import big_receive_buffer
 
@@ -44,26 +46,41 @@ class ParameterServer:
         self.listener.bind(("0.0.0.0", port))
         self.listener.listen(group.size)
 
-    def serve(self, accept_timeout: float = 120.0) -> None:
+    def serve(self, accept_timeout: float = 120.0, cpu: ProcessCpu | None = None,
+              warmup: int = 0) -> None:
+        """``cpu``: bill this process's CPU per call, the first ``warmup`` calls under
+        ``"tcp_ps-warmup"``, the others under ``"tcp_ps"`` (one op each), the accepts
+        under ``"tcp_ps-setup"``."""
         self.listener.settimeout(accept_timeout)
         conns = []
-        for _ in range(self.group.size):
-            conn, _ = self.listener.accept()
-            _tune(conn)
-            conns.append(conn)
+        with cpu.window("tcp_ps-setup", 0) if cpu is not None else contextlib.nullcontext():
+            for _ in range(self.group.size):
+                conn, _ = self.listener.accept()
+                _tune(conn)
+                conns.append(conn)
         try:
-            while self._one_call(conns):
-                pass
+            calls = 0
+            while (head := self._first_head(conns[0])) is not None:
+                calls += 1
+                key = "tcp_ps" if calls > warmup else "tcp_ps-warmup"
+                # The window opens once the first worker's frame is in: the wait for it
+                # is idle, and a window is an op only if a call came.
+                with cpu.window(key, 1) if cpu is not None else contextlib.nullcontext():
+                    self._one_call(conns, head)
         finally:
             for c in conns:
                 c.close()
 
-    def _one_call(self, conns: list[socket.socket]) -> bool:
+    @staticmethod
+    def _first_head(conn: socket.socket) -> bytearray | None:
         head = bytearray(FRAME.size)
         try:
-            _recv_exact(conns[0], memoryview(head))
+            _recv_exact(conn, memoryview(head))
         except AggBoxError:
-            return False  # the workers are done
+            return None  # the workers are done
+        return head
+
+    def _one_call(self, conns: list[socket.socket], head: bytearray) -> None:
         call, nbytes = FRAME.unpack(head)
         total = np.empty(nbytes // 4, dtype=np.float32)
         buf = np.empty_like(total)
@@ -77,7 +94,6 @@ class ParameterServer:
         for conn in conns:
             conn.sendall(frame)
             conn.sendall(out)
-        return True
 
     def close(self) -> None:
         self.listener.close()

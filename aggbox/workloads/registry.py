@@ -36,7 +36,11 @@ WORKLOADS: dict[str, str | WorkloadFn] = {
 #: workload name -> metric columns every sample carries (all in the units their suffix says).
 METRICS: dict[str, list[str]] = {
     "broadcast": ["completion_us", "delivery_us", "sender_cpu_us"],
-    "allreduce": ["time_ms", "algbw_gbps", "max_abs_err", "err_bound"],
+    # cpu_us_per_op: whole machine per call (background and barrier subtracted); the
+    # roles: all workers' own process CPU, and the aggregator process's (tcp_ps's
+    # server; AggBox's aggregator works in softirq, in the machine figure only).
+    "allreduce": ["time_ms", "algbw_gbps", "max_abs_err", "err_bound", "cpu_us_per_op",
+                  "workers_cpu_us_per_op", "aggregator_cpu_us_per_op"],
     "mapreduce": ["reduce_s", "job_s", "reducer_cpu_s", "pairs_per_s"],
 }
 
@@ -175,8 +179,9 @@ class CostModel:
 
 #: workload name -> cost model (a workload without one gets the default CostModel()).
 COST: dict[str, CostModel] = {
-    # ~15 s to start the workers (torch import, gloo rendezvous), then tens of ms a call.
-    "allreduce": CostModel(fixed_s=15.0, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
+    # ~15 s to start the workers (torch import, gloo rendezvous) and 0.3 s of CPU-meter
+    # calibration, then tens of ms a call (plus a barrier per block of calls).
+    "allreduce": CostModel(fixed_s=15.5, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
     # corpus, reference count and the reducers' BPF compile, then one job per iteration
     # (~0.1-0.8 s; 2M words, 4 mappers on 2 CPUs: 0.4-0.8 s).
     "mapreduce": CostModel(fixed_s=4.0, per_host_s=0.1, per_system_s=0.2, per_iter_s=0.4),
