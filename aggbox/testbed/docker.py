@@ -58,6 +58,7 @@ from aggbox.testbed.netns import (
     group_addresses,
     host_ip,
     host_mac,
+    quickack_lines,
     validate_name,
 )
 
@@ -525,6 +526,8 @@ class DockerTestbed(Testbed):
                  for o in self.hosts if o is not host]
         lines += [f"neigh replace {g} lladdr {GROUP_MAC} dev {HOST_IFNAME} nud permanent"
                   for g in self.group_ips]
+        # As on the netns testbed: tcp_kack's members ACK at once, other TCP keeps defaults.
+        lines += quickack_lines(ipaddress.IPv4Network(self.subnet), host.ip, HOST_IFNAME)
         _batch("ip", lines)
         if not self.tx_offload:
             _run(["ethtool", "-K", HOST_IFNAME, "tx", "off"])

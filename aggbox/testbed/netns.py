@@ -55,6 +55,12 @@ NETEM_LIMIT = 10000
 MAX_PREFIX_LEN = 12
 MAX_RUN_ID_LEN = 16
 MAX_HOSTS = 4096  # keeps switch-side names (h4095) and MACs (02:ab:..:hi:lo) well-formed
+# TCP connections whose member side listens on one of these ports ACK every segment at
+# once (route metric quickack 1, chosen by a policy rule): baselines whose completion is
+# the members' kernel ACK (tcp_kack) must not wait out delayed ACKs (40 ms and more),
+# while every other TCP system keeps Linux's default delayed ACKs.
+KERNEL_ACK_PORTS = (45200, 45299)
+QUICKACK_TABLE = 213
 _NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -109,6 +115,17 @@ def host_ip(net: ipaddress.IPv4Network, index: int) -> str:
 def group_addresses(net: ipaddress.IPv4Network, count: int) -> list[str]:
     """Virtual group destinations from the top of the subnet: .255.254, .255.253, ..."""
     return [str(net.broadcast_address - 1 - k) for k in range(count)]
+
+
+def quickack_lines(net: ipaddress.IPv4Network, ip: str, ifname: str) -> list[str]:
+    """``ip -batch`` lines giving TCP from :data:`KERNEL_ACK_PORTS` a copy of the host's
+    connected route with ``quickack 1``. A rule on the source port, not the main route:
+    TCP_QUICKACK set by the application would be reset by the kernel and ties the ACK to
+    the application reading; quickack on the main route would change every other TCP
+    baseline's ACK pattern too."""
+    low, high = KERNEL_ACK_PORTS
+    return [f"rule add ipproto tcp sport {low}-{high} lookup {QUICKACK_TABLE} pref 1000",
+            f"route add {net} dev {ifname} src {ip} table {QUICKACK_TABLE} quickack 1"]
 
 
 def check_capacity(net: ipaddress.IPv4Network, n_hosts: int, n_groups: int) -> None:
@@ -467,7 +484,9 @@ class NetnsTestbed(Testbed):
                 f" netns {h.netns}",
                 f"link set {port} master {BRIDGE} up",
                 # No unknown-unicast flooding: a frame for one host never reaches another.
-                f"link set {port} type bridge_slave flood off",
+                # Multicast (mcast baseline) still floods: snooping is off on br0, so
+                # every port gets a group's frames and the hosts' IP layer keeps members'.
+                f"link set {port} type bridge_slave flood off mcast_flood on",
             ]
         _batch("ip", lines)
         # Static forwarding entries: the bridge knows every host from the start, instead
@@ -496,6 +515,7 @@ class NetnsTestbed(Testbed):
         for gip in self.group_ips:
             lines.append(f"neigh add {gip} lladdr {GROUP_MAC} dev {HOST_IFNAME} nud permanent")
         lines.append(f"link set {HOST_IFNAME} up")
+        lines += quickack_lines(self.net, host.ip, HOST_IFNAME)  # needs the link up
         _batch("ip", lines)
         if not self.tx_offload:
             _run(["ethtool", "-K", HOST_IFNAME, "tx", "off"])
