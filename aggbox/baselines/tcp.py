@@ -14,6 +14,7 @@ from aggbox.errors import AggBoxError, CollectiveTimeout
 
 FRAME = struct.Struct("<QI")  # message number, payload length
 ACK = struct.Struct("<Q")  # message number acknowledged
+PROMISE = "app"  # send returns once every member's application has the message
 
 
 def _tune(sock: socket.socket) -> None:
@@ -129,9 +130,13 @@ class TcpReceiver:
             return None
         data = bytes(self.buf[FRAME.size:end])
         del self.buf[:end]
+        self._acknowledge(msg_no)
+        return data
+
+    def _acknowledge(self, msg_no: int) -> None:
+        """The application-level ACK (tcp_kack's members send none)."""
         assert self.conn is not None
         self.conn.sendall(ACK.pack(msg_no))
-        return data
 
     def close(self) -> None:
         if self.conn:

@@ -13,6 +13,8 @@ from aggbox.errors import CollectiveTimeout
 from aggbox.protocol import HEADER_SIZE, Flags, Header, MsgType, max_payload
 from aggbox.sockets import udp_socket
 
+PROMISE = "app"  # send returns once every member's application has the message
+
 
 class UdpBroadcaster:
     """The root: ``send`` returns once every member's application acknowledged."""
@@ -37,13 +39,15 @@ class UdpBroadcaster:
             out.append(hdr.pack() + chunk)
         return out
 
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"retransmits": self.retransmits}
+
     def send(self, data: bytes, timeout: float = 5.0) -> int:
         self.msg_no += 1
         packets = self._packets(data)
         waiting = {m.ip: m.rank for m in self.group.receivers}
-        for ip in waiting:
-            for pkt in packets:
-                self.sock.sendto(pkt, (ip, self.group.port))
+        self._first_copy(packets, waiting)
         deadline = time.monotonic() + timeout
         rto = self.rto_s
         while waiting:
@@ -54,14 +58,23 @@ class UdpBroadcaster:
                     sorted(waiting.values()))
             ready, _, _ = select.select([self.sock], [], [], min(rto, left))
             if not ready:
-                for ip in waiting:
-                    for pkt in packets:
-                        self.sock.sendto(pkt, (ip, self.group.port))
-                        self.retransmits += 1
+                # Only the members that did not ack get the message again.
+                self._unicast(packets, waiting)
+                self.retransmits += len(packets) * len(waiting)
                 rto = min(rto * 2, 0.5)
                 continue
             self._drain(waiting)
         return self.msg_no
+
+    def _first_copy(self, packets: list[bytes], waiting: dict[str, int]) -> None:
+        """How a message first reaches the members: here one copy per member (mcast
+        overrides it with one copy to the group)."""
+        self._unicast(packets, waiting)
+
+    def _unicast(self, packets: list[bytes], ips: dict[str, int]) -> None:
+        for ip in ips:
+            for pkt in packets:
+                self.sock.sendto(pkt, (ip, self.group.port))
 
     def _drain(self, waiting: dict[str, int]) -> None:
         while True:
