@@ -8,6 +8,13 @@ names under ``figures:``, and ``aggbox plot RUN_DIR`` redraws them from stored r
 Figures are built on :class:`matplotlib.figure.Figure` directly, not pyplot: no global
 backend is switched and nothing is shown, so this module is safe to import in notebooks
 (where ``broadcast_latency_figures(run)`` returns the figures themselves).
+
+What a reader can trust in every figure: a line is the median (p50) and its shaded band
+the median's 95% bootstrap CI; an ``x`` marks the p99 where a point has the samples for
+one (100 or more); a hollow marker is an overcommitted configuration (more processes that
+must run at once than CPUs); every marker and band is in the legend; no bar stands on a
+log axis (points and lines only). The per-configuration statistics come from the same
+table as the report's (:func:`aggbox.report.cells_of`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import argparse
 import functools
 import itertools
 import os
-from collections.abc import Callable, Iterator
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -24,10 +32,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from aggbox.errors import AggBoxError
-from aggbox.results import Run, load_run, temp_beside
+from aggbox.report import Cells, cells_of
+from aggbox.results import Run, bootstrap_ratio_ci, load_run, temp_beside
 
 FigureFn = Callable[..., list[Path]]
 
@@ -36,9 +46,9 @@ FIGURES: dict[str, FigureFn] = {}
 
 #: workload -> figures drawn when a run's meta.json names none.
 DEFAULT_FIGURES: dict[str, list[str]] = {
-    "broadcast": ["broadcast_latency", "broadcast_cdf"],
-    "allreduce": ["allreduce_time"],
-    "mapreduce": ["mapreduce_speedup", "mapreduce_times"],
+    "broadcast": ["broadcast_latency", "broadcast_cdf", "broadcast_cpu"],
+    "allreduce": ["allreduce_time", "allreduce_cpu"],
+    "mapreduce": ["mapreduce_speedup", "mapreduce_times", "mapreduce_cpu"],
 }
 
 RC = {
@@ -58,22 +68,30 @@ RC = {
 PNG_DPI = 150
 
 # One look per system, the same in every figure. AggBox stands out; baselines are muted.
+# Markers differ within every workload; "x" is reserved for the p99.
 SYSTEM_STYLE = {
     "aggbox": {"label": "AggBox", "color": "#c0392b", "marker": "o"},
+    "tcp_kack": {"label": "TCP kernel-ACK", "color": "#8e44ad", "marker": "v"},
     "tcp": {"label": "TCP", "color": "#2c3e50", "marker": "s"},
     "udp": {"label": "UDP", "color": "#7f8c8d", "marker": "^"},
+    "mcast": {"label": "IP multicast", "color": "#27ae60", "marker": "h"},
     "gloo": {"label": "Gloo", "color": "#2980b9", "marker": "D"},
-    "aggbox_nocombiner": {"label": "AggBox, no combiner", "color": "#e67e22", "marker": "o"},
+    "aggbox_nocombiner": {"label": "AggBox, no combiner", "color": "#e67e22", "marker": "p"},
     "tcp_combiner": {"label": "TCP + combiner", "color": "#16a085", "marker": "P"},
     "tcp_ps": {"label": "TCP param. server", "color": "#2c3e50", "marker": "s"},
 }
-_FALLBACK_COLORS = itertools.cycle(["#8e44ad", "#16a085", "#d35400", "#27ae60"])
+_FALLBACK_COLORS = itertools.cycle(["#d35400", "#7d3c98", "#1abc9c", "#b7950b"])
+P99_MARKER = "x"
+KEY_COLOR = "0.35"  # the grey of legend entries that explain a style, not a system
 
 METRIC_LABELS = {
     "completion_us": "completion latency (µs)",
     "delivery_us": "delivery latency (µs)",
     "sender_cpu_us": "sender CPU time (µs)",
+    "cpu_us_per_op": "CPU per operation (µs)",
     "time_ms": "time per call (ms)",
+    "job_s": "whole job (s)",
+    "after_last_send_s": "after the last send (s)",
 }
 
 
@@ -110,7 +128,7 @@ def figures_for(run: Run) -> list[str]:
 
 def style(system: str) -> dict:
     if system not in SYSTEM_STYLE:
-        SYSTEM_STYLE[system] = {"label": system, "color": next(_FALLBACK_COLORS), "marker": "v"}
+        SYSTEM_STYLE[system] = {"label": system, "color": next(_FALLBACK_COLORS), "marker": "*"}
     return SYSTEM_STYLE[system]
 
 
@@ -124,14 +142,16 @@ def metric_label(metric: str) -> str:
 
 def format_bytes(n: object) -> str:
     n = int(n)  # type: ignore[arg-type]
-    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size and n % size == 0:
             return f"{n // size} {unit}"
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):.1f} KiB"
     return f"{n} B"
 
 
-def _n_text(counts: pd.Series) -> str:
-    counts = counts.dropna().astype(int)
+def _n_text(counts: Sequence) -> str:
+    counts = pd.Series(list(counts), dtype=float).dropna().astype(int)
     if counts.empty:
         return "n=0"
     lo, hi = int(counts.min()), int(counts.max())
@@ -147,15 +167,13 @@ def _values(run: Run, column: str) -> list:
     return sorted(present)
 
 
-def _facets(run: Run, x: str, row: str | None, col: str | None) -> Iterator[tuple[str, dict]]:
-    """One (file-name suffix, {param: value}) per figure, for parameters that are not axes.
-
-    A run whose grid also varies, say, ``loss`` gets one figure per loss value.
-    """
-    params = run.param_columns or [c for c in (x, row, col) if c]
+def _facets(run: Run, axes: Sequence[str | None]) -> Iterator[tuple[str, dict]]:
+    """One (file-name suffix, {param: value}) per figure, for varied parameters that are
+    not axes: a run whose grid also varies, say, ``loss`` gets one figure per loss value."""
+    params = run.param_columns or [a for a in axes if a]
     others = [
         p for p in params
-        if p not in (x, row, col) and p in run.samples and run.samples[p].nunique() > 1
+        if p not in axes and p in run.samples and run.samples[p].nunique() > 1
     ]  # fmt: skip
     for combo in itertools.product(*(_values(run, p) for p in others)):
         fixed = dict(zip(others, combo, strict=True))
@@ -167,7 +185,7 @@ def _select(frame: pd.DataFrame, fixed: dict) -> pd.DataFrame:
     """Rows matching every {column: value}; columns the frame lacks are ignored."""
     mask = np.ones(len(frame), dtype=bool)
     for column, value in fixed.items():
-        if column in frame:
+        if column in frame and value is not None:
             mask &= (frame[column] == value).to_numpy()
     return frame[mask]
 
@@ -178,11 +196,26 @@ def _grid(run: Run, row: str, col: str) -> tuple[list, list]:
     return rows, cols
 
 
+def _shown(values: list) -> list:
+    """Panel-title values: None where the run has only one (it is said once, elsewhere)."""
+    return values if len(values) > 1 else [None] * len(values)
+
+
+def _fixed_text(run: Run, fixed: dict, also: Sequence[str] = ()) -> str:
+    """The facet's parameters and the run's single-valued ones (e.g. the payload size)."""
+    parts = [f"{k}={v}" for k, v in fixed.items()]
+    for p in also:
+        if p in run.samples and run.samples[p].nunique() == 1:
+            v = run.samples[p].iloc[0]
+            parts.append(f"{format_bytes(v)} payload" if p == "size" else f"{p}={v}")
+    return ", ".join(parts)
+
+
 def _panel_title(row_value, col_value, extra: str = "") -> str:
     parts = []
     if extra:
         parts.append(extra)
-    if row_value is not None:
+    if row_value is not None:  # None: the run has one payload size (the caption says it)
         parts.append(f"{format_bytes(row_value)} payload")
     if col_value is not None:
         parts.append(f"{col_value} receivers")
@@ -197,38 +230,80 @@ def _caption(run: Run, what: str) -> str:
 
 
 def _new_figure(nrows: int, ncols: int, width: float = 3.6, height: float = 2.7) -> Figure:
-    return Figure(figsize=(0.4 + width * ncols, 1.1 + height * nrows), layout="constrained")
+    return Figure(figsize=(0.4 + width * ncols, 1.3 + height * nrows), layout="constrained")
 
 
-def _finish_figure(
-    fig: Figure, title: str, caption: str, legend: dict[str, list], markers: bool = True
-) -> None:
+class Key:
+    """The legend: one entry per system drawn, then one per style actually used."""
+
+    def __init__(self, run: Run, promises: dict[str, str] | None = None):
+        self.run = run
+        self.promises = promises or {}  # system -> promise, shown in its legend entry
+        self.counts: dict[str, list] = {}
+        self.extra: dict[str, tuple] = {}  # label -> (kind, sort order)
+        self.custom: dict[str, Line2D] = {}
+
+    def system(self, system: str, counts: Sequence) -> None:
+        self.counts.setdefault(system, []).extend(list(counts))
+
+    def line(self, label: str, **kwargs) -> None:
+        """A legend entry that is not a system (e.g. a pair of systems in a ratio)."""
+        self.custom[label] = Line2D([], [], label=label, **{"ms": 4.5, "lw": 1.5, **kwargs})
+
+    def uses(self, what: str) -> None:
+        self.extra[what] = ()
+
+    def handles(self) -> list:
+        out = []
+        for system, counts in self.counts.items():
+            st = style(system)
+            tag = f", {self.promises[system]}" if system in self.promises else ""
+            out.append(Line2D([], [], color=st["color"], marker=st["marker"], ms=4.5, lw=1.5,
+                              label=f"{st['label']} ({_n_text(counts)}{tag})"))
+        out += list(self.custom.values())
+        if "band" in self.extra:
+            out.append(Patch(facecolor=KEY_COLOR, alpha=0.2, lw=0, label="95% CI of the p50"))
+        if "errorbar" in self.extra:
+            out.append(Line2D([], [], color=KEY_COLOR, marker="|", ms=8, ls="none",
+                              label="95% CI (bar)"))
+        if "p99" in self.extra:
+            out.append(Line2D([], [], color=KEY_COLOR, marker=P99_MARKER, ms=5, ls="none",
+                              label="p99 (points with n ≥ 100)"))
+        if "overcommitted" in self.extra:
+            out.append(Line2D([], [], color=KEY_COLOR, marker="o", mfc="white", ms=5,
+                              ls="none", label="hollow: overcommitted"))
+        if "paper" in self.extra:
+            out.append(Line2D([], [], color=style("aggbox")["color"], lw=0.8, ls=":",
+                              label="the paper's claim"))
+        if "parity" in self.extra:
+            out.append(Line2D([], [], color="0.5", lw=0.8, ls=":", label="parity (1x)"))
+        return out
+
+
+def _finish_figure(fig: Figure, title: str, caption: str, key: Key) -> None:
     """One legend for all panels on top; title and caption below, as a paper's caption.
 
     (No suptitle: constrained layout would stack it on top of an outside legend.)
     """
-    handles = []
-    for system, counts in legend.items():
-        st = style(system)
-        handles.append(
-            Line2D(
-                [], [], color=st["color"], marker=st["marker"] if markers else None, ms=4, lw=1.5,
-                label=f"{st['label']} ({_n_text(pd.Series(counts))})",
-            )
-        )  # fmt: skip
+    handles = key.handles()
     if handles:
-        fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), frameon=False)
-    fig.supxlabel(f"{title}. {caption}", fontsize=7, color="0.3", linespacing=1.4)
+        # as many columns as fit the figure's width (a clipped legend hides a marker)
+        ncols = max(1, min(len(handles), int(fig.get_figwidth() / 2.3)))
+        fig.legend(handles=handles, loc="outside upper center", ncols=ncols, frameon=False)
+    width = int(fig.get_figwidth() * 17)  # characters of 7 pt text per line
+    text = "\n".join(textwrap.fill(line, width) for line in f"{title}. {caption}".split("\n"))
+    fig.supxlabel(text, fontsize=7, color="0.3", linespacing=1.4)
 
 
-def _log2_x(ax, values: list) -> None:
+def _log2_x(ax, values: list, labels: Callable[[object], str] | None = None) -> None:
+    """A log-2 x axis with a labelled tick at every grid value (and nothing else)."""
     values = sorted(v for v in values if v is not None)
     ax.set_xscale("log", base=2)
     if values:
         ax.set_xlim(values[0] / 1.35, values[-1] * 1.9)
-        ax.set_xticks(values)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xticks(values, [labels(v) if labels else f"{v:g}" for v in values])
     ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _readable_log(ax, which: str) -> None:
@@ -281,92 +356,163 @@ def _styled(fn: Callable[..., list[tuple[str, Figure]]]) -> Callable[..., list[t
     return wrapper
 
 
+def _missing_figure(run: Run, stem: str, title: str, what: str) -> list[tuple[str, Figure]]:
+    """A figure that says what the run lacks, instead of an empty or misleading plot."""
+    fig = _new_figure(1, 1, width=5.0, height=1.6)
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, f"Not in this run: {what}.\nRecorded by newer runs; re-run the "
+            "experiment to draw this figure.", ha="center", va="center", fontsize=9,
+            transform=ax.transAxes)
+    _finish_figure(fig, title, _caption(run, ""), Key(run))
+    return [(stem, fig)]
+
+
+def _oc(value) -> bool:
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def _series(ax, rows: pd.DataFrame, x: str, metric: str, system: str, key: Key,
+            xvalues: Callable[[pd.Series], pd.Series] | None = None, scale: float = 1.0,
+            band: bool = True) -> None:
+    """One system's p50 line with its CI band, p99 markers where they exist and hollow
+    markers on overcommitted points; registers what it drew with ``key``."""
+    rows = rows[np.isfinite(rows[f"{metric}_p50"].astype(float))]
+    rows = rows[rows[f"{metric}_p50"] > 0].sort_values(x)
+    if rows.empty:
+        return
+    st = style(system)
+    xs = (xvalues(rows[x]) if xvalues else rows[x]).to_numpy(dtype=float)
+    p50 = rows[f"{metric}_p50"].to_numpy(dtype=float) * scale
+    ax.plot(xs, p50, color=st["color"], marker=st["marker"], ms=4.5, lw=1.5)
+    lo = rows[f"{metric}_ci_low"].to_numpy(dtype=float) * scale
+    hi = rows[f"{metric}_ci_high"].to_numpy(dtype=float) * scale
+    if band and np.isfinite(lo).any() and (hi > lo).any():  # a band of zero width is no CI
+        ax.fill_between(xs, lo, hi, color=st["color"], alpha=0.2, lw=0)
+        key.uses("band")
+    p99 = rows[f"{metric}_p99"].to_numpy(dtype=float) * scale
+    if np.isfinite(p99).any():
+        ax.plot(xs, p99, color=st["color"], marker=P99_MARKER, ms=5, ls="none")
+        key.uses("p99")
+    oc = np.array([_oc(v) for v in rows["overcommitted"]])
+    if oc.any():
+        ax.plot(xs[oc], p50[oc], color=st["color"], marker=st["marker"], mfc="white", ms=4.5,
+                ls="none", zorder=3)
+        key.uses("overcommitted")
+    key.system(system, rows[f"{metric}_n"])
+
+
+def _no_cpu(cells: Cells) -> bool:
+    return "cpu_us_per_op" not in cells.metrics or not np.isfinite(
+        cells.table["cpu_us_per_op_p50"].astype(float)).any()
+
+
 # ----------------------------------------------------------------------------- broadcast
+
+BROADCAST_METRICS = ("completion_us", "delivery_us", "cpu_us_per_op")
+
+
+def _broadcast_cells(run: Run) -> Cells:
+    return cells_of(run, BROADCAST_METRICS)
+
+
+def _promises(cells: Cells) -> dict[str, str]:
+    """system -> promise, for the legend (documented defaults for runs without them)."""
+    t = cells.table
+    return dict(zip(t["system"], t["promise"], strict=True)) if len(t) else {}
 
 
 def _reduction_note(ax, sub: pd.DataFrame, metric: str, x: str) -> None:
-    """At the largest group, mark how much lower (or higher) AggBox is than TCP."""
+    """At the largest group, mark how much lower (or higher) AggBox is than the strongest
+    like-for-like baseline: same promise for completion; any system for delivery (every
+    system's delivery is the same promise, the application has it). A run without a
+    same-promise baseline gets the note against TCP, labelled with TCP's promise."""
     col = f"{metric}_p50"
-    at = sub[sub[x] == sub[x].max()].set_index("system")[col]
-    if not {"aggbox", "tcp"} <= set(at.index):
+    at = sub[sub[x] == sub[x].max()].set_index("system")
+    if "aggbox" not in at.index or not np.isfinite(at.loc["aggbox", col]):
         return
-    ours, theirs = float(at["aggbox"]), float(at["tcp"])
+    peers = [s for s in at.index if not s.startswith("aggbox") and np.isfinite(at.loc[s, col])]
+    if metric == "completion_us":
+        same = [s for s in peers if at.loc[s, "promise"] == at.loc["aggbox", "promise"]]
+        base = min(same, key=lambda s: at.loc[s, col]) if same else (
+            "tcp" if "tcp" in peers else None)
+    else:
+        base = min(peers, key=lambda s: at.loc[s, col]) if peers else None
+    if base is None:
+        return
+    ours, theirs = float(at.loc["aggbox", col]), float(at.loc[base, col])
     if not (ours > 0 and theirs > 0):
         return
     change = (ours - theirs) / theirs * 100
     sign = "−" if change < 0 else "+"
+    tag = "" if at.loc[base, "promise"] == at.loc["aggbox", "promise"] or metric != \
+        "completion_us" else f" ({at.loc[base, 'promise']})"
     xbar = float(sub[x].max()) * 1.22
     ax.annotate(
         "", xy=(xbar, ours), xytext=(xbar, theirs),
         arrowprops={"arrowstyle": "<->", "color": "0.25", "lw": 0.8, "shrinkA": 0, "shrinkB": 0},
     )  # fmt: skip
     ax.annotate(
-        f"{sign}{abs(change):.0f}% vs TCP",
+        f"{sign}{abs(change):.0f}% vs {style(base)['label']}{tag}",
         xy=(xbar, (ours * theirs) ** 0.5),
         xytext=(3, 0),
         textcoords="offset points",
         rotation=90,
         ha="left",
         va="center",
-        fontsize=7.5,
-        fontweight="bold",
+        fontsize=7,
         color=style("aggbox")["color"],
     )
 
 
 @_styled
 def broadcast_latency_figures(run: Run, metric: str | None = None) -> list[tuple[str, Figure]]:
-    """Latency (p50 line, p50–p99 band) vs group size per system; a panel per receiver model.
+    """Completion and delivery latency vs group size per system (p50 line, CI band, p99
+    markers); a row per metric and payload size, a column per receiver model.
 
-    Rows are payload sizes when the run has several; any other varied parameter (say
-    ``loss``) gets a figure of its own, suffixed ``-loss=1.0``.
+    Any other varied parameter (say ``placement``) gets a figure of its own, suffixed
+    ``-placement=shared``.
     """
-    metric = metric or run.primary_metric
+    cells = _broadcast_cells(run)
+    metrics = [metric] if metric else [m for m in ("completion_us", "delivery_us")
+                                       if m in cells.metrics]
     x, row, col = "hosts", "size", "receivers"
-    rows, cols = _grid(run, row, col)
+    sizes, cols = _grid(run, row, col)
+    rows = [(m, s) for m in metrics for s in sizes]
     hosts = _values(run, x)
     out = []
-    for suffix, fixed in _facets(run, x, row, col):
+    for suffix, fixed in _facets(run, (x, row, col)):
         fig = _new_figure(len(rows), len(cols))
-        # Panels in a row (one payload size) share their scale; sizes differ too much.
+        # Panels in a row (one metric and size) share their scale.
         axes = fig.subplots(len(rows), len(cols), sharex=True, sharey="row", squeeze=False)
-        counts: dict[str, list] = {}
-        for (i, rv), (j, cv) in itertools.product(enumerate(rows), enumerate(cols)):
+        key = Key(run, _promises(cells))
+        for (i, (m, rv)), (j, cv) in itertools.product(enumerate(rows), enumerate(cols)):
             ax = axes[i][j]
-            sub = _select(run.summary, {**fixed, row: rv, col: cv})
+            sub = _select(cells.table, {**fixed, row: rv, col: cv})
+            drew = False
             for system in run.systems:
-                s = sub[sub["system"] == system].sort_values(x)
-                s = s[(s[f"{metric}_p50"] > 0) & s[f"{metric}_p99"].notna()]
-                if s.empty:
-                    continue
-                st = style(system)
-                counts.setdefault(system, []).extend(s[f"{metric}_n"])
-                ax.plot(
-                    s[x], s[f"{metric}_p50"], marker=st["marker"], color=st["color"], ms=4, lw=1.5
-                )
-                ax.fill_between(
-                    s[x], s[f"{metric}_p50"], s[f"{metric}_p99"], color=st["color"], alpha=0.13,
-                    lw=0,
-                )  # fmt: skip
-                ax.plot(s[x], s[f"{metric}_p99"], color=st["color"], lw=0.7, ls="--", alpha=0.8)
+                s = sub[sub["system"] == system]
+                if not s.empty and np.isfinite(s[f"{m}_p50"].astype(float)).any():
+                    _series(ax, s, x, m, system, key)
+                    drew = True
             _log2_x(ax, hosts)
             ax.set_yscale("log")
-            if counts:
+            if drew:
                 _readable_log(ax, "y")
-            if not sub.empty:
-                _reduction_note(ax, sub, metric, x)
-            ax.set_title(_panel_title(rv, cv, ", ".join(f"{k}={v}" for k, v in fixed.items())))
+                _reduction_note(ax, sub, m, x)
+            what = metric_label(m).split(" (")[0]
+            ax.set_title(_panel_title(_shown(sizes)[sizes.index(rv)], cv, what))
             if i == len(rows) - 1:
                 ax.set_xlabel("group size (hosts)")
             if j == 0:
-                ax.set_ylabel(metric_label(metric))
+                ax.set_ylabel(metric_label(m))
+        facet = _fixed_text(run, fixed, ("size",))
         _finish_figure(
             fig,
-            f"Broadcast {metric_label(metric).split(' (')[0]} vs group size",
-            _caption(
-                run, "Solid line: median (p50); dashed line and band: p99; n: samples per point"
-            ),
-            counts,
+            "Broadcast latency vs group size" + (f" ({facet})" if facet else ""),
+            _caption(run, "Completion: the root knows every member has it; delivery: the last "
+                     "member's application has it. Legend: system (n per point, promise)"),
+            key,
         )
         out.append((f"broadcast_latency{suffix}", fig))
     return out
@@ -380,10 +526,10 @@ def broadcast_cdf_figures(run: Run, metric: str | None = None) -> list[tuple[str
     rows, cols = _grid(run, row, col)
     largest = max(_values(run, x))
     out = []
-    for suffix, fixed in _facets(run, x, row, col):
+    for suffix, fixed in _facets(run, (x, row, col)):
         fig = _new_figure(len(rows), len(cols))
         axes = fig.subplots(len(rows), len(cols), sharex="row", sharey=True, squeeze=False)
-        counts: dict[str, list] = {}
+        key = Key(run, _promises(_broadcast_cells(run)))
         for (i, rv), (j, cv) in itertools.product(enumerate(rows), enumerate(cols)):
             ax = axes[i][j]
             sub = _select(run.samples, {**fixed, x: largest, row: rv, col: cv})
@@ -392,28 +538,71 @@ def broadcast_cdf_figures(run: Run, metric: str | None = None) -> list[tuple[str
                 values = values[np.isfinite(values) & (values > 0)]
                 if values.size == 0:
                     continue
-                counts.setdefault(system, []).append(values.size)
+                key.system(system, [values.size])
                 y = np.arange(1, values.size + 1) / values.size
-                ax.step(values, y, where="post", color=style(system)["color"], lw=1.5)
+                st = style(system)
+                ax.step(values, y, where="post", color=st["color"], lw=1.5)
+                # the system's marker at its median, so the legend's markers mean something
+                ax.plot([np.median(values)], [0.5], color=st["color"], marker=st["marker"],
+                        ms=4.5, ls="none")
             ax.set_xscale("log")
-            if counts:
+            if key.counts:
                 _readable_log(ax, "x")
             ax.set_ylim(0, 1.02)
             for q in (0.5, 0.99):
                 ax.axhline(q, color="0.6", lw=0.6, ls=":")
-            ax.set_title(_panel_title(rv, cv, f"{largest} hosts"))
+            ax.set_title(_panel_title(_shown(rows)[rows.index(rv)], cv, f"{largest} hosts"))
             if i == len(rows) - 1:
                 ax.set_xlabel(metric_label(metric))
             if j == 0:
                 ax.set_ylabel("fraction of broadcasts ≤ x")
+        facet = _fixed_text(run, fixed, ("size",))
         _finish_figure(
             fig,
-            f"Broadcast {metric_label(metric).split(' (')[0]}: CDF at {largest} hosts",
-            _caption(run, "Dotted lines: p50 and p99; n: samples per curve"),
-            counts,
-            markers=False,
+            f"Broadcast {metric_label(metric).split(' (')[0]}: CDF at {largest} hosts"
+            + (f" ({facet})" if facet else ""),
+            _caption(run, "Dotted lines: p50 and p99; marker: the median; n: samples per curve"),
+            key,
         )
         out.append((f"broadcast_cdf{suffix}", fig))
+    return out
+
+
+@_styled
+def broadcast_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
+    """The whole machine's CPU per broadcast vs group size, per system (p50 over the
+    repetitions, band: its CI); a row per payload size, a column per receiver model."""
+    cells = _broadcast_cells(run)
+    title = "Broadcast CPU per operation vs group size"
+    if _no_cpu(cells):
+        return _missing_figure(run, "broadcast_cpu", title, "cpu_us_per_op (CPU per broadcast)")
+    x, row, col = "hosts", "size", "receivers"
+    rows, cols = _grid(run, row, col)
+    hosts = _values(run, x)
+    out = []
+    for suffix, fixed in _facets(run, (x, row, col)):
+        fig = _new_figure(len(rows), len(cols))
+        axes = fig.subplots(len(rows), len(cols), sharex=True, sharey="row", squeeze=False)
+        key = Key(run, _promises(cells))
+        for (i, rv), (j, cv) in itertools.product(enumerate(rows), enumerate(cols)):
+            ax = axes[i][j]
+            sub = _select(cells.table, {**fixed, row: rv, col: cv})
+            for system in run.systems:
+                _series(ax, sub[sub["system"] == system], x, "cpu_us_per_op", system, key)
+            _log2_x(ax, hosts)
+            ax.set_yscale("log")
+            if key.counts:
+                _readable_log(ax, "y")
+            ax.set_title(_panel_title(_shown(rows)[rows.index(rv)], cv))
+            if i == len(rows) - 1:
+                ax.set_xlabel("group size (hosts)")
+            if j == 0:
+                ax.set_ylabel("CPU per broadcast (µs)")
+        facet = _fixed_text(run, fixed, ("size",))
+        _finish_figure(fig, title + (f" ({facet})" if facet else ""), _caption(
+            run, "Whole machine's busy CPU over the measured broadcasts / their number, "
+            "idle background subtracted"), key)
+        out.append((f"broadcast_cpu{suffix}", fig))
     return out
 
 
@@ -427,56 +616,128 @@ def broadcast_cdf(run: Run, out_dir: Path | None = None) -> list[Path]:
     return _save_all(run, broadcast_cdf_figures(run), out_dir)
 
 
+@figure("broadcast_cpu")
+def broadcast_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, broadcast_cpu_figures(run), out_dir)
+
+
+# ----------------------------------------------------------------------------- allreduce
+
+ALLREDUCE_METRICS = ("time_ms", "cpu_us_per_op")
+ALLREDUCE_PAPER_SPEEDUP = 1 / (1 - 0.561)  # "56.1% faster": 56.1% less time per call
+
+
+def _bytes(floats: pd.Series) -> pd.Series:
+    return floats.astype(float) * 4  # float32 gradients
+
+
+def _bytes_axis(ax, floats: list) -> None:
+    _log2_x(ax, [4 * int(f) for f in floats], lambda b: format_bytes(b))
+    ax.tick_params(axis="x", labelrotation=30)
+
+
 @_styled
 def allreduce_time_figures(run: Run) -> list[tuple[str, Figure]]:
-    """Time per call vs tensor size (at the most workers) and vs workers (at the largest
-    size), p50 line with p99 band, and AggBox's speedup over gloo on both axes."""
-    s = run.summary
-    systems = [x for x in run.systems if x in set(s["system"])]
-    workers, floats = max(s["workers"]), max(s["floats"])
-    fig = _new_figure(1, 3, width=3.3)
-    axes = fig.subplots(1, 3)
-    counts: dict[str, list] = {}
-    for ax, (x, fixed, xlabel) in zip(axes[:2], (("floats", {"workers": workers},
-                                                  "tensor size (float32 values)"),
-                                                 ("workers", {"floats": floats}, "workers")),
-                                      strict=True):
-        part = _select(s, fixed)
+    """Time per call vs tensor size in bytes, a column per worker count: p50 line, CI
+    band, p99 markers (top row); AggBox's speed-up over each baseline with its CI (bottom
+    row, ratio of medians, above 1: AggBox faster)."""
+    cells = cells_of(run, ALLREDUCE_METRICS)
+    t = cells.table
+    workers = _values(run, "workers")
+    floats = _values(run, "floats")
+    systems = [x for x in run.systems if x in set(t["system"])]
+    fig = _new_figure(2, len(workers), width=3.3, height=2.5)
+    axes = fig.subplots(2, len(workers), sharex=True, sharey="row", squeeze=False)
+    key = Key(run)
+    for j, w in enumerate(workers):
+        ax = axes[0][j]
+        part = _select(t, {"workers": w})
         for system in systems:
-            rows = part[part["system"] == system].sort_values(x)
-            if rows.empty:
-                continue
-            st = style(system)
-            ax.plot(rows[x], rows["time_ms_p50"], color=st["color"], marker=st["marker"],
-                    ms=4, lw=1.5)
-            ax.fill_between(rows[x], rows["time_ms_p50"], rows["time_ms_p99"],
-                            color=st["color"], alpha=0.15, lw=0)
-            counts.setdefault(system, []).extend(rows["time_ms_n"].tolist())
-        ax.set_xscale("log", base=2)
+            _series(ax, part[part["system"] == system], "floats", "time_ms", system, key,
+                    xvalues=_bytes)
         ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("time per call (ms)")
-        what = f"{workers} workers" if x == "floats" else f"{floats} floats"
-        ax.set_title(what)
-    ax = axes[2]
-    table = s.pivot_table(index=["workers", "floats"], columns="system", values="time_ms_p50")
-    if {"aggbox", "gloo"} <= set(table.columns):
-        speedup = (table["gloo"] / table["aggbox"]).unstack("workers")
-        shades = np.linspace(0.35, 1.0, max(1, speedup.shape[1]))
-        for shade, w in zip(shades, speedup.columns, strict=True):
-            col = speedup[w].dropna()
-            ax.plot(col.index, col.values, marker="o", ms=4, lw=1.5,
-                    color=style("aggbox")["color"], alpha=float(shade), label=f"{w} workers")
-        ax.legend(fontsize=6.5)
-    ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tensor size (float32 values)")
-    ax.set_ylabel("gloo p50 / AggBox p50")
-    ax.set_title("speedup over gloo (>1: AggBox faster)")
-    _finish_figure(fig, "Allreduce time per call",
-                   _caption(run, "Solid line: median (p50); band up to p99; rank 0's time."),
-                   {k: [pd.Series(v).min()] for k, v in counts.items()})
+        _readable_log(ax, "y")
+        ax.set_title(f"{w} workers")
+        if j == 0:
+            ax.set_ylabel("time per call (ms)")
+        ax = axes[1][j]
+        for base in (s for s in systems if s != "aggbox"):
+            xs, ys, lo, hi, oc = [], [], [], [], []
+            for config, rows in cells.configs(("workers", "floats")):
+                d = cells.config_dict(config)
+                if d.get("workers") != w or not {"aggbox", base} <= set(rows.index):
+                    continue
+                # speed-up = baseline / AggBox; its CI from the same bootstrap as the report
+                r, r_lo, r_hi = bootstrap_ratio_ci(cells.values(config, base, "time_ms"),
+                                                   cells.values(config, "aggbox", "time_ms"))
+                if not (np.isfinite(r) and r > 0):
+                    continue
+                xs.append(4 * float(d["floats"]))
+                ys.append(r)
+                lo.append(r - r_lo if np.isfinite(r_lo) else 0.0)
+                hi.append(r_hi - r if np.isfinite(r_hi) else 0.0)
+                oc.append(_oc(rows.loc["aggbox", "overcommitted"])
+                          or _oc(rows.loc[base, "overcommitted"]))
+            if not xs:
+                continue
+            st = style(base)
+            order = np.argsort(xs)
+            xs_, ys_ = np.array(xs)[order], np.array(ys)[order]
+            ax.errorbar(xs_, ys_, yerr=[np.array(lo)[order], np.array(hi)[order]],
+                        color=st["color"], marker=st["marker"], ms=4.5, lw=1.3, capsize=2)
+            key.uses("errorbar")
+            oc_ = np.array(oc)[order]
+            if oc_.any():
+                ax.plot(xs_[oc_], ys_[oc_], color=st["color"], marker=st["marker"],
+                        mfc="white", ms=4.5, ls="none", zorder=3)
+                key.uses("overcommitted")
+        ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+        ax.axhline(ALLREDUCE_PAPER_SPEEDUP, color=style("aggbox")["color"], lw=0.8, ls=":")
+        key.uses("parity")
+        key.uses("paper")
+        ax.set_yscale("log")
+        _readable_log(ax, "y")
+        _bytes_axis(ax, floats)
+        ax.set_xlabel("gradient size per worker")
+        if j == 0:
+            ax.set_ylabel("baseline p50 / AggBox p50")
+    _finish_figure(fig, "Allreduce time per call vs gradient size", _caption(
+        run, "Rank 0's time. Bottom: speed-up over the baseline of that colour and marker, "
+        ">1 = AggBox faster; the paper's claim, 56.1% less time, is 2.28x. n: calls per "
+        "point"), key)
     return [("allreduce_time", fig)]
+
+
+@_styled
+def allreduce_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
+    """The whole machine's CPU per allreduce call vs gradient size, a panel per worker
+    count (AggBox's aggregator works in softirq: counted here, in no process)."""
+    cells = cells_of(run, ALLREDUCE_METRICS)
+    title = "Allreduce CPU per call vs gradient size"
+    if _no_cpu(cells):
+        return _missing_figure(run, "allreduce_cpu", title, "cpu_us_per_op (CPU per call)")
+    t = cells.table
+    workers = _values(run, "workers")
+    floats = _values(run, "floats")
+    fig = _new_figure(1, len(workers), width=3.3)
+    axes = fig.subplots(1, len(workers), sharey=True, squeeze=False)[0]
+    key = Key(run)
+    for ax, w in zip(axes, workers, strict=True):
+        part = _select(t, {"workers": w})
+        for system in run.systems:
+            _series(ax, part[part["system"] == system], "floats", "cpu_us_per_op", system, key,
+                    xvalues=_bytes, scale=1e-3)
+        ax.set_yscale("log")
+        if key.counts:
+            _readable_log(ax, "y")
+        _bytes_axis(ax, floats)
+        ax.set_title(f"{w} workers")
+        ax.set_xlabel("gradient size per worker")
+    axes[0].set_ylabel("CPU per call, whole machine (ms)")
+    _finish_figure(fig, title, _caption(
+        run, "Whole machine's busy CPU over the measured calls / their number, idle "
+        "background subtracted"), key)
+    return [("allreduce_cpu", fig)]
 
 
 @figure("allreduce_time")
@@ -484,12 +745,20 @@ def allreduce_time(run: Run, out_dir: Path | None = None) -> list[Path]:
     return _save_all(run, allreduce_time_figures(run), out_dir)
 
 
+@figure("allreduce_cpu")
+def allreduce_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, allreduce_cpu_figures(run), out_dir)
+
+
 # ----------------------------------------------------------------------------- mapreduce
 
+MAPREDUCE_METRICS = ("job_s", "after_last_send_s", "cpu_us_per_op")
 MAPREDUCE_REFERENCE = {"words": 2_000_000, "mappers": 4, "skew": 1.0}
 MAPREDUCE_AXES = (("words", "corpus size (words)"), ("mappers", "mappers"),
                   ("skew", "Zipf skew"))
-_BASELINE_DASH = {"tcp": "-", "tcp_combiner": "--"}
+#: like for like: (AggBox variant, baseline, label) — the same combiner setting
+MAPREDUCE_PAIRS = (("aggbox", "tcp_combiner", "with combiner: TCP+comb. / AggBox"),
+                   ("aggbox_nocombiner", "tcp", "no combiner: TCP / AggBox no comb."))
 
 
 def _short_number(v) -> str:
@@ -504,102 +773,198 @@ def _closest(values: list, target: float):
     return min(values, key=lambda v: (abs(float(v) - target), -float(v)))
 
 
+def _mapreduce_cells(run: Run) -> Cells:
+    return cells_of(run, MAPREDUCE_METRICS)
+
+
 def mapreduce_slices(run: Run) -> dict[str, tuple[str, pd.DataFrame]]:
-    """Per axis (words, mappers, skew): the summary rows where the other two parameters
-    sit at the reference point (their grid values closest to 2M words, 4 mappers, skew
-    1.0), and a title saying where that is."""
-    s = run.summary
-    fixed = {k: _closest(sorted(s[k].unique()), v) for k, v in MAPREDUCE_REFERENCE.items()
-             if k in s}
+    """Per axis (words, mappers, skew) that the run varies: the configuration rows where
+    the other two parameters sit at the reference point (their grid values closest to 2M
+    words, 4 mappers, skew 1.0), and a title saying where that is. A run that varies none
+    of them gets its first axis."""
+    t = _mapreduce_cells(run).table
+    fixed = {k: _closest(sorted(t[k].unique()), v) for k, v in MAPREDUCE_REFERENCE.items()
+             if k in t}
+    axes = [a for a, _ in MAPREDUCE_AXES if a in t and t[a].nunique() > 1]
+    axes = axes or [a for a, _ in MAPREDUCE_AXES if a in t][:1]
     out = {}
-    for axis, _label in MAPREDUCE_AXES:
-        if axis not in s:
-            continue
+    for axis in axes:
         others = {k: v for k, v in fixed.items() if k != axis}
         title = ", ".join(f"{k}={_short_number(v)}" for k, v in others.items())
-        out[axis] = (title, _select(s, others))
+        out[axis] = (title, _select(t, others))
     return out
+
+
+def _mr_x_axis(ax, axis: str, values: list) -> None:
+    if axis in ("words", "mappers") and len(values) > 1:
+        _log2_x(ax, values, _short_number)
+    else:
+        ax.set_xticks(values, [_short_number(v) for v in values])
+        if len(values) == 1:
+            ax.set_xlim(values[0] * 0.8, values[0] * 1.2)
 
 
 @_styled
 def mapreduce_speedup_figures(run: Run) -> list[tuple[str, Figure]]:
-    """Speed-up of AggBox over the TCP shuffles (baseline p50 / AggBox p50) vs corpus
-    size, mappers and skew: reduce phase (markers, solid) and whole job (hollow)."""
+    """Whole-job speed-up, like for like (baseline p50 / AggBox p50, both with a combiner
+    and both without), with its bootstrap CI, vs corpus size, mappers and skew."""
+    cells = _mapreduce_cells(run)
     slices = mapreduce_slices(run)
-    fig = _new_figure(1, max(1, len(slices)), width=3.2)
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(slices))))
-    counts: dict[str, list] = {}
-    ours = "aggbox"
-    for ax, (axis, label) in zip(axes, [a for a in MAPREDUCE_AXES if a[0] in slices],
-                                 strict=False):
+    axes_ = [a for a in MAPREDUCE_AXES if a[0] in slices]
+    fig = _new_figure(1, max(1, len(axes_)), width=3.2)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(axes_))))
+    key = Key(run)
+    for ax, (axis, label) in zip(axes, axes_, strict=False):
         title, part = slices[axis]
-        table = part.pivot_table(index=axis, columns="system",
-                                 values=["reduce_s_p50", "job_s_p50", "reduce_s_n"])
-        for base in ("tcp", "tcp_combiner"):
-            if (("reduce_s_p50", ours) not in table.columns
-                    or ("reduce_s_p50", base) not in table.columns):
-                continue
-            st = style(base)
-            for metric, filled in (("reduce_s_p50", True), ("job_s_p50", False)):
-                ratio = (table[(metric, base)] / table[(metric, ours)]).dropna()
-                ax.plot(ratio.index, ratio.values, color=st["color"], marker=st["marker"],
-                        ms=4, lw=1.3 if filled else 0.9, ls=_BASELINE_DASH[base],
-                        mfc=st["color"] if filled else "white")
-            counts.setdefault(base, []).extend(table[("reduce_s_n", base)].dropna().tolist())
-        ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
-        ax.axhline(43.0, color=style(ours)["color"], lw=0.8, ls=":", alpha=0.7)
-        ax.annotate("paper: 43x", xy=(0.02, 43.0), xycoords=("axes fraction", "data"),
-                    fontsize=6.5, color=style(ours)["color"], va="bottom")
-        ax.set_yscale("log")
         values = sorted(part[axis].unique())
-        if axis in ("words", "mappers"):
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticks(values, [_short_number(v) for v in values])
+        for ours, base, pair_label in MAPREDUCE_PAIRS:
+            pts = []
+            for config, rows in cells.configs():
+                d = cells.config_dict(config)
+                if not {ours, base} <= set(rows.index):
+                    continue
+                if any(d.get(k) != v for k, v in _slice_fixed(part, axis).items()):
+                    continue
+                r, lo, hi = bootstrap_ratio_ci(cells.values(config, base, "job_s"),
+                                               cells.values(config, ours, "job_s"))
+                if np.isfinite(r) and r > 0:
+                    oc = _oc(rows.loc[ours, "overcommitted"]) or _oc(
+                        rows.loc[base, "overcommitted"])
+                    pts.append((float(d[axis]), r, lo, hi, oc,
+                                int(rows.loc[ours, "job_s_n"])))
+            if not pts:
+                continue
+            pts.sort()
+            st = style(base)
+            xs = np.array([p[0] for p in pts])
+            ys = np.array([p[1] for p in pts])
+            err = [[p[1] - p[2] if np.isfinite(p[2]) else 0.0 for p in pts],
+                   [p[3] - p[1] if np.isfinite(p[3]) else 0.0 for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, color=st["color"], marker=st["marker"], ms=4.5,
+                        lw=1.3, capsize=2)
+            key.uses("errorbar")
+            oc = np.array([p[4] for p in pts])
+            if oc.any():
+                ax.plot(xs[oc], ys[oc], color=st["color"], marker=st["marker"], mfc="white",
+                        ms=4.5, ls="none", zorder=3)
+                key.uses("overcommitted")
+            n = _n_text([p[5] for p in pts])
+            key.line(f"{pair_label} ({n})", color=st["color"], marker=st["marker"])
+        ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+        ax.axhline(43.0, color=style("aggbox")["color"], lw=0.8, ls=":")
+        key.uses("parity")
+        key.uses("paper")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=min(ax.get_ylim()[0], 0.3), top=max(ax.get_ylim()[1], 60))
+        _readable_log(ax, "y")
+        _mr_x_axis(ax, axis, values)
         ax.set_xlabel(label)
         ax.set_title(title, fontsize=7.5)
-        _readable_log(ax, "y")
-    axes[0].set_ylabel("speed-up of AggBox (baseline / AggBox)")
+    axes[0].set_ylabel("whole-job speed-up of AggBox")
     _finish_figure(
-        fig, "MapReduce word count, AggBox vs TCP shuffles",
-        _caption(run, "Filled: reduce phase (last byte sent -> counts final); hollow: whole "
-                 "job.\nColour: the baseline; n: jobs per point"),
-        counts)
+        fig, "MapReduce word count: whole-job speed-up, like for like",
+        _caption(run, "Ratio of job-time medians, >1 = AggBox faster; the paper's claim: "
+                 "43x. n: jobs per point"), key)
     return [("mapreduce_speedup", fig)]
+
+
+def _slice_fixed(part: pd.DataFrame, axis: str) -> dict:
+    """The parameters held fixed in a slice (constant across its rows), but its axis."""
+    return {k: part[k].iloc[0] for k in ("words", "mappers", "skew")
+            if k in part and k != axis and part[k].nunique() == 1 and len(part)}
 
 
 @_styled
 def mapreduce_times_figures(run: Run) -> list[tuple[str, Figure]]:
-    """Reduce-phase and job time per system at the reference point (p50, bar to p99)."""
-    s = run.summary
-    title, part = mapreduce_slices(run).get("words", ("", s))
+    """Whole-job time and the time after the last send per system at the reference point:
+    the p50 with its CI as an error bar, the p99 where there are samples for one; points
+    on a log axis (no bars)."""
+    cells = _mapreduce_cells(run)
+    _title, part = mapreduce_slices(run).get("words", ("", cells.table))
     at = part[part["words"] == part["words"].max()] if "words" in part else part
-    systems = [x for x in run.systems if x in set(at["system"])]
-    fig = _new_figure(1, 2, width=3.4)
-    axes = fig.subplots(1, 2)
-    counts: dict[str, list] = {}
-    for ax, metric in zip(axes, ("reduce_s", "job_s"), strict=True):
+    if "mappers" in at and at["mappers"].nunique() > 1:
+        at = at[at["mappers"] == _closest(sorted(at["mappers"].unique()), 4)]
+    # like-for-like pairs side by side: with combiner, then without
+    paired = [s for pair in MAPREDUCE_PAIRS for s in pair[:2]]
+    systems = [x for x in (*paired, *run.systems) if x in set(at["system"])]
+    systems = list(dict.fromkeys(systems))
+    metrics = [m for m in ("job_s", "after_last_send_s") if m in cells.metrics]
+    where = ", ".join(f"{k}={_short_number(at[k].iloc[0])}" for k in ("words", "mappers", "skew")
+                      if k in at and len(at))
+    fig = _new_figure(1, len(metrics), width=3.4)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    key = Key(run)
+    for ax, metric in zip(axes, metrics, strict=True):
         for i, system in enumerate(systems):
             row = at[at["system"] == system]
-            if row.empty:
+            if row.empty or not np.isfinite(float(row[f"{metric}_p50"].iloc[0])):
                 continue
             st = style(system)
-            p50, p99 = float(row[f"{metric}_p50"].iloc[0]), float(row[f"{metric}_p99"].iloc[0])
-            ax.bar(i, p50, color=st["color"], width=0.65)
-            ax.plot([i, i], [p50, p99], color="0.2", lw=0.8)
-            ax.annotate(f"{p50 * 1e3:.1f} ms", (i, p50), ha="center", va="bottom", fontsize=6.5,
-                        xytext=(0, 2), textcoords="offset points")
-            counts.setdefault(system, []).append(int(row[f"{metric}_n"].iloc[0]))
+            r = row.iloc[0]
+            p50 = float(r[f"{metric}_p50"])
+            lo, hi = float(r[f"{metric}_ci_low"]), float(r[f"{metric}_ci_high"])
+            yerr = ([[p50 - lo], [hi - p50]] if np.isfinite(lo) and np.isfinite(hi)
+                    else None)
+            oc = _oc(r["overcommitted"])
+            ax.errorbar([i], [p50], yerr=yerr, color=st["color"], marker=st["marker"], ms=6,
+                        capsize=3, ls="none", mfc="white" if oc else st["color"])
+            if yerr is not None:
+                key.uses("errorbar")
+            if oc:
+                key.uses("overcommitted")
+            if np.isfinite(float(r[f"{metric}_p99"])):
+                ax.plot([i], [float(r[f"{metric}_p99"])], color=st["color"],
+                        marker=P99_MARKER, ms=5, ls="none")
+                key.uses("p99")
+            ax.annotate(_seconds(p50), (i, p50), ha="left", va="center", fontsize=6.5,
+                        xytext=(6, 0), textcoords="offset points")
+            key.system(system, [int(r[f"{metric}_n"])])
         ax.set_xticks(range(len(systems)), [style(x)["label"] for x in systems], rotation=20,
                       fontsize=7)
+        ax.set_xlim(-0.5, len(systems) - 0.3)
         ax.set_yscale("log")
-        ax.set_ylabel({"reduce_s": "reduce phase (s)", "job_s": "whole job (s)"}[metric])
+        ax.set_ylabel(metric_label(metric))
         _readable_log(ax, "y")
-        ax.set_title(f"{title}, words={_short_number(at['words'].max())}" if "words" in at
-                     else title, fontsize=7.5)
-    _finish_figure(fig, "MapReduce word count: time per system",
-                   _caption(run, "Bars: median; line: up to p99; n: jobs"), counts)
+        ax.set_title(f"{metric_label(metric).split(' (')[0]}, {where}", fontsize=7.5)
+    _finish_figure(fig, "MapReduce word count: time per system", _caption(
+        run, "Marker: median; n: jobs. After the last send, AggBox's reduction has "
+        "already run inside the mappers' sends: read it with the CPU per job"), key)
     return [("mapreduce_times", fig)]
+
+
+def _seconds(v: float) -> str:
+    return f"{v:.2f} s" if v >= 1 else f"{v * 1e3:.3g} ms"
+
+
+@_styled
+def mapreduce_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
+    """The whole machine's CPU per job (ms) per system vs corpus size, mappers and skew
+    (the same slices as the speed-up figure); it includes AggBox's in-kernel work."""
+    cells = _mapreduce_cells(run)
+    title = "MapReduce CPU per job"
+    if _no_cpu(cells):
+        return _missing_figure(run, "mapreduce_cpu", title, "cpu_us_per_op (CPU per job)")
+    slices = mapreduce_slices(run)
+    axes_ = [a for a in MAPREDUCE_AXES if a[0] in slices]
+    fig = _new_figure(1, max(1, len(axes_)), width=3.2)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(axes_))))
+    key = Key(run)
+    for ax, (axis, label) in zip(axes, axes_, strict=False):
+        sub_title, part = slices[axis]
+        for system in run.systems:
+            _series(ax, part[part["system"] == system], axis, "cpu_us_per_op", system, key,
+                    scale=1e-3)
+        ax.set_yscale("log")
+        if key.counts:
+            _readable_log(ax, "y")
+        _mr_x_axis(ax, axis, sorted(part[axis].unique()))
+        ax.set_xlabel(label)
+        ax.set_title(sub_title, fontsize=7.5)
+    axes[0].set_ylabel("CPU per job, whole machine (ms)")
+    _finish_figure(fig, title, _caption(
+        run, "Whole machine's busy CPU over the measured jobs / their number, idle "
+        "background subtracted; n: jobs per point"), key)
+    return [("mapreduce_cpu", fig)]
 
 
 @figure("mapreduce_speedup")
@@ -610,6 +975,11 @@ def mapreduce_speedup(run: Run, out_dir: Path | None = None) -> list[Path]:
 @figure("mapreduce_times")
 def mapreduce_times(run: Run, out_dir: Path | None = None) -> list[Path]:
     return _save_all(run, mapreduce_times_figures(run), out_dir)
+
+
+@figure("mapreduce_cpu")
+def mapreduce_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, mapreduce_cpu_figures(run), out_dir)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -641,3 +1011,4 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in draw(run, names, out_dir=args.out):
         print(path)
     return 0
+
