@@ -259,63 +259,128 @@ def bench_allreduce(args: argparse.Namespace) -> int:
 
 
 MAPREDUCE_DETAIL = ("map_s", "done_wait_s", "reducer_read_s", "read_input_s")
+#: per-system CPU columns (per job, constant over a system's samples) -> their ms name
+MAPREDUCE_CPU = {"cpu_us_per_op": "cpu_ms_per_job",
+                 "mappers_cpu_us_per_op": "mappers_cpu_ms_per_job",
+                 "reducers_cpu_us_per_op": "reducers_cpu_ms_per_job"}
+#: the like-for-like pairs (baseline, AggBox, why alike): the same combiner on both sides
+MAPREDUCE_PAIRS = (("tcp_combiner", "aggbox", "both with combiner"),
+                   ("tcp", "aggbox_nocombiner", "both without combiner"))
+
+
+def _finite_or_none(value, digits: int) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), digits)
 
 
 def summarize_mapreduce(samples: list[dict], systems: list[str]) -> dict[str, dict]:
-    """Per system: medians over the measured jobs (min and max beside them), and exact
-    only if every job was exact."""
+    """Per system: medians over the measured jobs (min and max beside them; job_s with a
+    bootstrap 95% CI of the median), the CPU per job (whole machine and per role, the same
+    on every sample of a system), the promise and the overcommit flag; exact only if every
+    job was exact."""
+    from aggbox.results import bootstrap_median_ci
+
     out: dict[str, dict] = {}
     for system in systems:
         rows = [s for s in samples if s["system"] == system]
-        entry: dict = {"n": len(rows), "exact": bool(rows) and all(r["exact"] for r in rows)}
-        for metric in ("job_s", "reduce_s", "reducer_cpu_s", "pairs_per_s", *MAPREDUCE_DETAIL):
-            x = np.asarray([r[metric] for r in rows if r[metric] is not None], dtype=float)
+        first = rows[0] if rows else {}
+        entry: dict = {"n": len(rows), "exact": bool(rows) and all(r["exact"] for r in rows),
+                       "promise": first.get("promise", "app")}
+        for metric in ("job_s", "after_last_send_s", "reducer_cpu_s", "pairs_per_s",
+                       *MAPREDUCE_DETAIL):
+            x = np.asarray([r[metric] for r in rows if r.get(metric) is not None], dtype=float)
             if x.size == 0:
                 entry[metric] = None
                 continue
             digits = 0 if metric == "pairs_per_s" else 5
             entry[metric] = round(float(np.median(x)), digits)
-            if metric in ("job_s", "reduce_s"):
+            if metric in ("job_s", "after_last_send_s"):
                 entry[f"{metric}_min"] = round(float(x.min()), 5)
                 entry[f"{metric}_max"] = round(float(x.max()), 5)
+            if metric == "job_s":
+                # With 3 jobs the percentile interval is about (min, max): read it so.
+                entry["job_s_p50_ci"] = [_finite_or_none(v, 5) for v in bootstrap_median_ci(x)]
+        for us, ms in MAPREDUCE_CPU.items():
+            entry[us] = _finite_or_none(first.get(us), 1)
+            entry[ms] = None if entry[us] is None else round(entry[us] / 1e3, 2)
+        entry["procs_per_cpu"] = first.get("procs_per_cpu")
+        entry["overcommitted"] = first.get("overcommitted")
+        entry["cpu_source"] = first.get("cpu_source", "")
         for count in ("shuffled_pairs", "packets", "retransmits", "spilled_pairs", "keys"):
             entry[count] = int(np.median([r[count] for r in rows])) if rows else 0
         out[system] = entry
     return out
 
 
-def mapreduce_ratios(per_system: dict[str, dict]) -> dict[str, float]:
-    """Speed-ups of AggBox over each baseline: baseline time / AggBox time (median jobs)."""
-    ratios = {}
-    for ours in ("aggbox", "aggbox_nocombiner"):
-        for base in ("tcp", "tcp_combiner"):
-            if ours not in per_system or base not in per_system:
+def mapreduce_ratios(samples: list[dict], per_system: dict[str, dict]) -> dict[str, dict]:
+    """Baseline / AggBox, like for like only (:data:`MAPREDUCE_PAIRS`; > 1: AggBox takes
+    less). ``job_s`` is the headline; ``after_last_send_s`` is kept but is not a reduce
+    phase (AggBox reduced inside the mappers' sends); ``cpu per job`` is the machine's.
+    Time ratios are ratios of medians with a bootstrap 95% CI; CPU ratios have none (one
+    figure per system)."""
+    from aggbox.results import bootstrap_ratio_ci
+
+    ratios: dict[str, dict] = {}
+    for base, ours, alike in MAPREDUCE_PAIRS:
+        if base not in per_system or ours not in per_system:
+            continue
+        for metric, headline in (("job_s", True), ("after_last_send_s", False)):
+            a = [s[metric] for s in samples if s["system"] == base]
+            b = [s[metric] for s in samples if s["system"] == ours]
+            ratio, low, high = bootstrap_ratio_ci(a, b)
+            if math.isnan(ratio):
                 continue
-            for metric in ("reduce_s", "job_s"):
-                a, b = per_system[ours].get(metric), per_system[base].get(metric)
-                if a and b:
-                    ratios[f"{metric} {base}/{ours}"] = round(b / a, 2)
+            ratios[f"{metric} {base}/{ours}"] = {
+                "ratio": round(ratio, 3), "ci95": [_finite_or_none(low, 3),
+                                                   _finite_or_none(high, 3)],
+                "pair": alike, "headline": headline}
+        a, b = per_system[base].get("cpu_us_per_op"), per_system[ours].get("cpu_us_per_op")
+        if a and b:
+            ratios[f"cpu per job {base}/{ours}"] = {"ratio": round(a / b, 3), "ci95": None,
+                                                    "pair": alike, "headline": False}
     return ratios
 
 
 def _print_mapreduce_table(result: dict) -> None:
+    """The table (every line under 110 columns) and the like-for-like ratios."""
     c = result["corpus"]
+    systems = result["systems"]
+    any_system = next(iter(systems.values()), {})
     print(f"mapreduce word count: {result['mappers']} mappers -> {result['reducers']} "
-          f"reducer(s), {result['words']} words ({c.get('distinct', '?')} distinct; "
-          f"vocab {result['vocab']}, skew {result['skew']}), loss {result['loss']}%, "
-          f"placement {result['placement']}")
-    head = (f"{'system':<18} {'job_s':>8} {'reduce_s':>9} {'red.cpu_s':>9} {'Mpairs/s':>8} "
-            f"{'shuffled':>9} {'spilled':>7} {'rtx':>5} {'n':>3}  exact")
+          f"reducer(s), {result['words']} words ({c.get('distinct', '?')} distinct, "
+          f"vocab {result['vocab']}, skew {result['skew']})")
+    over = any_system.get("overcommitted")
+    print(f"loss {result['loss']}%, placement {result['placement']}, promise app; "
+          f"{any_system.get('procs_per_cpu')} processes per CPU"
+          + (": OVERCOMMITTED" if over else ""))
+    print("job_s: median s, bootstrap 95% CI; after: the last mapper's last send -> "
+          "counts final (ms)")
+    print(f"CPU per job (ms): whole machine ({any_system.get('cpu_source') or '?'}, "
+          "idle background subtracted), mapper and reducer processes")
+    head = (f"{'system':<17} {'job_s':>6} {'95% CI':>15} {'after':>7} {'cpu/job':>7} "
+            f"{'mappers':>7} {'reducers':>8} {'Mpair/s':>7} {'shuffled':>8} {'rtx':>4} "
+            f"{'n':>3} exact")
     print(head)
     print("-" * len(head))
-    for name, s in result["systems"].items():
-        def f(v, w=8, d=4):
-            return f"{v:>{w}.{d}f}" if v is not None else f"{'-':>{w}}"
-        print(f"{name:<18} {f(s['job_s'])} {f(s['reduce_s'], 9)} {f(s['reducer_cpu_s'], 9)} "
-              f"{f((s['pairs_per_s'] or 0) / 1e6, 8, 2)} {s['shuffled_pairs']:>9} "
-              f"{s['spilled_pairs']:>7} {s['retransmits']:>5} {s['n']:>3}  {s['exact']}")
-    for name, ratio in result.get("ratios", {}).items():
-        print(f"speed-up {name}: {ratio:.2f}x")
+
+    def f(v, w, d, scale=1.0):
+        return f"{v * scale:>{w}.{d}f}" if v is not None else f"{'-':>{w}}"
+
+    for name, s in systems.items():
+        lo, hi = s.get("job_s_p50_ci") or (None, None)
+        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "-"
+        print(f"{name:<17} {f(s['job_s'], 6, 3)} {ci:>15} "
+              f"{f(s['after_last_send_s'], 7, 1, 1e3)} {f(s['cpu_ms_per_job'], 7, 1)} "
+              f"{f(s['mappers_cpu_ms_per_job'], 7, 1)} {f(s['reducers_cpu_ms_per_job'], 8, 1)} "
+              f"{f(s['pairs_per_s'], 7, 2, 1e-6)} {s['shuffled_pairs']:>8} "
+              f"{s['retransmits']:>4} {s['n']:>3} {s['exact']}")
+    print("baseline / AggBox, like for like (> 1: AggBox takes less):")
+    for name, r in result.get("ratios", {}).items():
+        ci = r.get("ci95")
+        ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else ""
+        label = "HEADLINE " if r["headline"] else "         "
+        print(f"  {label}{name} ({r['pair']}): {r['ratio']:.2f}x{ci_text}")
 
 
 def bench_mapreduce(args: argparse.Namespace) -> int:
@@ -336,7 +401,7 @@ def bench_mapreduce(args: argparse.Namespace) -> int:
               "skew": args.skew, "loss": args.loss, "duplicate": args.duplicate,
               "placement": args.placement, "iters": args.iters, "warmup": args.warmup,
               "corpus": run.corpus, "systems": per_system,
-              "ratios": mapreduce_ratios(per_system)}
+              "ratios": mapreduce_ratios(run.samples, per_system)}
     if args.counters:
         result["nodes"] = run.events
     _print_mapreduce_table(result)
@@ -399,7 +464,8 @@ def register(subparsers) -> None:
     m.add_argument("--skew", type=float, default=1.0, help="Zipf exponent (0: uniform)")
     m.add_argument("--files", type=int, default=4, help="Zipf corpus: files")
     m.add_argument("--corpus", help="a text file or folder to count instead of a Zipf corpus")
-    m.add_argument("--iters", type=int, default=3, help="measured jobs per system")
+    m.add_argument("--iters", type=int, default=5,
+                   help="measured jobs per system (5: a bootstrap CI worth reading)")
     m.add_argument("--warmup", type=int, default=1, help="unmeasured jobs per system")
     m.add_argument("--map-entries", type=int, default=131072,
                    help="distinct keys the reducer's kernel holds (a multiple of 128)")

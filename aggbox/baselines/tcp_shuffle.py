@@ -9,12 +9,16 @@ reducer's ``{key: sum}``, None on a member that only maps), same key -> reducer 
 - a frame is keys joined by newlines (one C-level ``bytes.join`` / ``bytes.split``),
   plus int64 values as one array; frames whose values are all 1 (no combiner: word
   count's ``(word, 1)``) carry no values, and the reducer counts their keys with
-  ``Counter.update`` (C-level ``_count_elements``); keys that hold a newline make the
-  frame length-prefixed instead;
+  ``Counter.update`` (C-level ``_count_elements``: measured faster than interning the
+  keys to ids and ``np.add.at``); frames with values are merged by
+  :class:`~aggbox.collectives.reduce.KeySums` (C-level passes and ``np.add.at``, no
+  Python loop per pair); keys that hold a newline make the frame length-prefixed instead;
 - the reducer reads every connection with one ``selectors`` loop into per-connection
   buffers (``recv_into`` 1 MiB) and merges frames as they arrive.
 
-``combine=True`` is the same with a mapper-side combiner (one pair per key per mapper).
+``combine=True`` is the same with the mapper-side combiner AggBox uses
+(:meth:`~aggbox.collectives.reduce.Pairs.combine`: one pair per key per mapper), and the
+same key partitioning (:func:`~aggbox.collectives.reduce.partition`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from aggbox.collectives.group import Group
-from aggbox.collectives.reduce import Pairs, merge_into, reducer_of
+from aggbox.collectives.reduce import KeySums, Pairs, partition
 from aggbox.errors import AggBoxError, CollectiveTimeout
 
 FRAME = struct.Struct("<BII")  # kind, pairs, key bytes
@@ -90,11 +94,14 @@ class TcpShuffle:
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_BYTES)
             self.listener.bind(("0.0.0.0", group.port))
             self.listener.listen(max(8, group.size))
-        self.counts: Counter = Counter()
-        self.local: dict[bytes, int] = {}
+        self._reset_counts()
         self.stats: dict[str, float] = {"pairs_in": 0, "pairs_sent": 0, "frames": 0,
                                         "bytes": 0, "t_first_send": 0.0, "t_last_send": 0.0,
                                         "t_all_done": 0.0}
+
+    def _reset_counts(self) -> None:
+        self.counts: Counter = Counter()  # frames of (key, 1) pairs
+        self.sums = KeySums()  # frames with values, and this member's pairs for itself
 
     def run(self, pairs: Pairs | Mapping[bytes, int] | Iterable[tuple[bytes, int]] | None
             ) -> dict[bytes, int] | None:
@@ -103,36 +110,27 @@ class TcpShuffle:
         if not self.is_reducer:
             return None
         self._reduce()
-        result = dict(self.counts)
-        get = result.get
-        for k, v in self.local.items():
-            result[k] = get(k, 0) + v
-        return result
+        return self.merged()
+
+    def merged(self) -> dict[bytes, int]:
+        """The reducer's counts: both accumulators (a job fills one of them, unless some
+        mapper's combined values were all 1)."""
+        if not len(self.sums):
+            return dict(self.counts)
+        self.sums.add_mapping(self.counts)
+        self.counts = Counter()
+        return self.sums.to_dict()
 
     # -- mapper -----------------------------------------------------------------------
 
     def _map(self, pairs: Pairs) -> None:
         self.stats["pairs_in"] = len(pairs)
         if self.combine:
-            combined = pairs.combined()
-            keys: list[bytes] = list(combined)
-            values: np.ndarray | None = np.fromiter(combined.values(), dtype=np.int64,
-                                                    count=len(combined))
-        else:
-            keys, values = pairs.keys, pairs.values
+            pairs = pairs.combine()
+        keys, values = pairs.keys, pairs.values
         if values is not None and len(values) and (values == 1).all():
             values = None  # (word, 1) pairs: the values need not travel
-        n_red = len(self.reducers)
-        if n_red == 1:
-            parts = {self.reducers[0]: (keys, values)}
-        else:
-            owner = {k: reducer_of(k, n_red) for k in set(keys)}
-            idx = np.fromiter((owner[k] for k in keys), dtype=np.int64, count=len(keys))
-            parts = {}
-            for i, rank in enumerate(self.reducers):
-                sel = np.flatnonzero(idx == i)
-                parts[rank] = ([keys[j] for j in sel.tolist()],
-                               None if values is None else values[sel])
+        parts = partition(keys, values, self.reducers)
         conns: dict[int, socket.socket] = {}
         try:
             deadline = time.monotonic() + self.connect_timeout
@@ -142,7 +140,7 @@ class TcpShuffle:
             self.stats["t_first_send"] = time.monotonic()
             for rank, (k, v) in parts.items():
                 if rank == self.group.rank:
-                    merge_into(self.local, k, [1] * len(k) if v is None else v.tolist())
+                    self.sums.add(k, v)
                     continue
                 sock = conns[rank]
                 for off in range(0, len(k), self.batch):
@@ -260,8 +258,7 @@ class TcpShuffle:
                 self.counts.update(keys)
             elif kind in (K_VALUES, K_LONG_VALUES):
                 raw = bytes(buf[body + klen:body + klen + vlen])  # buf is resized below
-                values = np.frombuffer(raw, dtype="<i8").tolist()
-                merge_into(self.counts, keys, values)
+                self.sums.add(keys, np.frombuffer(raw, dtype="<i8"))
             else:
                 raise AggBoxError(f"TCP shuffle: unknown frame kind {kind}")
             off += total

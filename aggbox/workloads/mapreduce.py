@@ -9,23 +9,40 @@ every repetition the systems run one after another in a seeded shuffled order. A
    reduce-by-key: AggBox (aggbox/collectives/reduce.py; ``aggbox`` combines on the
    mapper first, ``aggbox_nocombiner`` does not) or the TCP shuffle baseline
    (aggbox/baselines/tcp_shuffle.py; ``tcp`` without, ``tcp_combiner`` with combiner);
-3. each reducer ends with its keys' counts, writes them (``key<TAB>count``) and reports a
-   digest, which the runner checks against ``collections.Counter`` over the corpus.
+3. each reducer ends with its keys' counts and writes them (``key<TAB>count``);
+4. every node meets at the barrier again (the end of the job's CPU window); then each
+   reducer reports a digest, which the runner checks against ``collections.Counter``
+   over the corpus.
 
 Per job (one sample per system and repetition), on the shared monotonic clock of the
 netns testbed:
 
-- ``job_s``: the first mapper starts reading -> the last reducer has written its counts;
-- ``reduce_s``: the last mapper's last new data byte handed to the kernel (its last
-  ``sendto`` / ``sendall``) -> the last reducer's counts are final (in a dict);
+- ``job_s`` (the headline): the first mapper starts reading -> the last reducer has
+  written its counts;
+- ``after_last_send_s``: the last mapper's last new data byte handed to the kernel (its
+  last ``sendto`` / ``sendall``) -> the last reducer's counts are final (in a dict). Not
+  a "reduce phase": AggBox's reduction has mostly run by then, in softirq inside the
+  mappers' ``sendto``; read it beside the CPU per job, which includes that work;
 - ``reducer_cpu_s``: CPU time of the reducer processes during the job (softirq work done
-  in another process's context, e.g. the in-kernel reduce that runs inside the mappers'
-  ``sendto``, is billed to that process: this kernel has no IRQ time accounting);
+  in another process's context, e.g. the in-kernel reduce, is billed to that process);
 - ``pairs_per_s``: input pairs (words) / job_s; ``exact``: every reducer's counts equal.
+
+Per system (the same on each of its samples, over all its measured jobs):
+
+- ``cpu_us_per_op``: the whole machine's busy CPU per job in µs (every CPU, user +
+  system + softirq, from cpuidle; the idle background subtracted), read by the first
+  reducer from just before the start signal to the end barrier: mappers, reducers and
+  the kernel's work for them, in-kernel reduce included;
+- ``mappers_cpu_us_per_op`` / ``reducers_cpu_us_per_op``: the sum of the mapper (reducer)
+  processes' own CPU time per job;
+- ``promise`` ("app": every reducer's application holds its counts), ``procs_per_cpu``
+  and ``overcommitted`` (mappers and reducers must run at once: do they outnumber the
+  CPUs they may use?), ``cpu_source``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
@@ -38,18 +55,21 @@ from pathlib import Path
 
 from aggbox.collectives.group import Group, Member
 from aggbox.collectives.reduce import reducer_of
+from aggbox.cpu import concurrency, cpu_count_of, per_op_from_dict, role_us_per_op
 from aggbox.errors import AggBoxError
 from aggbox.testbed.base import Testbed
 from aggbox.workloads import corpus as corpus_mod
 
 SYSTEMS = ("aggbox", "aggbox_nocombiner", "tcp", "tcp_combiner")
 DEFAULT_SYSTEMS = SYSTEMS
+PROMISE = "app"  # a job is complete when every reducer's application holds its counts
 COMBINE = {"aggbox": True, "aggbox_nocombiner": False, "tcp": False, "tcp_combiner": True}
 UDP_PORT_BASE = 49000  # AggBox job j listens on UDP 49000 + j % PORT_SPAN
 TCP_PORT_BASE = 49500  # the TCP shuffle on TCP 49500 + j % PORT_SPAN
 PORT_SPAN = 400
 CONTROL_PORT = 49999  # TCP: the barrier
 _GO = struct.Struct("<I")
+END_TAG = 1 << 31  # the barrier after job j carries j | END_TAG
 
 
 def job_port(system: str, job_index: int) -> int:
@@ -73,9 +93,13 @@ def make_schedule(systems: list[str], reps: int, seed: int) -> list[tuple[str, i
 
 
 class Barrier:
-    """All nodes of a cell meet before each job. The coordinator (the first reducer)
-    listens on CONTROL_PORT; every other node connects once at start-up, and before job
-    j sends j and waits for the coordinator's j back (TCP: loss on the links is fine)."""
+    """All nodes of a cell meet before and after each job. The coordinator (the first
+    reducer) listens on CONTROL_PORT; every other node connects once at start-up. A
+    meeting is two halves: :meth:`arrive` (a node sends its tag; the coordinator returns
+    once every node's tag is in) and :meth:`leave` (the coordinator sends the tag back;
+    a node returns when it has it). Between them, on the coordinator, every other node
+    is blocked and idle: that is where the CPU meter calibrates and opens a job's window
+    (TCP: loss on the links is fine)."""
 
     def __init__(self, coordinator_ip: str, n_nodes: int, is_coordinator: bool,
                  timeout: float = 120.0):
@@ -103,12 +127,14 @@ class Barrier:
             conn.settimeout(timeout)
             self.conns.append(conn)
 
-    def wait(self, job: int) -> None:
-        """Return when every node reached job ``job``."""
+    @property
+    def is_coordinator(self) -> bool:
+        return self.listener is not None
+
+    def arrive(self, tag: int) -> None:
+        """A node: announce ``tag``. The coordinator: return once every node announced it."""
         if self.listener is None:
-            self.conns[0].sendall(_GO.pack(job))
-            if _recv_exact(self.conns[0], _GO.size) != _GO.pack(job):
-                raise AggBoxError(f"barrier: the coordinator is not at job {job}")
+            self.conns[0].sendall(_GO.pack(tag))
             return
         self.listener.settimeout(self.timeout)
         while len(self.conns) < self.n_others:
@@ -117,16 +143,32 @@ class Barrier:
             conn.settimeout(self.timeout)
             self.conns.append(conn)
         for conn in self.conns:
-            if _recv_exact(conn, _GO.size) != _GO.pack(job):
-                raise AggBoxError(f"barrier: a node is not at job {job}")
+            if _recv_exact(conn, _GO.size) != _GO.pack(tag):
+                raise AggBoxError(f"barrier: a node is not at {_tag_name(tag)}")
+
+    def leave(self, tag: int) -> None:
+        """The coordinator: let every node go on. A node: wait until it may."""
+        if self.listener is None:
+            if _recv_exact(self.conns[0], _GO.size) != _GO.pack(tag):
+                raise AggBoxError(f"barrier: the coordinator is not at {_tag_name(tag)}")
+            return
         for conn in self.conns:
-            conn.sendall(_GO.pack(job))
+            conn.sendall(_GO.pack(tag))
+
+    def wait(self, tag: int) -> None:
+        """Return when every node reached ``tag``."""
+        self.arrive(tag)
+        self.leave(tag)
 
     def close(self) -> None:
         for conn in self.conns:
             conn.close()
         if self.listener is not None:
             self.listener.close()
+
+
+def _tag_name(tag: int) -> str:
+    return f"the end of job {tag & ~END_TAG}" if tag & END_TAG else f"job {tag}"
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -167,12 +209,21 @@ def _endpoint(system: str, group: Group, programs, spec: dict):
 
 
 def node(spec: dict, rank: int) -> int:
-    """Every mapreduce node (mapper or reducer: the group's options say which)."""
+    """Every mapreduce node (mapper or reducer: the group's options say which).
+
+    CPU: every node bills its own CPU time (all its threads) of each measured job to the
+    job's system (:class:`~aggbox.cpu.ProcessCpu`); the coordinator (the first reducer),
+    the one process that sees every job start and end at the barrier, also reads the
+    whole machine's busy CPU over each measured job (:class:`~aggbox.cpu.MachineCpu`:
+    every host's processes, the kernel's softirq work, the in-kernel reduce-by-key that
+    runs inside the mappers' ``sendto``). Both go out in the ``done`` record."""
+    from aggbox.cpu import CpuAccount, MachineCpu, ProcessCpu
     from aggbox.node import emit
 
     group = Group.from_dict(spec["group"])
     reducers = group.options["reducers"]
     is_reducer = rank in reducers
+    is_coordinator = rank == reducers[0]
     programs = None
     if is_reducer and any(s.startswith("aggbox") for s in spec["systems"]):
         from aggbox.collectives.reduce import ReduceByKeyPrograms
@@ -182,22 +233,30 @@ def node(spec: dict, rank: int) -> int:
                                        pin_tag=tag)
     barrier = None
     error = None
+    proc = ProcessCpu()
+    account = CpuAccount(MachineCpu()) if is_coordinator else None
     try:
         coordinator = group.members[reducers[0]]
-        barrier = Barrier(coordinator.ip, group.size, rank == reducers[0],
+        barrier = Barrier(coordinator.ip, group.size, is_coordinator,
                           timeout=spec["timeout_s"])
         emit({"event": "ready"})
         for j, (system, rep) in enumerate(spec["schedule"]):
             try:
-                emit(_run_job(spec, j, system, rep, rank, programs, barrier))
+                emit(_run_job(spec, j, system, rep, rank, programs, barrier, proc, account))
             except AggBoxError as exc:
                 error = f"{system} (job {j}): {exc}"
                 break
-        done = {"event": "done", "rank": rank, "error": error}
+        done = {"event": "done", "rank": rank, "error": error,
+                "mapper": rank in group.options["mappers"], "reducer": is_reducer,
+                "proc_cpu": proc.as_dict()}
+        if account is not None:
+            done["machine_cpu"] = account.as_dict()
         if programs is not None:
             done["counters"] = programs.counters()
         emit(done)
     finally:
+        if account is not None:
+            account.meter.close()
         if barrier is not None:
             barrier.close()
         if programs is not None:
@@ -209,33 +268,58 @@ def node(spec: dict, rank: int) -> int:
 
 
 def _run_job(spec: dict, j: int, system: str, rep: int, rank: int, programs,
-             barrier: Barrier) -> dict:
+             barrier: Barrier, proc, account) -> dict:
+    """One job on this node. The CPU windows: this process's own from the start signal
+    to the end of its part (mapper: everything sent and acknowledged; reducer: counts
+    written); the machine's (coordinator only) from just before the start signal to
+    the moment every node has reported the end of its part. Warm-up jobs are not
+    billed. The digest, the record and its output come after the windows."""
     group = job_group(spec, j, system, rank)
     is_mapper = rank in group.options["mappers"]
     is_reducer = rank in group.options["reducers"]
-    endpoint = _endpoint(system, group, programs, spec)
+    measured = rep >= int(spec.get("warmup", 0))
+    endpoint = _endpoint(system, group, programs, spec)  # a reducer listens from here on
     try:
-        barrier.wait(j)
-        t_start, cpu0 = time.monotonic(), time.process_time()
-        pairs = None
-        if is_mapper:
-            from aggbox.collectives.reduce import Pairs
+        barrier.arrive(j)
+        if account is not None and j == 0:
+            # Every node is up, connected and blocked in the barrier: the idle machine.
+            account.calibrate()
+        machine = (account.window(system, 1) if account is not None and measured
+                   else contextlib.nullcontext())
+        with machine:
+            barrier.leave(j)
+            with proc.window(system, 1) if measured else contextlib.nullcontext():
+                t_start, cpu0 = time.monotonic(), time.process_time()
+                pairs = None
+                if is_mapper:
+                    from aggbox.collectives.reduce import Pairs
 
-            pairs = Pairs(corpus_mod.read_split(spec["splits"][str(rank)]))
-        t_read = time.monotonic()
-        result = endpoint.run(pairs)
-        t_final, cpu1 = time.monotonic(), time.process_time()
+                    pairs = Pairs(corpus_mod.read_split(spec["splits"][str(rank)]))
+                t_read = time.monotonic()
+                result = endpoint.run(pairs)
+                t_final, cpu1 = time.monotonic(), time.process_time()
+                # Now, not after the end barrier: an AggBox reducer's close starts its
+                # linger, which answers the DONEs a mapper resends when an ACK was lost
+                # (the mapper reaches the end barrier only once it has them).
+                endpoint.close()
+                out = None
+                if is_reducer:
+                    assert result is not None
+                    if spec.get("output_dir"):
+                        out = (Path(spec["output_dir"])
+                               / f"part-r-{rank:05d}-job{j}-{system}.tsv")
+                        corpus_mod.write_counts(result, out)
+                t_written = time.monotonic()
+            barrier.arrive(j | END_TAG)
+        barrier.leave(j | END_TAG)
         record = {"kind": "job", "system": system, "rep": rep, "job": j, "rank": rank,
                   "mapper": is_mapper, "reducer": is_reducer, "t_start": t_start,
                   "t_read": t_read, "t_final": t_final, "cpu_s": cpu1 - cpu0,
                   "stats": dict(endpoint.stats)}
         if is_reducer:
-            assert result is not None
-            if spec.get("output_dir"):
-                out = Path(spec["output_dir"]) / f"part-r-{rank:05d}-job{j}-{system}.tsv"
-                corpus_mod.write_counts(result, out)
+            if out is not None:
                 record["output"] = str(out)
-            record["t_written"] = time.monotonic()
+            record["t_written"] = t_written
             record["n_keys"] = len(result)
             record["total"] = sum(result.values())
             record["digest"] = corpus_mod.digest(result)
@@ -265,7 +349,7 @@ def _reference(files: list[Path], reducers: int) -> tuple[dict[int, str], int, i
 
 
 def build_spec(testbed: Testbed, params: dict, systems: list[str], reps: int, seed: int,
-               splits: list, workdir: Path) -> dict:
+               splits: list, workdir: Path, warmup: int = 0) -> dict:
     n_map, n_red = int(params.get("mappers", 4)), int(params.get("reducers", 1))
     if n_map < 1 or n_red < 1:
         raise AggBoxError("mapreduce needs at least one mapper and one reducer")
@@ -286,6 +370,7 @@ def build_spec(testbed: Testbed, params: dict, systems: list[str], reps: int, se
         "job_base": rng.randrange(1, 2**30),
         "systems": list(systems),
         "schedule": make_schedule(list(systems), reps, seed),
+        "warmup": int(warmup),  # repetitions below this are not billed CPU
         "splits": {str(n_red + i): s for i, s in enumerate(splits)},
         "output_dir": str(workdir),
         "map_entries": int(params.get("map_entries", 131072)),
@@ -323,13 +408,14 @@ def run_mapreduce(testbed: Testbed, params: dict, systems: list[str], iters: int
         out_dir = workdir / "out"
         out_dir.mkdir()
         spec = build_spec(testbed, params, systems, warmup + iters, seed,
-                          corpus_mod.make_splits(files, n_map), out_dir)
+                          corpus_mod.make_splits(files, n_map), out_dir, warmup=warmup)
         hosts = testbed.hosts[:n_red + n_map]
         budget = 180 + (warmup + iters) * len(systems) * (5 + words / 2e5)
         with NodeGroup(spec) as nodes:
             red_cpus, map_cpus = cpu_placement(testbed.backend,
                                                "root-alone" if params.get("placement") ==
                                                "reducers-alone" else "shared")
+            load = placement_concurrency(testbed.backend, red_cpus, map_cpus, n_red, n_map)
             reducer_nodes = [nodes.start(h, "mapreduce-reducer", i, red_cpus)
                              for i, h in enumerate(hosts[:n_red])]
             nodes.wait_ready(reducer_nodes, timeout=240)
@@ -344,8 +430,43 @@ def run_mapreduce(testbed: Testbed, params: dict, systems: list[str], iters: int
     errors = [f"rank {e['rank']}: {e['error']}" for e in events if e.get("error")]
     if errors:
         raise AggBoxError("mapreduce run failed: " + "; ".join(errors))
-    samples = join_records(records, reference, words, warmup)
+    cpu = cpu_columns(events, list(systems), *load)
+    samples = join_records(records, reference, words, warmup, cpu)
     return MapReduceRun(samples, events, corpus_info)
+
+
+def placement_concurrency(backend: str, red_cpus: str, map_cpus: str, n_red: int,
+                          n_map: int) -> tuple[float, bool]:
+    """``(procs_per_cpu, overcommitted)`` of a job: every mapper and every reducer must
+    run at the same time (the reducers merge while the mappers send). On one machine
+    (netns, docker) they share its CPUs as placed (``cpu_placement``: one group when
+    unpinned, else the reducers' CPUs and the mappers'); real hosts run one node each."""
+    if backend not in ("netns", "docker"):
+        return concurrency([(1, cpu_count_of(""))])
+    if red_cpus == map_cpus:
+        return concurrency([(n_red + n_map, cpu_count_of(red_cpus))])
+    return concurrency([(n_red, cpu_count_of(red_cpus)), (n_map, cpu_count_of(map_cpus))])
+
+
+def cpu_columns(events: list[dict], systems: list[str], procs_per_cpu: float,
+                overcommitted: bool) -> dict[str, dict]:
+    """Per system: the CPU columns every one of its samples carries (per job, over all its
+    measured jobs): the whole machine's busy CPU less the idle background
+    (``cpu_us_per_op``), the sum of the mapper processes' and of the reducer processes'
+    own CPU, and the placement's concurrency."""
+    machine = next((e["machine_cpu"] for e in events if e.get("machine_cpu")), None)
+    mappers = [e.get("proc_cpu", {}) for e in events if e.get("mapper")]
+    reducers = [e.get("proc_cpu", {}) for e in events if e.get("reducer")]
+    nan = float("nan")
+    return {system: {
+        "cpu_us_per_op": per_op_from_dict(machine, system) if machine else nan,
+        "mappers_cpu_us_per_op": role_us_per_op(mappers, system),
+        "reducers_cpu_us_per_op": role_us_per_op(reducers, system),
+        "promise": PROMISE,
+        "procs_per_cpu": procs_per_cpu,
+        "overcommitted": overcommitted,
+        "cpu_source": machine["source"] if machine else "",
+    } for system in systems}
 
 
 def run_cell(testbed: Testbed, params: dict, systems: list[str], iters: int, warmup: int,
@@ -355,8 +476,9 @@ def run_cell(testbed: Testbed, params: dict, systems: list[str], iters: int, war
 
 
 def join_records(records: list[dict], reference: dict[int, str], words: int,
-                 warmup: int) -> list[dict]:
-    """One sample per measured (system, repetition), from every node's job record."""
+                 warmup: int, cpu: dict[str, dict] | None = None) -> list[dict]:
+    """One sample per measured (system, repetition), from every node's job record, with
+    its system's columns of ``cpu`` (:func:`cpu_columns`)."""
     jobs: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in records:
         if r.get("kind") == "job":
@@ -379,7 +501,7 @@ def join_records(records: list[dict], reference: dict[int, str], words: int,
             "system": system,
             "iter": rep - warmup,
             "job_s": job_s,
-            "reduce_s": t_final - last_send,
+            "after_last_send_s": t_final - last_send,
             "reducer_cpu_s": sum(r["cpu_s"] for r in reducers),
             "pairs_per_s": words / job_s if job_s > 0 else None,
             "exact": exact,
@@ -393,5 +515,6 @@ def join_records(records: list[dict], reference: dict[int, str], words: int,
             "retransmits": int(sum(s.get("retransmits", 0) for s in stats)),
             "spilled_pairs": int(sum(s.get("spilled_pairs", 0) for s in stats)),
             "keys": int(sum(r["n_keys"] for r in reducers)),
+            **(cpu or {}).get(system, {}),
         })
     return samples

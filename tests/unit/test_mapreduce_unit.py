@@ -134,6 +134,59 @@ def test_pairs_combine_sums_per_key():
     p = kv.Pairs.of([(b"a", 5), (b"b", -1), (b"a", 2)])
     assert p.combined() == {b"a": 7, b"b": -1}
     assert kv.Pairs.of({b"k": 3}).combined() == {b"k": 3}
+    assert len(kv.Pairs.of([])) == 0 and kv.Pairs.of([]).combined() == {}
+    c = kv.Pairs([b"b", b"a", b"b"]).combine()  # first-seen order, int64 values
+    assert c.keys == [b"b", b"a"] and c.values.dtype == np.int64 and c.values.tolist() == [2, 1]
+
+
+def test_combiner_is_exact_against_counter_on_a_zipf_split(tmp_path):
+    files = corpus.generate(corpus.ZipfCorpus(words=30_000, vocab=3000, seed=2),
+                            tmp_path / "z")
+    tokens = corpus.read_split(corpus.make_splits(files, 1)[0])
+    c = kv.Pairs(tokens).combine()
+    assert dict(zip(c.keys, c.values.tolist(), strict=True)) == Counter(tokens)
+    values = np.arange(len(tokens), dtype=np.int64) - 7  # any int64 values: KeySums
+    expected: Counter = Counter()
+    for k, v in zip(tokens, values.tolist(), strict=True):
+        expected[k] += v
+    assert kv.Pairs(tokens, values).combined() == expected
+
+
+def test_key_sums_merge_batches_exactly_and_grow():
+    sums = kv.KeySums()
+    expected: Counter = Counter()
+    rng = np.random.default_rng(1)
+    for batch in range(6):
+        keys = [b"k%d" % i for i in rng.integers(0, 3000, 2000)]  # repeats within a batch
+        values = rng.integers(-2**40, 2**40, len(keys))
+        sums.add(keys, values if batch % 2 else None)
+        for k, v in zip(keys, values.tolist() if batch % 2 else [1] * len(keys), strict=True):
+            expected[k] += v
+    assert sums.to_dict() == expected and len(sums) == len(expected)
+    sums.add([])
+    sums.add_mapping({b"k1": 5, b"new": 2})
+    expected.update({b"k1": 5, b"new": 2})
+    assert sums.to_dict() == expected
+    assert list(sums.index)[-1] == b"new"  # ids are dense, in first-seen order
+
+
+@pytest.mark.parametrize("n_red", [1, 2, 3])
+def test_partition_gives_each_pair_to_its_reducer_in_order(n_red):
+    keys = [b"key%d" % (i % 50) for i in range(400)]
+    values = np.arange(400, dtype=np.int64)
+    reducers = [10 + r for r in range(n_red)]
+    parts = kv.partition(keys, values, reducers)
+    assert sorted(parts) == reducers
+    for rank, (k, v) in parts.items():
+        sel = [i for i, key in enumerate(keys) if kv.reducer_of(key, n_red) == rank - 10]
+        assert k == [keys[i] for i in sel] and v.tolist() == sel
+    assert sum(len(k) for k, _ in kv.partition(keys, None, reducers).values()) == 400
+
+
+def test_bit_mask_reads_bit_i_as_pair_i():
+    assert kv.bit_mask(0b1011, 5).tolist() == [True, True, False, True, False]
+    assert kv.bit_mask(1 << 63, 64).tolist() == [False] * 63 + [True]
+    assert kv.bit_mask(0, 0).tolist() == []
 
 
 def test_key_counts_reads_like_a_dict_and_merges_user_space_pairs():
@@ -163,23 +216,43 @@ def test_window_larger_than_the_dedup_ring_is_refused():
 ])
 def test_tcp_frames_round_trip(keys, values):
     shuffle = tcp_shuffle.TcpShuffle.__new__(tcp_shuffle.TcpShuffle)
-    shuffle.counts = Counter()
+    shuffle._reset_counts()
     buf = bytearray(tcp_shuffle.encode_frame(keys, values) + struct.pack("<BII", 5, 0, 0))
     assert shuffle._take_frames(buf) and buf == bytearray()
     expected: Counter = Counter()
     for k, v in zip(keys, [1] * len(keys) if values is None else values.tolist(), strict=True):
         expected[k] += v
-    assert shuffle.counts == expected
+    assert shuffle.merged() == expected
 
 
 def test_tcp_frames_wait_for_the_rest_of_a_frame():
     shuffle = tcp_shuffle.TcpShuffle.__new__(tcp_shuffle.TcpShuffle)
-    shuffle.counts = Counter()
+    shuffle._reset_counts()
     frame = tcp_shuffle.encode_frame([b"k"] * 10, None)
     buf = bytearray(frame[:7])
     assert not shuffle._take_frames(buf) and len(buf) == 7
     buf += frame[7:]
-    assert not shuffle._take_frames(buf) and shuffle.counts == {b"k": 10}
+    assert not shuffle._take_frames(buf) and shuffle.merged() == {b"k": 10}
+
+
+def test_tcp_reducer_merges_unit_and_valued_frames_of_many_mappers_exactly():
+    rng = np.random.default_rng(3)
+    vocab = [b"w%d" % i for i in range(500)] + [b"x" * 40]
+    shuffle = tcp_shuffle.TcpShuffle.__new__(tcp_shuffle.TcpShuffle)
+    shuffle._reset_counts()
+    expected: Counter = Counter()
+    buf = bytearray()
+    for mapper in range(4):
+        tokens = [vocab[i] for i in rng.integers(0, len(vocab), 3000)]
+        expected.update(tokens)
+        if mapper % 2:  # a combiner's frame: distinct keys with their counts
+            c = kv.Pairs(tokens).combine()
+            buf += tcp_shuffle.encode_frame(c.keys, c.values)
+        else:
+            buf += tcp_shuffle.encode_frame(tokens, None)
+    buf += struct.pack("<BII", 5, 0, 0)
+    assert shuffle._take_frames(buf)
+    assert shuffle.merged() == expected
 
 
 # ----------------------------------------------------------------- runs -----------------
@@ -211,12 +284,57 @@ def test_join_records_measures_from_the_last_byte_sent_and_checks_digests():
         _job("tcp", 1, 1, True, 20.0, 20.2, 0), _job("tcp", 1, 0, False, 20.0, 0, 20.5,
                                                      digest="wrong"),
     ]
-    samples = join_records(records, {0: "d0"}, words=1000, warmup=1)
+    cpu = {"aggbox": {"cpu_us_per_op": 5.0, "overcommitted": True},
+           "tcp": {"cpu_us_per_op": 7000.0, "overcommitted": True}}
+    samples = join_records(records, {0: "d0"}, words=1000, warmup=1, cpu=cpu)
     by = {s["system"]: s for s in samples}
-    assert by["aggbox"]["reduce_s"] == pytest.approx(0.01)
+    assert by["aggbox"]["after_last_send_s"] == pytest.approx(0.01)
     assert by["aggbox"]["job_s"] == pytest.approx(0.615)
     assert by["aggbox"]["reducer_cpu_s"] == 0.02 and by["aggbox"]["exact"]
-    assert by["tcp"]["reduce_s"] == pytest.approx(0.3) and not by["tcp"]["exact"]
+    assert by["tcp"]["after_last_send_s"] == pytest.approx(0.3) and not by["tcp"]["exact"]
+    assert by["tcp"]["cpu_us_per_op"] == 7000.0 and by["aggbox"]["overcommitted"] is True
+    assert "reduce_s" not in by["aggbox"]
     per = summarize_mapreduce(samples, ["aggbox", "tcp"])
     assert per["aggbox"]["n"] == 1 and per["tcp"]["exact"] is False
-    assert mapreduce_ratios(per)["reduce_s tcp/aggbox"] == pytest.approx(30.0, rel=1e-3)
+    assert per["tcp"]["cpu_ms_per_job"] == pytest.approx(7.0)
+
+
+def _sample(system, i, job_s, after, cpu_us):
+    return {"system": system, "iter": i, "job_s": job_s, "after_last_send_s": after,
+            "reducer_cpu_s": 0.01, "pairs_per_s": 1e6, "exact": True, "map_s": 0.1,
+            "done_wait_s": 0.0, "reducer_read_s": 0.0, "read_input_s": 0.01,
+            "shuffled_pairs": 10, "packets": 1, "retransmits": 0, "spilled_pairs": 0,
+            "keys": 3, "cpu_us_per_op": cpu_us, "mappers_cpu_us_per_op": cpu_us / 2,
+            "reducers_cpu_us_per_op": cpu_us / 4, "promise": "app", "procs_per_cpu": 2.5,
+            "overcommitted": True, "cpu_source": "cpuidle"}
+
+
+def test_mapreduce_ratios_pair_like_with_like_and_carry_cis():
+    samples = []
+    for i in range(5):
+        samples += [_sample("aggbox", i, 0.20 + 0.01 * i, 0.001, 300e3),
+                    _sample("tcp_combiner", i, 0.40 + 0.01 * i, 0.030, 450e3),
+                    _sample("aggbox_nocombiner", i, 0.50 + 0.01 * i, 0.001, 600e3),
+                    _sample("tcp", i, 0.30 + 0.01 * i, 0.200, 500e3)]
+    systems = ["aggbox", "aggbox_nocombiner", "tcp", "tcp_combiner"]
+    per = summarize_mapreduce(samples, systems)
+    assert per["aggbox"]["job_s"] == pytest.approx(0.22)
+    low, high = per["aggbox"]["job_s_p50_ci"]
+    assert 0.20 <= low <= 0.22 <= high <= 0.24
+    assert per["aggbox"]["promise"] == "app" and per["aggbox"]["overcommitted"] is True
+    assert per["tcp"]["cpu_ms_per_job"] == pytest.approx(500.0)
+    ratios = mapreduce_ratios(samples, per)
+    # Only like for like: the same combiner choice on both sides.
+    assert set(ratios) == {"job_s tcp_combiner/aggbox", "job_s tcp/aggbox_nocombiner",
+                           "after_last_send_s tcp_combiner/aggbox",
+                           "after_last_send_s tcp/aggbox_nocombiner",
+                           "cpu per job tcp_combiner/aggbox", "cpu per job tcp/aggbox_nocombiner"}
+    head = ratios["job_s tcp_combiner/aggbox"]
+    assert head["headline"] and head["pair"] == "both with combiner"
+    assert head["ratio"] == pytest.approx(0.42 / 0.22, rel=1e-3)
+    assert head["ci95"][0] <= head["ratio"] <= head["ci95"][1]
+    assert ratios["job_s tcp/aggbox_nocombiner"]["ratio"] == pytest.approx(0.32 / 0.52,
+                                                                           rel=1e-3)
+    assert not ratios["after_last_send_s tcp_combiner/aggbox"]["headline"]
+    assert ratios["cpu per job tcp/aggbox_nocombiner"]["ratio"] == pytest.approx(500 / 600,
+                                                                                 rel=1e-3)
