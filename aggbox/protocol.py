@@ -106,6 +106,9 @@ COUNTERS: tuple[str, ...] = (
     "kv_in_progress",
     "kv_tail_calls",
     "kv_chain_broken",
+    # aggregation, continued
+    "agg_shape_mismatch",
+    "agg_bad_scale",
 )
 
 

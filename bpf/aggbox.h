@@ -128,6 +128,9 @@ enum aggbox_counter {
 	CNT_KV_IN_PROGRESS,    /* a copy of a packet another CPU is still adding: dropped      */
 	CNT_KV_TAIL_CALLS,     /* tail calls of the pair walk                                  */
 	CNT_KV_CHAIN_BROKEN,   /* failed tail calls (the rest of the packet was spilled)        */
+	/* aggregation, continued */
+	CNT_AGG_SHAPE_MISMATCH,/* a block whose count or operation differs from its slot's      */
+	CNT_AGG_BAD_SCALE,     /* a block whose scale_exp no quantization produces              */
 	CNT_MAX,
 };
 

@@ -5,23 +5,29 @@
  *
  * The packet's path, on the aggregator's TC ingress:
  *
- *   agg_ingress  parse, check (magic, version, job, token, member, length), find the
- *                block's slot (seq mod pool) and copy (round parity); under the slot's
- *                lock, mark the worker in the contributor bitmap: a block already counted
- *                is never added twice (answered by agg_reply instead)
- *   agg_add      x N   adds AGG_CHUNK values per program, then tail-calls itself for the
- *                next chunk: a chain of ceil(count / AGG_CHUNK) programs, progress in a
- *                per-CPU map, so a block can be larger than one program may walk
- *   agg_finish   counts the worker as arrived; the LAST one turns its own packet into the
- *                result, resets the slot's other copy for the next round, and clones the
- *                result to every worker
+ *   agg_ingress  parse, check (magic, version, job, token, member, both lengths, scale
+ *                exponent), find the block's slot (seq mod pool) and copy (round
+ *                parity); under the copy's lock: a block already counted in is answered
+ *                by agg_reply, never added twice; nothing is claimed here
+ *   agg_add      x N   one chunk (AGG_CHUNK values) per program under the CHUNK's lock,
+ *                then tail-calls itself for the next: a chain of ceil(count / AGG_CHUNK)
+ *                programs, progress in a per-CPU map. A chunk records the workers whose
+ *                values it holds, so an add is idempotent per worker: the first writer
+ *                of a round stores, the others add (or max), a retransmission skips
+ *   agg_finish   counts the worker in (its bit in `done`, once); the LAST one starts the
+ *                slot's other copy on the next round, turns its own packet into the
+ *                result and clones it to every worker
  *   agg_reply    a duplicate of a finished block gets the finished copy's result (the
- *                worker lost it); of an unfinished block, a status naming who is missing
+ *                worker lost it); of an unfinished block, a status naming who is in
+ *
+ * A chain that breaks anywhere (a drop, a failed tail call) leaves only chunks holding
+ * the worker's values, no claim: its retransmission adds the rest and completes the slot.
  *
  * Two copies per slot (SwitchML's shadow copy): round r of a slot uses copy r & 1. A
  * worker sends round r + 1 of a slot only after it has the result of round r, so when
  * round r completes every worker already has round r - 1's result and its copy can be
- * reset; the finished copy of round r stays intact until round r + 1 completes, which is
+ * restarted (under its lock, metadata only: its chunks are blank by their older round);
+ * the finished copy of round r stays intact until round r + 1 completes, which is
  * what answers late retransmissions. Only one user-space process per worker is involved;
  * the aggregator's user space only installs jobs (aggbox/collectives/allreduce.py).
  */
@@ -57,8 +63,12 @@ _Static_assert(AGG_MAX_VALUES / AGG_CHUNK <= 30, "the chain would exceed the tai
 #define AGG_F_ALIGN  0x0400 /* sum of values quantized with each worker's own exponent
 			     * (hdr.scale_exp): the kernel aligns them to the largest */
 #define AGG_MAX_CHUNKS (AGG_MAX_VALUES / AGG_CHUNK)
-#define EXP_BIAS 1024 /* chunk_exp holds exponent + EXP_BIAS; 0 means no value yet */
-#define AGG_F_STATUS 0x0200 /* AGG_RESULT that is a status: aux = contributors so far */
+#define AGG_F_STATUS 0x0200 /* AGG_RESULT that is a status: its payload is the 64-bit
+			     * bitmap of the workers whose block is in (aux: its low half) */
+/* The exponents aggbox/quant.py can produce (float64 frexp of 2^-1074 .. < 2^1024, and
+ * ZERO_BLOCK_EXPONENT): anything else is refused (it would shift a whole chunk out). */
+#define AGG_EXP_MIN (-1074)
+#define AGG_EXP_MAX 1024
 
 enum chain_index { CHAIN_ADD = 0, CHAIN_FINISH = 1, CHAIN_REPLY = 2, CHAIN_LEN };
 /* user space fills `chain` with agg_add, agg_finish, agg_reply in this order */
@@ -89,19 +99,36 @@ struct agg_worker {
 /* key: job index * AGGBOX_MAX_MEMBERS + rank */
 BPF_ARRAY(workers, struct agg_worker, AGG_MAX_JOBS * AGGBOX_MAX_MEMBERS);
 
+/* Who is in one copy of a slot. A worker's bit in `done` is set only by agg_finish, once
+ * every chunk of its block is in: a chain that breaks half-way (a drop, a failed tail
+ * call) leaves no claim behind, and the worker's retransmission finishes the job. */
 struct agg_copy {
 	struct bpf_spin_lock lock;
-	__u32 round;        /* the round this copy holds */
-	__u64 contributors; /* bit r: worker r's block is (being) added */
-	__u32 arrived;      /* workers whose block is fully added */
-	__u32 count;        /* values in the block */
-	__u32 flags;        /* the first contributor's AGG_F_OP_MAX / AGG_F_ALIGN */
-	__u32 pad;
-	__s32 chunk_exp[AGG_MAX_CHUNKS]; /* AGG_F_ALIGN: the scale of each chunk's values */
-	__s32 values[AGG_MAX_VALUES];
+	__u32 round;  /* the round this copy holds */
+	__u64 done;   /* bit r: worker r's block is fully added */
+	__u32 arrived;/* popcount(done) */
+	__u32 count;  /* values in the block (set by the round's first accepted block) */
+	__u32 flags;  /* that block's AGG_F_OP_MAX / AGG_F_ALIGN */
+	__u32 shaped; /* count and flags are set */
 };
 /* key: (job index * AGG_POOL + slot) * 2 + copy */
 BPF_ARRAY(slots, struct agg_copy, AGG_MAX_JOBS * AGG_POOL * 2);
+
+/* One chunk of a slot copy, with its own lock: two CPUs add different chunks of one slot
+ * at once. Initialised lazily: a chunk whose round is older than the block's is blank,
+ * and the first writer of a round STORES its values (no zeroed copy, and a MAX of
+ * negative values is right). `added` makes the adds idempotent per worker: a
+ * retransmission re-walks the chain and adds only the chunks that are not in yet. */
+struct agg_chunk_state {
+	struct bpf_spin_lock lock;
+	__u32 round;  /* the round the values belong to */
+	__u64 added;  /* bit r: worker r's values of this chunk are in */
+	__s32 exp;    /* AGG_F_ALIGN: the exponent the values are at */
+	__u32 pad;
+	__s32 values[AGG_CHUNK];
+};
+/* key: slot copy key * AGG_MAX_CHUNKS + chunk */
+BPF_ARRAY(chunks, struct agg_chunk_state, AGG_MAX_JOBS * AGG_POOL * 2 * AGG_MAX_CHUNKS);
 
 /* What one packet's chain carries from program to program (per CPU: a chain runs on one
  * CPU without interruption). */
@@ -114,7 +141,10 @@ struct agg_progress {
 	__u32 n_workers;
 	__u32 complete;  /* agg_reply: the copy is finished (else: send a status) */
 	__s32 exp;       /* AGG_F_ALIGN: the contribution's exponent */
-	__u64 contributors;
+	__u32 round;
+	__u32 pad;
+	__u64 bit;       /* the sender's rank bit */
+	__u64 done;      /* agg_reply: the workers whose block is in */
 };
 BPF_PERCPU_ARRAY(progress, struct agg_progress, 1);
 
@@ -159,9 +189,18 @@ static __always_inline struct agg_job *check_block(struct __sk_buff *skb, struct
 		*reason = CNT_DROP_NON_MEMBER;
 		return NULL;
 	}
+	/* Both lengths: the skb's and the one UDP claims (a datagram shorter than its
+	 * count, padded at the link layer, must not pass). */
 	__u32 count = p->hdr->count;
-	if (count == 0 || count > AGG_MAX_VALUES || skb->len < PAYLOAD_OFF + count * 4) {
+	__u32 need = PAYLOAD_OFF + count * 4;
+	if (count == 0 || count > AGG_MAX_VALUES || skb->len < need ||
+	    bpf_ntohs(p->udp->len) < need - UDP_OFF) {
 		*reason = CNT_DROP_TRUNCATED;
+		return NULL;
+	}
+	if ((p->hdr->flags & AGG_F_ALIGN) &&
+	    (p->hdr->scale_exp < AGG_EXP_MIN || p->hdr->scale_exp > AGG_EXP_MAX)) {
+		*reason = CNT_AGG_BAD_SCALE;
 		return NULL;
 	}
 	return job;
@@ -217,18 +256,16 @@ int agg_ingress(struct __sk_buff *skb)
 	bpf_spin_lock(&cp->lock);
 	if (cp->round != round) {
 		verdict = 1;
-	} else if (cp->contributors & bit) {
+	} else if (cp->done & bit) {
 		verdict = 2;
 		pr->complete = cp->arrived == job->n_workers;
-		pr->contributors = cp->contributors;
-	} else if (cp->contributors && (cp->count != n || cp->flags != flags)) {
+		pr->done = cp->done;
+	} else if (cp->shaped && (cp->count != n || cp->flags != flags)) {
 		verdict = 3;
-	} else {
-		if (!cp->contributors) {
-			cp->count = n;
-			cp->flags = flags;
-		}
-		cp->contributors |= bit;
+	} else if (!cp->shaped) {
+		cp->count = n;
+		cp->flags = flags;
+		cp->shaped = 1;
 	}
 	bpf_spin_unlock(&cp->lock);
 
@@ -239,9 +276,11 @@ int agg_ingress(struct __sk_buff *skb)
 	pr->flags = flags;
 	pr->n_workers = job->n_workers;
 	pr->exp = p.hdr->scale_exp;
+	pr->round = round;
+	pr->bit = bit;
 	if (verdict == 1 || verdict == 3) {
 		/* 3: its count or operation differs from the slot's other blocks */
-		count(verdict == 1 ? CNT_AGG_STALE_ROUND : CNT_DROP_TRUNCATED);
+		count(verdict == 1 ? CNT_AGG_STALE_ROUND : CNT_AGG_SHAPE_MISMATCH);
 		return TC_ACT_SHOT;
 	}
 	if (verdict == 2) {
@@ -254,15 +293,65 @@ int agg_ingress(struct __sk_buff *skb)
 	return TC_ACT_SHOT; /* only if the chain is not installed */
 }
 
-/* x / 2**d rounded to nearest (d = 0: x unchanged; beyond 30 bits nothing is left). */
-static __always_inline __s32 rshift_round(__s32 x, __u32 d)
+/* How agg_add combines one chunk, chosen once per chunk so that each loop is plain. */
+enum add_mode {
+	MODE_STALE = 0, /* the chunk is at a newer round: a late packet, dropped */
+	MODE_SKIP,      /* this worker's values of the chunk are already in */
+	MODE_STORE,     /* the round's first writer (or the sum shifted out entirely) */
+	MODE_ADD,       /* sum += in */
+	MODE_SHIFT_SUM, /* sum = round(sum / 2**d) + in: the contribution has a larger exponent */
+	MODE_SHIFT_IN,  /* sum += round(in / 2**d) */
+	MODE_MAX,       /* sum = max(sum, in) */
+	MODE_NONE,      /* the input shifts out entirely: nothing to add, but it is in */
+};
+
+/* Decide the chunk's mode under its lock (and start the chunk's round if it is blank). */
+static __always_inline int chunk_mode(struct agg_chunk_state *ch, struct agg_progress *pr,
+				      __u32 *d)
 {
-	if (d == 0)
-		return x;
-	if (d > 30)
-		return 0;
-	return (x + (1 << (d - 1))) >> d;
+	if (ch->round != pr->round) {
+		if ((__s32)(pr->round - ch->round) < 0)
+			return MODE_STALE;
+		ch->round = pr->round; /* older values: blank for this round */
+		ch->added = 0;
+	}
+	if (ch->added & pr->bit)
+		return MODE_SKIP;
+	if (!ch->added) {
+		ch->exp = pr->exp;
+		return MODE_STORE;
+	}
+	if (pr->flags & AGG_F_OP_MAX)
+		return MODE_MAX;
+	if (!(pr->flags & AGG_F_ALIGN))
+		return MODE_ADD;
+	/* AGG_F_ALIGN: bring the chunk and the contribution to the larger exponent
+	 * (rounding right shifts; see aggbox/quant.py for the error this adds). */
+	__s32 mine = pr->exp, cur = ch->exp;
+	if (mine > cur) {
+		ch->exp = mine;
+		*d = mine - cur;
+		return *d > 30 ? MODE_STORE : MODE_SHIFT_SUM;
+	}
+	*d = cur - mine;
+	if (*d == 0)
+		return MODE_ADD;
+	return *d > 30 ? MODE_NONE : MODE_SHIFT_IN;
 }
+
+/* The loops below keep their indices away from clang (barrier_var): it would otherwise
+ * drop `i < AGG_CHUNK` as implied by n, or turn the loop into memcpy / pointer walks that
+ * the verifier cannot follow. */
+#define CHUNK_LOOP(body)                                                              \
+	_Pragma("clang loop unroll(disable) vectorize(disable) interleave(disable)")    \
+	for (__u32 i = 0; i < AGG_CHUNK; i++) {                                         \
+		if (i >= n)                                                             \
+			break;                                                          \
+		__u32 j = i;                                                            \
+		barrier_var(j);                                                         \
+		j &= AGG_CHUNK - 1;                                                     \
+		body;                                                                   \
+	}
 
 int agg_add(struct __sk_buff *skb)
 {
@@ -271,15 +360,15 @@ int agg_add(struct __sk_buff *skb)
 	struct agg_chunk *buf = chunk_buf.lookup(&zero);
 	if (!pr || !buf)
 		return TC_ACT_SHOT;
-	__u32 key = pr->key;
-	struct agg_copy *cp = slots.lookup(&key);
-	if (!cp)
-		return TC_ACT_SHOT;
 	__u32 off = pr->next;
 	__u32 n = pr->count - off;
 	if (n > AGG_CHUNK)
 		n = AGG_CHUNK;
 	if (off >= AGG_MAX_VALUES || n == 0)
+		return TC_ACT_SHOT;
+	__u32 ckey = pr->key * AGG_MAX_CHUNKS + ((off / AGG_CHUNK) & (AGG_MAX_CHUNKS - 1));
+	struct agg_chunk_state *ch = chunks.lookup(&ckey);
+	if (!ch)
 		return TC_ACT_SHOT;
 	/* One helper call copies the chunk out of the packet (linear or not). The mask
 	 * only restates n <= AGG_CHUNK in a form the verifier tracks. */
@@ -290,50 +379,33 @@ int agg_add(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	if (bpf_skb_load_bytes(skb, PAYLOAD_OFF + off * 4, buf->v, len) != 0)
 		return TC_ACT_SHOT;
-	/* Hidden from clang: it would otherwise drop `i < AGG_CHUNK` as implied by n, and the
-	 * verifier, which cannot see that, walks the loop until it gives up. */
 	barrier_var(n);
-	bpf_spin_lock(&cp->lock);
-	if (pr->flags & AGG_F_OP_MAX) {
-#pragma clang loop unroll(disable) vectorize(disable) interleave(disable)
-		for (__u32 i = 0; i < AGG_CHUNK; i++) {
-			if (i >= n)
-				break;
-			__u32 j = i, idx = off + i;
-			barrier_var(j); /* keep clang from turning indices into pointer walks */
-			barrier_var(idx);
-			j &= AGG_CHUNK - 1;
-			idx &= AGG_MAX_VALUES - 1;
-			if (buf->v[j] > cp->values[idx])
-				cp->values[idx] = buf->v[j];
-		}
-	} else {
-		/* AGG_F_ALIGN: bring the chunk and the contribution to the larger exponent
-		 * (rounding right shifts; see aggbox/quant.py for the error this adds). */
-		__u32 shift_sum = 0, shift_in = 0;
-		if (pr->flags & AGG_F_ALIGN) {
-			__u32 c = (off / AGG_CHUNK) & (AGG_MAX_CHUNKS - 1);
-			__s32 mine = pr->exp + EXP_BIAS, cur = cp->chunk_exp[c];
-			if (cur == 0 || mine > cur) {
-				shift_sum = cur ? mine - cur : 0;
-				cp->chunk_exp[c] = mine;
-			} else {
-				shift_in = cur - mine;
-			}
-		}
-#pragma clang loop unroll(disable) vectorize(disable) interleave(disable)
-		for (__u32 i = 0; i < AGG_CHUNK; i++) {
-			if (i >= n)
-				break;
-			__u32 j = i, idx = off + i;
-			barrier_var(j);
-			barrier_var(idx);
-			idx &= AGG_MAX_VALUES - 1;
-			cp->values[idx] = rshift_round(cp->values[idx], shift_sum) +
-					  rshift_round(buf->v[j & (AGG_CHUNK - 1)], shift_in);
+	__u32 d = 0;
+	bpf_spin_lock(&ch->lock);
+	int mode = chunk_mode(ch, pr, &d);
+	if (mode == MODE_STORE) {
+		CHUNK_LOOP(ch->values[j] = buf->v[j]);
+	} else if (mode == MODE_ADD) {
+		CHUNK_LOOP(ch->values[j] += buf->v[j]);
+	} else if (mode == MODE_MAX) {
+		CHUNK_LOOP(if (buf->v[j] > ch->values[j]) ch->values[j] = buf->v[j]);
+	} else if (mode == MODE_SHIFT_SUM || mode == MODE_SHIFT_IN) {
+		/* x / 2**d rounded to nearest, 1 <= d <= 30 (|x| <= 2**30: no overflow) */
+		__u32 dd = d & 31;
+		__s32 half = 1 << ((dd - 1) & 31);
+		if (mode == MODE_SHIFT_SUM) {
+			CHUNK_LOOP(ch->values[j] = ((ch->values[j] + half) >> dd) + buf->v[j]);
+		} else {
+			CHUNK_LOOP(ch->values[j] += (buf->v[j] + half) >> dd);
 		}
 	}
-	bpf_spin_unlock(&cp->lock);
+	if (mode != MODE_STALE)
+		ch->added |= pr->bit;
+	bpf_spin_unlock(&ch->lock);
+	if (mode == MODE_STALE) {
+		count(CNT_AGG_STALE_ROUND);
+		return TC_ACT_SHOT;
+	}
 	pr->next = off + n;
 	if (pr->next < pr->count)
 		chain.call(skb, CHAIN_ADD);
@@ -342,22 +414,42 @@ int agg_add(struct __sk_buff *skb)
 	return TC_ACT_SHOT;
 }
 
-/* Make the packet a result carrying `cp`'s values (same length as the block it was). */
-static __always_inline int write_result(struct __sk_buff *skb, struct agg_copy *cp,
-					__u32 n)
+/* Make the packet a result carrying the values of copy `key` (same length as the block
+ * it was): one store per chunk. */
+static __always_inline int write_result(struct __sk_buff *skb, __u32 key, __u32 count)
 {
-	__u32 len = n * 4;
-	barrier_var(len);
-	len &= AGG_MAX_VALUES * 8 - 1; /* restates the bound for the verifier */
-	if (len < 4 || len > AGG_MAX_VALUES * 4)
-		return -1;
-	return bpf_skb_store_bytes(skb, PAYLOAD_OFF, cp->values, len, 0);
+#pragma clang loop unroll(disable)
+	for (__u32 c = 0; c < AGG_MAX_CHUNKS; c++) {
+		__u32 off = c * AGG_CHUNK;
+		if (off >= count)
+			break;
+		__u32 n = count - off;
+		if (n > AGG_CHUNK)
+			n = AGG_CHUNK;
+		__u32 ckey = key * AGG_MAX_CHUNKS + c;
+		struct agg_chunk_state *ch = chunks.lookup(&ckey);
+		if (!ch)
+			return -1;
+		__u32 len = n * 4;
+		barrier_var(len);
+		len &= AGG_CHUNK * 8 - 1; /* restates the bound for the verifier */
+		if (len < 4 || len > AGG_CHUNK * 4)
+			return -1;
+		if (bpf_skb_store_bytes(skb, PAYLOAD_OFF + off * 4, ch->values, len, 0) != 0)
+			return -1;
+	}
+	return 0;
 }
 
-/* The result's exponent (AGG_F_ALIGN): every chunk ends at the group's largest. */
-static __always_inline void set_scale(struct __sk_buff *skb, struct agg_copy *cp)
+/* The result's exponent (AGG_F_ALIGN): every chunk ends at the group's largest, since
+ * every worker sends one exponent for its whole block. */
+static __always_inline void set_scale(struct __sk_buff *skb, __u32 key)
 {
-	__s16 e = cp->chunk_exp[0] - EXP_BIAS;
+	__u32 ckey = key * AGG_MAX_CHUNKS;
+	struct agg_chunk_state *ch = chunks.lookup(&ckey);
+	if (!ch)
+		return;
+	__s16 e = ch->exp;
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, scale_exp), &e, 2, 0);
 }
 
@@ -370,34 +462,24 @@ static __always_inline void set_type(struct __sk_buff *skb, __u8 type, __u16 fla
 	bpf_skb_store_bytes(skb, UDP_OFF + offsetof(struct udphdr, check), &no_csum, 2, 0);
 }
 
-/* All zero: the source that resets a slot copy in one map update (no loop over values;
- * a 16 Ki loop would exceed the verifier's jump history). Same layout as agg_copy but
- * without the lock: a value holding a bpf_spin_lock may not be a helper's source
- * ("bpf_spin_lock cannot be accessed directly by load/store", kernel 6.18). */
-struct agg_copy_plain {
-	__u32 lock_word;
-	__u32 round;
-	__u64 contributors;
-	__u32 arrived, count, flags, pad;
-	__s32 chunk_exp[AGG_MAX_CHUNKS];
-	__s32 values[AGG_MAX_VALUES];
-};
-_Static_assert(sizeof(struct agg_copy_plain) == sizeof(struct agg_copy), "same layout");
-BPF_ARRAY(zero_copy, struct agg_copy_plain, 1);
-
-/* Reset the other copy of the slot for the round after this one (see the top comment). */
+/* Start the other copy of the slot on the round after this one (see the top comment):
+ * all under its lock, so no packet ever sees a half-reset copy. Its chunks are blank
+ * by their older round: nothing else to clear. */
 static __always_inline void reset_for_next_round(__u32 key, __u32 round)
 {
-	__u32 other_key = key ^ 1, zero = 0;
-	struct agg_copy *blank = zero_copy.lookup(&zero);
-	if (!blank)
-		return;
-	slots.update(&other_key, blank);
+	__u32 other_key = key ^ 1;
 	struct agg_copy *other = slots.lookup(&other_key);
 	if (!other)
 		return;
 	bpf_spin_lock(&other->lock);
-	other->round = round + 1;
+	if ((__s32)(round + 1 - other->round) > 0) {
+		other->round = round + 1;
+		other->done = 0;
+		other->arrived = 0;
+		other->count = 0;
+		other->flags = 0;
+		other->shaped = 0;
+	}
 	bpf_spin_unlock(&other->lock);
 }
 
@@ -450,22 +532,36 @@ int agg_finish(struct __sk_buff *skb)
 	struct agg_job *job = jobs.lookup(&job_id);
 	if (!cp || !job)
 		return TC_ACT_SHOT;
+	/* Every chunk holds this worker's values now (added by this chain or by an earlier
+	 * copy of the block): count it in, once. */
+	int verdict = 0; /* 0: counted in, 1: stale round, 2: a raced copy counted it first */
+	int complete = 0;
 	bpf_spin_lock(&cp->lock);
-	cp->arrived += 1;
-	int complete = cp->arrived == pr->n_workers;
-	__u32 round = cp->round;
+	if (cp->round != pr->round) {
+		verdict = 1;
+	} else if (cp->done & pr->bit) {
+		verdict = 2;
+	} else {
+		cp->done |= pr->bit;
+		cp->arrived += 1;
+		complete = cp->arrived == pr->n_workers;
+	}
 	bpf_spin_unlock(&cp->lock);
+	if (verdict) {
+		count(verdict == 1 ? CNT_AGG_STALE_ROUND : CNT_AGG_DUPLICATE);
+		return TC_ACT_SHOT;
+	}
 	count(CNT_AGG_ADDED);
 	if (!complete)
 		return TC_ACT_STOLEN; /* consumed: its values are in the slot */
 
 	/* The last block in: this packet becomes the result. */
-	reset_for_next_round(key, round);
-	if (write_result(skb, cp, pr->count) != 0)
+	reset_for_next_round(key, pr->round);
+	if (write_result(skb, key, pr->count) != 0)
 		return TC_ACT_SHOT;
 	set_type(skb, AGGBOX_AGG_RESULT, pr->flags, 0);
 	if (pr->flags & AGG_F_ALIGN)
-		set_scale(skb, cp);
+		set_scale(skb, key);
 	count(CNT_AGG_COMPLETED);
 	return fan_out_result(skb, job);
 }
@@ -478,22 +574,22 @@ int agg_reply(struct __sk_buff *skb)
 	if (!pr)
 		return TC_ACT_SHOT;
 	__u32 key = pr->key;
-	struct agg_copy *cp = slots.lookup(&key);
-	if (!cp)
-		return TC_ACT_SHOT;
 	if (pr->complete) {
-		if (write_result(skb, cp, pr->count) != 0)
+		if (write_result(skb, key, pr->count) != 0)
 			return TC_ACT_SHOT;
 		set_type(skb, AGGBOX_AGG_RESULT, pr->flags, 0);
 		if (pr->flags & AGG_F_ALIGN)
-			set_scale(skb, cp);
+			set_scale(skb, key);
 		count(CNT_AGG_LATE_REPLY);
 	} else {
-		/* A bare header: count 0, aux = the contributor bitmap (ranks 0..31). */
-		if (bpf_skb_change_tail(skb, PAYLOAD_OFF, 0) != 0)
+		/* A status: count 2, the payload the 64-bit bitmap of the workers whose block
+		 * is in (little-endian), aux its low 32 bits. */
+		__u32 plen = PAYLOAD_OFF + 8;
+		if (bpf_skb_change_tail(skb, plen, 0) != 0)
 			return TC_ACT_SHOT;
-		__u16 tot = bpf_htons(PAYLOAD_OFF - IP_OFF), ulen = bpf_htons(PAYLOAD_OFF - UDP_OFF);
-		__u16 zero16 = 0;
+		__u16 tot = bpf_htons(plen - IP_OFF), ulen = bpf_htons(plen - UDP_OFF);
+		__u16 two = 2;
+		__u64 done = pr->done;
 		void *data = (void *)(long)skb->data;
 		void *data_end = (void *)(long)skb->data_end;
 		struct iphdr *ip = data + IP_OFF;
@@ -503,8 +599,9 @@ int agg_reply(struct __sk_buff *skb)
 		bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), old_tot, tot, 2);
 		bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, tot_len), &tot, 2, 0);
 		bpf_skb_store_bytes(skb, UDP_OFF + offsetof(struct udphdr, len), &ulen, 2, 0);
-		bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, count), &zero16, 2, 0);
-		set_type(skb, AGGBOX_AGG_RESULT, pr->flags | AGG_F_STATUS, (__u32)pr->contributors);
+		bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, count), &two, 2, 0);
+		bpf_skb_store_bytes(skb, PAYLOAD_OFF, &done, 8, 0);
+		set_type(skb, AGGBOX_AGG_RESULT, pr->flags | AGG_F_STATUS, (__u32)done);
 		count(CNT_AGG_STATUS);
 	}
 	/* Back to the worker that asked: swap Ethernet and IP addresses (the IP checksum is

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import select
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +37,9 @@ from aggbox.errors import AggBoxError, CollectiveTimeout
 from aggbox.protocol import (
     HEADER,
     HEADER_SIZE,
+    MAGIC,
     MAX_MEMBERS,
+    VERSION,
     MsgType,
     ip_to_u32,
     mac_bytes,
@@ -57,9 +58,6 @@ F_OP_MAX = 0x0100  # bpf/aggregate.c AGG_F_OP_MAX
 F_STATUS = 0x0200  # bpf/aggregate.c AGG_F_STATUS
 F_ALIGN = 0x0400  # bpf/aggregate.c AGG_F_ALIGN
 
-SOL_UDP = 17
-UDP_SEGMENT = 103  # linux/udp.h: UDP generic segmentation offload
-GSO_MAX_BYTES = 65000
 
 
 def chain_length(block: int, chunk: int = CHUNK) -> int:
@@ -131,13 +129,23 @@ class AggregatorPrograms:
         return index
 
     def _reset_slots(self, index: int) -> None:
-        slots = self.family["slots"]
+        """Every slot copy of job ``index`` at its first round (r uses copy r & 1: rounds 0
+        and 1) with nobody in, and every chunk at round 0 with nobody in: blank for both
+        (the kernel initialises a chunk lazily, its first writer of a round stores)."""
         pool = 1 << POOL_SHIFT
-        for slot in range(pool):
-            for copy in (0, 1):
-                leaf = slots.Leaf()
-                leaf.round = copy  # round r of a slot uses copy r & 1: rounds 0 and 1 first
-                slots[slots.Key((index * pool + slot) * 2 + copy)] = leaf
+        slots = self.family["slots"]
+        keys = (slots.Key * (pool * 2))()
+        leaves = (slots.Leaf * (pool * 2))()
+        for k in range(pool * 2):
+            keys[k] = slots.Key(index * pool * 2 + k)
+            leaves[k].round = k & 1
+        slots.items_update_batch(keys, leaves)
+        chunks = self.family["chunks"]
+        per_job = pool * 2 * (MAX_VALUES // CHUNK)
+        ckeys = (chunks.Key * per_job)()
+        for k in range(per_job):
+            ckeys[k] = chunks.Key(index * per_job + k)
+        chunks.items_update_batch(ckeys, (chunks.Leaf * per_job)())
 
     def remove_job(self, job_id: int) -> None:
         index = self._index.pop(job_id, None)
@@ -186,7 +194,7 @@ class Allreducer:
     """A worker's side of in-kernel allreduce (one per worker process)."""
 
     def __init__(self, group: Group, block: int = 256, timeout: float = 10.0,
-                 rto: float = 0.02, gso: bool = False, scale: str = "align"):
+                 rto: float = 0.02, scale: str = "align"):
         if scale not in ("align", "agree"):
             raise AggBoxError(f"scale must be 'align' or 'agree', got {scale!r}")
         self.scale = scale
@@ -199,12 +207,14 @@ class Allreducer:
         self.pool = 1 << POOL_SHIFT
         self.timeout = timeout
         self.rto = rto
-        self.gso = gso
         self.sock = udp_socket(group.port)
         self.dest = (group.aggregator.ip, group.port)
         self.next_seq = 0  # global block number, shared by every call of this group
         self.rx = bytearray(HEADER_SIZE + 4 * MAX_VALUES + 64)
-        self.stats = {"blocks": 0, "retransmits": 0, "results": 0, "duplicates": 0}
+        # refused: datagrams on the job's port that are not this job's results from the
+        # aggregator (wrong source, magic, version, token or shape): never taken
+        self.stats = {"blocks": 0, "retransmits": 0, "results": 0, "duplicates": 0,
+                      "refused": 0}
 
     # -- the public API ----------------------------------------------------------------
 
@@ -283,22 +293,10 @@ class Allreducer:
         self.stats["blocks"] += last - first
 
     def _send_blocks(self, call: _Call, blocks: range | list[int], flags: int) -> None:
-        packets = [self._packet(call, i, flags) for i in blocks]
-        if not self.gso or len(packets) == 1:
-            for pkt in packets:
-                self.sock.sendto(pkt, self.dest)
-            return
-        # UDP GSO: one sendmsg for many equal-size packets (the last may be shorter).
-        seg = len(packets[0])
-        per_call = max(1, min(64, GSO_MAX_BYTES // seg))
-        for k in range(0, len(packets), per_call):
-            group = packets[k:k + per_call]
-            if len(group) == 1 or any(len(p) != seg for p in group[:-1]):
-                for pkt in group:
-                    self.sock.sendto(pkt, self.dest)
-                continue
-            self.sock.sendmsg([b"".join(group)],
-                              [(SOL_UDP, UDP_SEGMENT, struct.pack("H", seg))], 0, self.dest)
+        # One datagram per block: the aggregator drops GSO super-packets (one skb holding
+        # several blocks), so there is no GSO option.
+        for i in blocks:
+            self.sock.sendto(self._packet(call, i, flags), self.dest)
 
     def _resend_outstanding(self, call: _Call, flags: int) -> None:
         outstanding = [i for i in range(call.low, call.next_send) if not call.done[i]]
@@ -316,32 +314,42 @@ class Allreducer:
         ready, _, _ = select.select([self.sock], [], [], wait)
         while ready:
             try:
-                n = self.sock.recv_into(self.rx, len(self.rx), socket.MSG_DONTWAIT)
+                n, src = self.sock.recvfrom_into(self.rx, len(self.rx), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            progressed |= self._take(call, n)
+            progressed |= self._take(call, n, src[0])
         return progressed
 
-    def _take(self, call: _Call, n: int) -> bool:
-        if n < HEADER_SIZE:
-            return False
-        (magic, _v, mtype, flags, job, _tok, seq, _r, _rank, count, exp,
+    def _refuse(self) -> bool:
+        self.stats["refused"] += 1
+        return False
+
+    def _take(self, call: _Call, n: int, src: str) -> bool:
+        """Take one datagram: only the job's results from the aggregator's address, with
+        the job's magic, version and token (anything else on the port is refused)."""
+        if n < HEADER_SIZE or src != self.dest[0]:
+            return self._refuse()
+        (magic, version, mtype, flags, job, token, seq, _r, _rank, count, exp,
          aux) = HEADER.unpack_from(self.rx)
-        if mtype != MsgType.AGG_RESULT or job != self.group.job_id:
-            return False
+        if (magic != MAGIC or version != VERSION or mtype != MsgType.AGG_RESULT
+                or job != self.group.job_id or token != self.group.token):
+            return self._refuse()
         i = seq - call.base
         if not 0 <= i < call.n_blocks:
             self.stats["duplicates"] += 1  # a late answer to an earlier call
             return False
         if flags & F_STATUS:
-            self._missing = [r for r in range(self.group.size) if not aux >> r & 1]
+            # the payload holds the 64-bit bitmap of the workers whose block is in
+            done = (int.from_bytes(self.rx[HEADER_SIZE:HEADER_SIZE + 8], "little")
+                    if count >= 2 and n >= HEADER_SIZE + 8 else aux)
+            self._missing = [r for r in range(self.group.size) if not done >> r & 1]
             return False
         if call.done[i]:
             self.stats["duplicates"] += 1
             return False
         start, end = call.span(i)
         if count != end - start or n < HEADER_SIZE + 4 * count:
-            return False
+            return self._refuse()
         call.out[start:end] = np.frombuffer(self.rx, dtype=np.int32, count=count,
                                             offset=HEADER_SIZE)
         call.out_exp[i] = exp

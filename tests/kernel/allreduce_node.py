@@ -13,11 +13,12 @@ JSON line per command line:
                                                         each run in its own thread, at once
     {"cmd": "stats", "name": "a"} / {"cmd": "close", "name": "a"} / {"cmd": "quit"}
 
-A call is ``{"kind": "int32" | "reduce_int32" | "float", "size": n, "seed": s,
-"dist": "gaussian", "poison": [index, "nan" | "inf"]}``: the worker makes its input with
-:func:`int32_input` / :func:`float_input` (the test makes the same to compute the
-reference) and answers ``{"result": <base64>, "dtype": ..., "bound": <base64>}``, the
-bound being ``Allreducer.error_bound`` for float calls.
+A call is ``{"kind": "int32" | "reduce_int32" | "max_int32" | "float", "size": n,
+"seed": s, "dist": "gaussian", "poison": [index, "nan" | "inf"]}``: the worker makes its
+input with :func:`int32_input` / :func:`negative_input` (max_int32: the in-kernel MAX) /
+:func:`float_input` (the test makes the same to compute the reference) and answers
+``{"result": <base64>, "dtype": ..., "bound": <base64>}``, the bound being
+``Allreducer.error_bound`` for float calls.
 
 Failures are answered, not raised: ``{"ok": false, "error": "CollectiveTimeout",
 "message": ..., "missing": [...], "elapsed": seconds, "stats": {...}}``. The test side
@@ -39,13 +40,19 @@ from pathlib import Path
 import numpy as np
 from node_client import NodeClient
 
-DISTRIBUTIONS = ("uniform", "gaussian", "heavy", "zeros")
+DISTRIBUTIONS = ("uniform", "gaussian", "heavy", "zeros", "small")
 
 
 def int32_input(rank: int, size: int, seed: int) -> np.ndarray:
     """Worker ``rank``'s int32 vector: the whole int32 range, so sums wrap."""
     rng = np.random.default_rng([seed, rank, 32])
     return rng.integers(-(2**31), 2**31, size, dtype=np.int64).astype(np.int32)
+
+
+def negative_input(rank: int, size: int, seed: int) -> np.ndarray:
+    """Worker ``rank``'s all-negative int32 vector (-2**31 .. -1): the MAX test's input."""
+    rng = np.random.default_rng([seed, rank, 33])
+    return rng.integers(-(2**31), 0, size, dtype=np.int64).astype(np.int32)
 
 
 def float_input(rank: int, size: int, dist: str, seed: int) -> np.ndarray:
@@ -59,6 +66,8 @@ def float_input(rank: int, size: int, dist: str, seed: int) -> np.ndarray:
         x = rng.standard_t(1.5, size)
     elif dist == "zeros":
         x = np.zeros(size)
+    elif dist == "small":  # gradient-like magnitudes: every block's exponent is negative
+        x = rng.standard_normal(size) * 1e-3
     else:
         raise ValueError(f"unknown distribution {dist!r}")
     return x.astype(np.float32)
@@ -95,6 +104,10 @@ class _Node:
         if kind in ("int32", "reduce_int32"):
             x = int32_input(rank, call["size"], call["seed"])
             y = reducer.allreduce(x) if kind == "int32" else reducer.reduce_int32(x)
+            return {"result": encode(y), "dtype": str(y.dtype)}
+        if kind == "max_int32":
+            y = reducer.reduce_int32(negative_input(rank, call["size"], call["seed"]),
+                                     op_max=True)
             return {"result": encode(y), "dtype": str(y.dtype)}
         x = float_input(rank, call["size"], call.get("dist", "gaussian"), call["seed"])
         if call.get("poison"):

@@ -12,9 +12,12 @@ blocks of K = 256 values.
 
 from __future__ import annotations
 
+import ctypes
+import inspect
 import json
 import random
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -22,17 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from allreduce_node import WorkerProcess, decode, float_input, int32_input
+from allreduce_node import WorkerProcess, decode, float_input, int32_input, negative_input
+from bcc import BPF
 
+from aggbox import quant
 from aggbox.collectives.allreduce import (
     CHUNK,
+    F_ALIGN,
     AggregatorPrograms,
+    Allreducer,
     chain_length,
     make_group,
     max_block,
 )
 from aggbox.collectives.group import Group, Member
-from aggbox.protocol import HEADER_SIZE, Header, MsgType
+from aggbox.protocol import HEADER_SIZE, MAGIC, VERSION, Header, MsgType
 from aggbox.testbed import Netem, NetnsTestbed
 from aggbox.testbed.netns import NetnsHost
 
@@ -611,6 +618,252 @@ def test_large_blocks_run_a_tail_call_chain_of_at_least_4_adders(box, block):
     assert d["agg_completed"] == total
     assert d["agg_added"] == n * total
     assert not {k: d[k] for k in DROPS if k in d}, d
+
+
+# ------------------------------------------------------------ 9. issue 10's holes
+
+
+def negative_max_reference(n: int, size: int, seed: int) -> np.ndarray:
+    return np.max([negative_input(r, size, seed) for r in range(n)], axis=0)
+
+
+def test_in_kernel_max_of_all_negative_int32_inputs_is_exact(box):
+    # The MAX used to start from the zeroed copy: every all-negative element came back 0.
+    n = 3
+    job = Job(box, [2, 4, 6], job_id=9101, token=0x9101)
+    sizes = (1, 257, 5000)
+    try:
+        answers = job.run([{"kind": "max_int32", "size": s, "seed": 90 + s} for s in sizes])
+    finally:
+        job.close()
+    for k, size in enumerate(sizes):
+        want = negative_max_reference(n, size, 90 + size)
+        for rank, got in zip(answers, results_of(answers, k), strict=True):
+            bad = np.flatnonzero(got != want)
+            assert bad.size == 0, (size, rank, bad.size, got[bad[:3]], want[bad[:3]])
+
+
+def test_agree_mode_keeps_the_bits_of_small_gradients(box):
+    # |x| ~ 1e-3: every block's exponent is negative (about -8). The kernel's MAX of the
+    # exponents used to clamp them at 0 (the zeroed copy), losing ~8 bits, and the bound
+    # the reducer reported was computed from the clamped exponents. The true bound comes
+    # from the real exponents, computed here from the inputs.
+    n = 5
+    job = Job(box, [1, 3, 5, 7, 8], job_id=9102, token=0x9102, scale="agree")
+    call = float_call(3001, 91, "small")
+    try:
+        answers = job.run([call])
+    finally:
+        job.close()
+    inputs = [float_input(r, call["size"], "small", call["seed"]) for r in range(n)]
+    true_exp = np.max([quant.block_exponents(x, K) for x in inputs], axis=0)
+    assert (true_exp < 0).all()
+    want = float_reference(n, call["size"], "small", call["seed"])
+    for rank, a in answers.items():
+        got = decode(a[0]["result"], a[0]["dtype"])
+        bound = quant.error_bound(got, true_exp, K, n, np.dtype(np.float32))
+        err = np.abs(got.astype(np.float64) - want)
+        over = np.flatnonzero(err > bound)
+        assert over.size == 0, (rank, over.size, err[over[:3]], bound[over[:3]])
+        reported = decode(a[0]["bound"], "float64")
+        assert np.allclose(reported, bound, rtol=1e-9, atol=0), rank
+
+
+def test_late_replays_of_a_first_round_never_enter_a_later_round(box):
+    # Round r + 1 of a slot completing resets the slot's other copy for round r + 2; the
+    # reset used to write round = 0 before the new round, so a late copy of a round-0
+    # block arriving in between was added into round r + 2. Rank 0's host replays its
+    # round-0 blocks (seq 0..63, forged values) as fast as it can during many rounds.
+    n = 2
+    job = Job(box, [1, 2], job_id=9103, token=0x9103)
+    try:
+        first = [int32_call(64 * K, 92)]  # seq 0..63: round 0 of every slot
+        assert_exact_int32(job.run(first), first, n)
+        replays = [(forged(job.group, seq=seq, count=K).pack()
+                    + np.full(K, 0x00FF00FF, np.int32).tobytes(), None) for seq in range(64)]
+        stop = threading.Event()
+        sender = threading.Thread(target=send_raw, args=(box.host(1), box.host(0).ip, replays),
+                                  kwargs={"stop": stop})
+        calls = [int32_call(40000, 93 + i) for i in range(12)]
+        before = box.counters()
+        sender.start()
+        try:
+            answers = job.run(calls)
+        finally:
+            stop.set()
+            sender.join()
+        after = box.counters()
+        assert_exact_int32(answers, calls, n)
+        d = delta(after, before)
+        assert d["agg_added"] == n * blocks(c["size"] for c in calls), d
+        assert d.get("agg_stale_round", 0) > 0, d  # the replays did arrive
+    finally:
+        job.close()
+
+
+# A result datagram the worker must refuse: (sender host, source address it claims,
+# header changes). "agg" as the claimed source: forged with a raw socket.
+FORGED_RESULTS = {
+    "from-an-outsider": (OUTSIDER, None, {}),
+    "wrong-token-from-the-aggregators-address": (OUTSIDER, "agg", {"token_xor": 0x5A5A}),
+    "bad-magic-from-the-aggregators-address": (OUTSIDER, "agg", {"magic": 0x12345678}),
+    "wrong-version-from-the-aggregators-address": (OUTSIDER, "agg", {"version": 9}),
+}
+
+
+def udp_datagram(src: str, dst: str, sport: int, dport: int, payload: bytes,
+                 udp_len: int | None = None) -> bytes:
+    """An IPv4/UDP datagram (no UDP checksum) for a raw IP_HDRINCL socket."""
+    ulen = 8 + len(payload) if udp_len is None else udp_len
+    total = 20 + 8 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + struct.pack("!HHHH", sport, dport, ulen, 0) + payload
+
+
+def send_ip(host: NetnsHost, dst: str, datagrams: list[bytes]) -> None:
+    def go() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+            for d in datagrams:
+                s.sendto(d, (dst, 0))
+
+    host.call(go)
+
+
+def test_workers_refuse_forged_results_and_still_sum_right(box):
+    n = 3
+    hosts = [1, 2, 3]
+    job = Job(box, hosts, job_id=9104, token=0x9104)
+    call = int32_call(3 * K, 94)  # seq 0..2; forged results for all three arrive first
+    garbage = np.full(K, 7, np.int32).tobytes()
+    try:
+        for host, claimed, changes in FORGED_RESULTS.values():
+            src = box.host(0).ip if claimed == "agg" else box.host(host).ip
+            fields = dict(type=MsgType.AGG_RESULT, job_id=job.group.job_id,
+                          token=job.group.token ^ changes.get("token_xor", 0), rank=0,
+                          count=K, magic=changes.get("magic", MAGIC),
+                          version=changes.get("version", VERSION))
+            for victim in hosts[:2]:  # ranks 0 and 1 get forgeries, rank 2 none
+                send_ip(box.host(host), box.host(victim).ip, [
+                    udp_datagram(src, box.host(victim).ip, PORT, PORT,
+                                 Header(seq=seq, **fields).pack() + garbage)
+                    for seq in range(3)])
+        time.sleep(0.1)  # they wait in the workers' sockets
+        answers = job.run([call])
+        stats = {r: node.call("stats", name=job.name)["stats"] for r, node in job.nodes.items()}
+    finally:
+        job.close()
+    assert_exact_int32(answers, [call], n)
+    forged_each = 3 * len(FORGED_RESULTS)
+    assert stats[0]["refused"] >= forged_each and stats[1]["refused"] >= forged_each, stats
+    assert stats[2]["refused"] == 0, stats
+
+
+def test_a_timeout_in_a_group_of_40_names_exactly_the_missing_rank(box):
+    # The status reply's bitmap used to cover ranks 0-31: ranks 32-39 were all named.
+    size, dead = 40, 35
+    hosts = [1] + [2 + (r - 1) % 7 for r in range(1, size)]  # ranks 1.. on h2..h8
+    hosts[dead] = OUTSIDER
+    job = Job(box, hosts, job_id=9105, token=0x9105, timeout=2.0,
+              nodes={h: None for h in range(2, HOSTS)})  # only rank 0 runs an Allreducer
+    try:
+        assert list(job.nodes) == [0]
+        # Every other rank's block of seq 0, forged from its host, but the dead one's.
+        by_host: dict[int, list] = {}
+        for r in range(1, size):
+            if r != dead:
+                by_host.setdefault(hosts[r], []).append(
+                    (forged(job.group, seq=0, rank=r, count=K).pack()
+                     + np.zeros(K, np.int32).tobytes(), None))
+        before = box.counters()
+        for h, datagrams in by_host.items():
+            send_raw(box.host(h), box.host(0).ip, datagrams)
+        wait_for(box, {"agg_added": before["agg_added"] + size - 2})
+        job.post([int32_call(K, 95)])
+        a = job.collect(check=False, wait=60)[0]
+    finally:
+        job.close()
+    assert not a["ok"] and a["error"] == "CollectiveTimeout", a
+    assert a["missing"] == [dead], a
+    assert f"rank {dead} ({box.host(OUTSIDER).ip})" in a["message"], a["message"]
+
+
+@pytest.fixture
+def job_e(box):
+    job = Job(box, [1, 2, 3], job_id=9106, token=0x9106)
+    try:
+        yield job
+    finally:
+        job.close()
+
+
+@pytest.mark.parametrize("exp", [30000, -30000, 1025, -1075])
+def test_a_scale_exponent_no_quantization_produces_is_refused(box, job_e, exp):
+    before = box.counters()
+    pkt = forged(job_e.group, seq=9, flags=F_ALIGN, scale_exp=exp).pack() + FORGED_VALUES
+    send_raw(box.host(1), box.host(0).ip, [(pkt, None)])
+    after = wait_for(box, {"agg_bad_scale": before["agg_bad_scale"] + 1})
+    assert delta(after, before) == {"agg_bad_scale": 1}
+
+
+def test_a_shape_mismatch_has_its_own_counter(box, job_e):
+    g = job_e.group
+    before = box.counters()
+    send_raw(box.host(2), box.host(0).ip, [(forged(g, seq=9, rank=1).pack() + FORGED_VALUES,
+                                            None)])
+    five = np.zeros(5, np.int32).tobytes()
+    send_raw(box.host(1), box.host(0).ip, [(forged(g, seq=9, count=5).pack() + five, None)])
+    after = wait_for(box, {"agg_shape_mismatch": before["agg_shape_mismatch"] + 1})
+    assert delta(after, before) == {"accepted": 1, "agg_added": 1, "agg_shape_mismatch": 1}
+
+
+def test_a_udp_length_shorter_than_the_block_is_refused(box, job_e):
+    # The skb is long enough (16 bytes of values after the header), but UDP says the
+    # datagram ends after 2 of the 4 values that count claims.
+    g = job_e.group
+    payload = forged(g, seq=9).pack() + FORGED_VALUES
+    before = box.counters()
+    send_ip(box.host(1), box.host(0).ip, [
+        udp_datagram(box.host(1).ip, box.host(0).ip, PORT, PORT, payload,
+                     udp_len=8 + HEADER_SIZE + 8)])
+    after = wait_for(box, {"drop_truncated": before["drop_truncated"] + 1})
+    assert delta(after, before) == {"drop_truncated": 1}
+
+
+def test_allreducer_has_no_gso_option():
+    # The aggregator drops GSO super-packets (one skb, several blocks): the option that
+    # sent them could only make every call time out.
+    assert "gso" not in inspect.signature(Allreducer).parameters
+
+
+@pytest.mark.parametrize("broken", ["agg_add", "agg_finish"])
+def test_a_chain_broken_after_the_claim_is_completed_by_the_retransmission(box, broken):
+    # A tail call that fails inside the chain drops the packet after agg_ingress took it.
+    # The contributor bit used to be set there already: the retransmission was then a
+    # "duplicate" and the slot never completed.
+    n = 2
+    job = Job(box, [1, 2], job_id=9107, token=0x9107, block=4 * CHUNK, timeout=10.0)
+    call = int32_call(4 * CHUNK, 96)
+    chain = box.programs.family["chain"]
+    index = ["agg_add", "agg_finish"].index(broken)
+    fd = box.programs.family.load(broken, BPF.SCHED_CLS).fd
+    try:
+        before = box.counters()
+        del chain[ctypes.c_int(index)]
+        try:
+            job.post([call], ranks=[0])
+            wait_for(box, {"accepted": before["accepted"] + 1})
+            time.sleep(0.1)  # a few retransmissions hit the broken chain too
+        finally:
+            chain[ctypes.c_int(index)] = ctypes.c_int(fd)
+        job.post([call], ranks=[1])
+        answers = {r: a["results"] for r, a in job.collect().items()}
+    finally:
+        job.close()
+    assert_exact_int32(answers, [call], n)
+    d = delta(box.counters(), before)
+    assert d["agg_added"] == n and d["agg_completed"] == 1, d
 
 
 # ------------------------------------------------------------ nothing left behind
