@@ -18,6 +18,8 @@ import json
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -669,35 +671,69 @@ def test_agree_mode_keeps_the_bits_of_small_gradients(box):
         assert np.allclose(reported, bound, rtol=1e-9, atol=0), rank
 
 
+REPLAYER = """
+import socket, sys
+data = open(sys.argv[1], "rb").read()
+dgrams, k = [], 0
+while k < len(data):
+    n = int.from_bytes(data[k:k + 4], "little")
+    dgrams.append(data[k + 4:k + 4 + n])
+    k += 4 + n
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dst = (sys.argv[2], int(sys.argv[3]))
+print("go", flush=True)
+while True:
+    for d in dgrams:
+        s.sendto(d, dst)
+"""
+
+
+def start_replayer(box: Box, host: int, datagrams: list[bytes], path: Path):
+    """A process in ``host``'s namespace sending ``datagrams`` to the aggregator in a
+    tight loop until it is killed (its own process: no GIL shared with the test)."""
+    path.write_bytes(b"".join(len(d).to_bytes(4, "little") + d for d in datagrams))
+    proc = subprocess.Popen(box.host(host).command(
+        [sys.executable, "-c", REPLAYER, str(path), box.host(0).ip, str(PORT)]),
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "go"
+    return proc
+
+
 def test_late_replays_of_a_first_round_never_enter_a_later_round(box):
     # Round r + 1 of a slot completing resets the slot's other copy for round r + 2; the
     # reset used to write round = 0 before the new round, so a late copy of a round-0
-    # block arriving in between was added into round r + 2. Rank 0's host replays its
-    # round-0 blocks (seq 0..63, forged values) as fast as it can during many rounds.
+    # block arriving in between was added into round r + 2. Both members' hosts replay
+    # their round-0 blocks (seq 0..63, forged values) as fast as they can during many
+    # rounds. (A race: on the old code this failed in 5 of 8 runs.)
     n = 2
     job = Job(box, [1, 2], job_id=9103, token=0x9103)
+    procs = []
     try:
         first = [int32_call(64 * K, 92)]  # seq 0..63: round 0 of every slot
         assert_exact_int32(job.run(first), first, n)
-        replays = [(forged(job.group, seq=seq, count=K).pack()
-                    + np.full(K, 0x00FF00FF, np.int32).tobytes(), None) for seq in range(64)]
-        stop = threading.Event()
-        sender = threading.Thread(target=send_raw, args=(box.host(1), box.host(0).ip, replays),
-                                  kwargs={"stop": stop})
-        calls = [int32_call(40000, 93 + i) for i in range(12)]
         before = box.counters()
-        sender.start()
+        for rank, host in enumerate(job.hosts):
+            replays = [forged(job.group, seq=seq, rank=rank, count=K).pack()
+                       + np.full(K, 0x00FF00FF, np.int32).tobytes() for seq in range(64)]
+            procs.append(start_replayer(box, host, replays,
+                                        box.workdir / f"replays-{rank}.bin"))
+        calls = [int32_call(40000, 93 + i) for i in range(40)]
         try:
             answers = job.run(calls)
         finally:
-            stop.set()
-            sender.join()
+            for p in procs:
+                p.kill()
+                p.wait()
         after = box.counters()
         assert_exact_int32(answers, calls, n)
         d = delta(after, before)
         assert d["agg_added"] == n * blocks(c["size"] for c in calls), d
         assert d.get("agg_stale_round", 0) > 0, d  # the replays did arrive
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         job.close()
 
 
