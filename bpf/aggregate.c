@@ -353,6 +353,32 @@ static __always_inline int chunk_mode(struct agg_chunk_state *ch, struct agg_pro
 		body;                                                                   \
 	}
 
+/* The same over pairs of values as 64-bit words (j: the pair), n2 = n / 2 of them. */
+#define PAIR_LOOP(body)                                                               \
+	_Pragma("clang loop unroll(disable) vectorize(disable) interleave(disable)")    \
+	for (__u32 i = 0; i < AGG_CHUNK / 2; i++) {                                     \
+		if (i >= n2)                                                            \
+			break;                                                          \
+		__u32 j = i;                                                            \
+		barrier_var(j);                                                         \
+		j &= AGG_CHUNK / 2 - 1;                                                 \
+		body;                                                                   \
+	}
+
+/* SWAR: two int32 lanes of a 64-bit word added at once, each wrapping like int32. The
+ * lanes' low 31 bits are added with bit 31 cleared in both (so no carry crosses into
+ * the next lane), then bit 31 of each lane is the carry xor the two inputs' bits 31. */
+#define LANE_TOPS 0x8000000080000000ULL
+static __always_inline __u64 add_lanes(__u64 a, __u64 b)
+{
+	return ((a & ~LANE_TOPS) + (b & ~LANE_TOPS)) ^ ((a ^ b) & LANE_TOPS);
+}
+
+struct agg_pairs {
+	__u64 w[AGG_CHUNK / 2];
+};
+_Static_assert(offsetof(struct agg_chunk_state, values) % 8 == 0, "values 8-aligned");
+
 int agg_add(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
@@ -383,10 +409,19 @@ int agg_add(struct __sk_buff *skb)
 	__u32 d = 0;
 	bpf_spin_lock(&ch->lock);
 	int mode = chunk_mode(ch, pr, &d);
-	if (mode == MODE_STORE) {
-		CHUNK_LOOP(ch->values[j] = buf->v[j]);
-	} else if (mode == MODE_ADD) {
-		CHUNK_LOOP(ch->values[j] += buf->v[j]);
+	if (mode == MODE_STORE || mode == MODE_ADD) {
+		/* Two values per iteration; an odd last value on its own. */
+		struct agg_pairs *dst = (void *)ch->values, *src = (void *)buf->v;
+		__u32 n2 = n / 2, last = (n - 1) & (AGG_CHUNK - 1);
+		if (mode == MODE_STORE) {
+			PAIR_LOOP(dst->w[j] = src->w[j]);
+			if (n & 1)
+				ch->values[last] = buf->v[last];
+		} else {
+			PAIR_LOOP(dst->w[j] = add_lanes(dst->w[j], src->w[j]));
+			if (n & 1)
+				ch->values[last] += buf->v[last];
+		}
 	} else if (mode == MODE_MAX) {
 		CHUNK_LOOP(if (buf->v[j] > ch->values[j]) ch->values[j] = buf->v[j]);
 	} else if (mode == MODE_SHIFT_SUM || mode == MODE_SHIFT_IN) {
