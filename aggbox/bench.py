@@ -25,40 +25,114 @@ def _stats(values: list[float]) -> dict[str, float]:
             "mean": float(x.mean()), "n": int(x.size)}
 
 
+BROADCAST_P99_MIN_N = 100  # a p99 of fewer samples is one or two values: not reported
+
+
+def _num(value, digits: int = 1) -> float | None:
+    """JSON-safe: NaN and None become null."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), digits)
+
+
+def _ci(values: list[float]) -> list[float | None]:
+    from aggbox.results import bootstrap_median_ci
+
+    lo, hi = bootstrap_median_ci(values)
+    return [_num(lo), _num(hi)]
+
+
 def summarize_broadcast(samples: list[dict], systems: list[str]) -> dict[str, dict]:
+    """Per system: completion and delivery p50 (with a bootstrap 95% CI of the median)
+    and p99 (only where n >= 100), the CPU per broadcast (whole machine and per role), the
+    promise and the concurrency; all_delivered only if every member got every message."""
     out: dict[str, dict] = {}
     for system in systems:
         rows = [s for s in samples if s["system"] == system]
-        completion = _stats([r["completion_us"] for r in rows])
-        delivery = _stats([r["delivery_us"] for r in rows])
-        cpu = _stats([r["sender_cpu_us"] for r in rows])
-        out[system] = {
-            "completion_p50_us": round(completion["p50"], 1),
-            "completion_p99_us": round(completion["p99"], 1),
-            "completion_mean_us": round(completion["mean"], 1),
-            "delivery_p50_us": round(delivery["p50"], 1),
-            "delivery_p99_us": round(delivery["p99"], 1),
-            "sender_cpu_us": round(cpu["p50"], 1),
-            "n": completion["n"],
-            "all_delivered": bool(rows) and all(r["delivered"] for r in rows),
-        }
+        first = rows[0] if rows else {}
+        entry: dict = {"promise": first.get("promise")}
+        for metric in ("completion", "delivery"):
+            values = [r[f"{metric}_us"] for r in rows]
+            st = _stats(values)
+            entry[f"{metric}_p50_us"] = _num(st["p50"])
+            entry[f"{metric}_p50_ci"] = _ci([v for v in values if v is not None])
+            entry[f"{metric}_p99_us"] = (_num(st["p99"]) if st["n"] >= BROADCAST_P99_MIN_N
+                                         else None)
+            entry[f"{metric}_mean_us"] = _num(st["mean"])
+        entry["sender_cpu_us"] = _num(_stats([r["sender_cpu_us"] for r in rows])["p50"])
+        for col in ("cpu_us_per_op", "root_cpu_us_per_op", "members_cpu_us_per_op"):
+            entry[col] = _num(first.get(col))
+        entry["procs_per_cpu"] = first.get("procs_per_cpu")
+        entry["overcommitted"] = first.get("overcommitted")
+        entry["cpu_source"] = first.get("cpu_source")
+        entry["n"] = len(rows)
+        entry["all_delivered"] = bool(rows) and all(r["delivered"] for r in rows)
+        out[system] = entry
     return out
+
+
+def broadcast_ratios(samples: list[dict], per_system: dict[str, dict],
+                     receivers: str) -> tuple[dict[str, dict], dict[str, dict]]:
+    """AggBox's completion and delivery p50 over every baseline's, each with a bootstrap
+    95% CI and both promises named; and the headlines: the same-promise comparison
+    (tcp_kack) and, for busy receivers, the paper's (tcp)."""
+    from aggbox.results import bootstrap_ratio_ci
+
+    if "aggbox" not in per_system:
+        return {}, {}
+
+    def values(system: str, metric: str) -> list[float]:
+        return [s[metric] for s in samples if s["system"] == system and s[metric] is not None]
+
+    ratios: dict[str, dict] = {}
+    for metric in ("completion", "delivery"):
+        ours = values("aggbox", f"{metric}_us")
+        for base, entry in per_system.items():
+            if base == "aggbox":
+                continue
+            ratio, lo, hi = bootstrap_ratio_ci(ours, values(base, f"{metric}_us"))
+            ratios[f"aggbox/{base} {metric} p50"] = {
+                "ratio": _num(ratio, 4), "ci": [_num(lo, 4), _num(hi, 4)],
+                "promises": f"{per_system['aggbox']['promise']} vs {entry['promise']}"}
+    headline = {}
+    wanted = ["aggbox/tcp_kack completion p50"]
+    if receivers == "busy":
+        wanted.append("aggbox/tcp completion p50")
+    for name in wanted:
+        if name in ratios:
+            headline[name] = ratios[name]
+    return ratios, headline
 
 
 def _print_broadcast_table(result: dict) -> None:
     systems = result["systems"]
     print(f"broadcast: {result['hosts']} hosts (1 root + {result['hosts'] - 1} members), "
-          f"{result['size']} B, receivers {result['receivers']}, loss {result['loss']}%")
-    head = (f"{'system':<8} {'compl p50':>10} {'compl p99':>10} {'deliv p50':>10} "
-            f"{'deliv p99':>10} {'cpu/send':>9} {'n':>5}  all delivered")
+          f"{result['size']} B, receivers {result['receivers']}, loss {result['loss']}%, "
+          f"placement {result['placement']}")
+
+    def us(v, w=8):
+        return f"{v:>{w}.1f}" if v is not None else f"{'-':>{w}}"
+
+    head = (f"{'system':<8} {'promise':<7} {'compl50':>8} {'compl99':>8} {'deliv50':>8} "
+            f"{'deliv99':>8} {'cpu/op':>7} {'root':>6} {'members':>7} {'p/cpu':>5} "
+            f"{'over':>4} {'n':>4} {'ok':>3}")
     print(head)
     print("-" * len(head))
     for name, s in systems.items():
-        print(f"{name:<8} {s['completion_p50_us']:>8.1f}us {s['completion_p99_us']:>8.1f}us "
-              f"{s['delivery_p50_us']:>8.1f}us {s['delivery_p99_us']:>8.1f}us "
-              f"{s['sender_cpu_us']:>7.1f}us {s['n']:>5}  {s['all_delivered']}")
-    for name, ratio in result.get("ratios", {}).items():
-        print(f"{name}: {ratio:.3f}")
+        ppc = f"{s['procs_per_cpu']:>5.1f}" if s["procs_per_cpu"] is not None else f"{'-':>5}"
+        print(f"{name:<8} {s['promise'] or '-':<7} {us(s['completion_p50_us'])} "
+              f"{us(s['completion_p99_us'])} {us(s['delivery_p50_us'])} "
+              f"{us(s['delivery_p99_us'])} {us(s['cpu_us_per_op'], 7)} "
+              f"{us(s['root_cpu_us_per_op'], 6)} {us(s['members_cpu_us_per_op'], 7)} {ppc} "
+              f"{'yes' if s['overcommitted'] else 'no':>4} {s['n']:>4} "
+              f"{'yes' if s['all_delivered'] else 'NO':>3}")
+    print("us; cpu/op, root, members: CPU per broadcast; over: the processes a completion "
+          "waits for\noutnumber their CPUs (p/cpu); p99 only from 100 samples")
+    for name, r in result.get("ratios", {}).items():
+        star = "  <- headline" if name in result.get("headline", {}) else ""
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+        lo, hi = (f"{v:.3f}" if v is not None else "?" for v in r["ci"])
+        print(f"{name}: {ratio} [{lo}, {hi}] ({r['promises']}){star}")
 
 
 def bench_broadcast(args: argparse.Namespace) -> int:
@@ -66,23 +140,19 @@ def bench_broadcast(args: argparse.Namespace) -> int:
 
     systems = args.systems.split(",")
     params = {"size": args.size, "receivers": args.receivers, "gap_us": args.gap_us,
-              "placement": args.placement}
+              "gap_jitter_us": args.gap_jitter_us, "placement": args.placement}
     netem = Netem(loss_pct=args.loss, seed=args.seed)
     with NetnsTestbed(args.hosts, netem=None if netem.is_noop() else netem) as tb:
         run = run_broadcast(tb, params, systems, args.iters, args.warmup, args.seed)
     per_system = summarize_broadcast(run.samples, systems)
     result = {"workload": "broadcast", "hosts": args.hosts, "size": args.size,
               "receivers": args.receivers, "loss": args.loss, "iters": args.iters,
-              "placement": args.placement,
+              "warmup": args.warmup, "gap_us": [args.gap_us, args.gap_us + args.gap_jitter_us],
+              "placement": args.placement, **run.placement,
               "systems": per_system}
-    if "aggbox" in per_system:
-        ratios = {}
-        for base in systems:
-            if base != "aggbox" and per_system[base]["completion_p50_us"] > 0:
-                ratios[f"aggbox/{base} completion p50"] = round(
-                    per_system["aggbox"]["completion_p50_us"]
-                    / per_system[base]["completion_p50_us"], 4)
-        result["ratios"] = ratios
+    ratios, headline = broadcast_ratios(run.samples, per_system, args.receivers)
+    if ratios:
+        result["ratios"], result["headline"] = ratios, headline
     if args.counters:
         result["nodes"] = run.events
     _print_broadcast_table(result)
@@ -416,19 +486,26 @@ def register(subparsers) -> None:
     workloads = bench.add_subparsers(dest="workload", metavar="WORKLOAD")
     workloads.required = True
 
-    b = workloads.add_parser("broadcast", help="broadcast latency, AggBox vs TCP and UDP")
+    b = workloads.add_parser("broadcast", help="broadcast latency and CPU, AggBox vs TCP "
+                             "(kernel ACKs and app ACKs), UDP and IP multicast")
     b.add_argument("--hosts", type=int, default=16, help="testbed hosts: 1 root + N-1 members")
     b.add_argument("--size", type=int, default=64, help="payload bytes per broadcast")
     b.add_argument("--iters", type=int, default=300, help="measured broadcasts per system")
     b.add_argument("--warmup", type=int, default=30, help="unmeasured broadcasts per system")
-    b.add_argument("--receivers", choices=("idle", "busy"), default="idle")
+    b.add_argument("--receivers", choices=("idle", "busy", "spin"), default="idle",
+                   help="members' applications: blocked in recv (idle), available once per "
+                   "1 ms at a random phase without using CPU (busy), or spinning the CPU in "
+                   "1 ms units (spin, the old model: overcommits the CPUs)")
     b.add_argument("--gap-us", type=int, default=2000,
-                   help="pause between broadcasts, so each starts on a quiet system")
+                   help="least pause between broadcasts, so each starts on a quiet system")
+    b.add_argument("--gap-jitter-us", type=int, default=1000,
+                   help="the pause is uniform in [gap, gap + jitter] (seeded), so sends "
+                   "cannot phase-lock with the busy members' 1 ms unit")
     b.add_argument("--placement", choices=("root-alone", "shared"), default="root-alone",
                    help="CPUs on this one machine: the root alone on CPU 0 (default) or "
                    "every host on every CPU")
     b.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
-    b.add_argument("--systems", default="aggbox,tcp,udp")
+    b.add_argument("--systems", default="aggbox,tcp_kack,tcp,udp,mcast")
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--counters", action="store_true", help="include node stats and counters")
     b.add_argument("--json", action="store_true", help="last line: one JSON object")

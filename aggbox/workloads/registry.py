@@ -35,7 +35,10 @@ WORKLOADS: dict[str, str | WorkloadFn] = {
 
 #: workload name -> metric columns every sample carries (all in the units their suffix says).
 METRICS: dict[str, list[str]] = {
-    "broadcast": ["completion_us", "delivery_us", "sender_cpu_us"],
+    # cpu_us_per_op: whole machine per broadcast (background and drain subtracted);
+    # the role columns: the root's and all members' own process CPU per broadcast.
+    "broadcast": ["completion_us", "delivery_us", "sender_cpu_us", "cpu_us_per_op",
+                  "root_cpu_us_per_op", "members_cpu_us_per_op"],
     # cpu_us_per_op: whole machine per call (background and barrier subtracted); the
     # roles: all workers' own process CPU, and the aggregator process's (tcp_ps's
     # server; AggBox's aggregator works in softirq, in the machine figure only).
@@ -56,7 +59,7 @@ PRIMARY_METRIC: dict[str, str] = {
 
 #: workload name -> systems it can compare (AggBox and its baselines).
 SYSTEMS: dict[str, list[str]] = {
-    "broadcast": ["aggbox", "tcp", "udp", "gloo"],
+    "broadcast": ["aggbox", "tcp_kack", "tcp", "udp", "mcast", "gloo"],
     "allreduce": ["aggbox", "gloo", "tcp_ps"],
     "mapreduce": ["aggbox", "aggbox_nocombiner", "tcp", "tcp_combiner"],
 }
@@ -111,9 +114,13 @@ PARAMS: dict[str, dict[str, Param]] = {
         "hosts": Param(int, minimum=2, help="group size, sender included"),
         "size": Param(int, default=64, minimum=1, help="payload bytes per broadcast"),
         "receivers": Param(
-            str, default="idle", choices=("idle", "busy"), help="receivers idle or CPU-loaded"
+            str, default="idle", choices=("idle", "busy", "spin"),
+            help="members blocked in recv; available once per 1 ms (busy, no CPU); or "
+            "spinning the CPU in 1 ms units (spin, overcommits)",
         ),
-        "gap_us": Param(int, default=2000, minimum=0, help="pause between broadcasts"),
+        "gap_us": Param(int, default=2000, minimum=0, help="least pause between broadcasts"),
+        "gap_jitter_us": Param(int, default=1000, minimum=0,
+                               help="pause uniform in [gap_us, gap_us + this], seeded"),
         "placement": Param(
             str, default="root-alone", choices=("root-alone", "shared"),
             help="netns CPUs: the root alone on CPU 0, or every host on every CPU",
@@ -189,10 +196,11 @@ COST: dict[str, CostModel] = {
     # calibration, then one job per iteration (~0.1-0.8 s; 2M words, 4 mappers on 2 CPUs:
     # 0.4-0.8 s, plus the end barrier and the digest).
     "mapreduce": CostModel(fixed_s=4.5, per_host_s=0.1, per_system_s=0.2, per_iter_s=0.45),
-    # ~8 s of process start-up per cell spread over the systems, then a few ms per round
-    # growing with the group (TCP sends N-1 copies from user space).
+    # Process start-up and the members' BPF compiles (~0.5 s a host on 2 CPUs), 0.5 s of
+    # CPU calibration and drain probes, then ~3 ms a message (the 2-3 ms gap, the send,
+    # the drain after every block of 10) growing a little with the group.
     "broadcast": CostModel(
-        fixed_s=2.0, per_host_s=0.05, per_system_s=2.5, per_iter_s=0.004, per_iter_host_s=0.0004
+        fixed_s=2.5, per_host_s=0.5, per_system_s=2.5, per_iter_s=0.003, per_iter_host_s=0.0001
     ),
 }
 
