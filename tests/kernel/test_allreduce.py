@@ -704,7 +704,7 @@ def test_late_replays_of_a_first_round_never_enter_a_later_round(box):
     # reset used to write round = 0 before the new round, so a late copy of a round-0
     # block arriving in between was added into round r + 2. Both members' hosts replay
     # their round-0 blocks (seq 0..63, forged values) as fast as they can during many
-    # rounds. (A race: on the old code this failed in 5 of 8 runs.)
+    # rounds. (A race, but on the old code this failed in 6 of 6 runs.)
     n = 2
     job = Job(box, [1, 2], job_id=9103, token=0x9103)
     procs = []
@@ -717,7 +717,7 @@ def test_late_replays_of_a_first_round_never_enter_a_later_round(box):
                        + np.full(K, 0x00FF00FF, np.int32).tobytes() for seq in range(64)]
             procs.append(start_replayer(box, host, replays,
                                         box.workdir / f"replays-{rank}.bin"))
-        calls = [int32_call(40000, 93 + i) for i in range(40)]
+        calls = [int32_call(40000, 93 + i) for i in range(100)]
         try:
             answers = job.run(calls)
         finally:
