@@ -59,7 +59,6 @@ F_STATUS = 0x0200  # bpf/aggregate.c AGG_F_STATUS
 F_ALIGN = 0x0400  # bpf/aggregate.c AGG_F_ALIGN
 
 
-
 def chain_length(block: int, chunk: int = CHUNK) -> int:
     """Programs of the tail-call chain one block of ``block`` values goes through: the
     entry, ceil(block / chunk) adders, and the finisher."""
