@@ -377,7 +377,7 @@ static __always_inline __u64 add_lanes(__u64 a, __u64 b)
 struct agg_pairs {
 	__u64 w[AGG_CHUNK / 2];
 };
-_Static_assert(offsetof(struct agg_chunk_state, values) % 8 == 0, "values 8-aligned");
+_Static_assert(__builtin_offsetof(struct agg_chunk_state, values) % 8 == 0, "values 8-aligned");
 
 int agg_add(struct __sk_buff *skb)
 {
