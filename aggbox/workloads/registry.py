@@ -189,9 +189,10 @@ class CostModel:
 
 #: workload name -> cost model (a workload without one gets the default CostModel()).
 COST: dict[str, CostModel] = {
-    # ~15 s to start the workers (torch import, gloo rendezvous) and 0.3 s of CPU-meter
-    # calibration, then tens of ms a call (plus a barrier per block of calls).
-    "allreduce": CostModel(fixed_s=15.5, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
+    # Measured (quick run, 2-8 workers, 16-256 Ki floats): 3-9 s a cell with 37 calls of
+    # each of 3 systems: worker start-up (torch import, gloo rendezvous) runs in parallel,
+    # then ms to tens of ms a call (plus a barrier per block of calls).
+    "allreduce": CostModel(fixed_s=3.0, per_host_s=0.0, per_system_s=0.5, per_iter_s=0.02),
     # corpus, reference count, the reducers' BPF compile and 0.3 s of CPU-meter
     # calibration, then one job per iteration (~0.1-0.8 s; 2M words, 4 mappers on 2 CPUs:
     # 0.4-0.8 s, plus the end barrier and the digest).
