@@ -375,6 +375,43 @@ class Section:
     overcommit_known: bool = True
 
 
+#: workload -> (per-role CPU columns with their labels, the doc section that explains them)
+ROLES: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
+    "broadcast": ((("root_cpu_us_per_op", "root"), ("members_cpu_us_per_op", "members")),
+                  "docs/broadcast.md (Measured)"),
+    "allreduce": ((("workers_cpu_us_per_op", "workers"),
+                   ("aggregator_cpu_us_per_op", "aggregator process")),
+                  "docs/allreduce.md (Where the time goes)"),
+    "mapreduce": ((("mappers_cpu_us_per_op", "mappers"), ("reducers_cpu_us_per_op", "reducers")),
+                  "docs/mapreduce.md (Where the time goes)"),
+}
+
+
+def where_time_goes(cells: Cells, workload: str, order: Sequence[str], label_fmt,
+                    scale: float = 1.0, unit: str = "µs") -> list[str]:
+    """Per-role CPU per operation of every system in the largest configuration: where
+    each system spends its CPU, the first thing to read when a claim is not met."""
+    roles, doc = ROLES[workload]
+    present = [(c, name) for c, name in roles if c in cells.samples]
+    configs = cells.configs(order)
+    if not present or not configs:
+        return []
+    config, rows = configs[-1]
+    table = []
+    for system, r in rows.iterrows():
+        cols = [num(float(np.median(v)) / scale) if (v := cells.values(config, system, c)).size
+                else "–" for c, _ in present]
+        table.append([system, r["promise"], num(r["cpu_us_per_op"] / scale), *cols])
+    lines = ["", f"#### Where the time goes: CPU per operation by role "
+             f"({_label(cells, config, fmt=label_fmt) or 'the only configuration'})", "",
+             f"The whole machine's CPU per operation ({unit}, background subtracted) and "
+             f"each role's own processes' CPU ({unit}; in-kernel work shows in the role "
+             f"whose system call or softirq ran it, and always in the whole machine's). "
+             f"The measured breakdown and what would close the gap: {doc}.", ""]
+    return lines + md_table(["system", "promise", f"whole machine ({unit})",
+                             *(f"{name} ({unit})" for _, name in present)], table)
+
+
 def _missing_notes(cells: Cells, run: Run, needed: Sequence[str]) -> list[str]:
     notes = []
     if cells.missing:
@@ -524,6 +561,7 @@ def broadcast_section(run: Run) -> Section:
                            "delivery p50 (µs)", "CPU/op (µs)", "delivered", "n"], rows_)
     if any(r[1].endswith(DAGGER) for rs in by_group.values() for r in rs):
         lines += ["", OVERCOMMIT_LEGEND]
+    lines += where_time_goes(cells, "broadcast", order, _broadcast_fmt)
     notes = _missing_notes(cells, run, ["cpu_us_per_op", "promise"])
     if not headline:
         notes.append("This run has no baseline with AggBox's promise (`tcp_kack`), so the "
@@ -623,6 +661,7 @@ def mapreduce_section(run: Run) -> Section:
     if exact is not None:
         lines += ["", f"Exact counts (equal to collections.Counter's) in "
                   f"{int(exact.astype(bool).sum())} of {len(exact)} jobs."]
+    lines += where_time_goes(cells, "mapreduce", (), _mr_fmt, scale=1e3, unit="ms")
     notes = _missing_notes(cells, run, ["cpu_us_per_op"])
     missing_pairs = [f"{o} vs {b}" for o, b, _ in MAPREDUCE_PAIRS
                      if not any(c.ours == o and c.base == b for c in comps)]
@@ -703,6 +742,8 @@ def allreduce_section(run: Run) -> Section:
                              str(int(r["time_ms_n"]))])
     lines += md_table(["configuration", "system", "time p50 (ms)", "CPU/call (µs)",
                        "procs/CPU", "n"], rows_out)
+    lines += where_time_goes(cells, "allreduce", ("workers", "floats"), _ar_fmt, scale=1e3,
+                             unit="ms")
     notes = _missing_notes(cells, run, ["cpu_us_per_op"])
     return Section(lines=lines, notes=notes, overcommitted=n_oc,
                    overcommit_known=cells.has["overcommitted"], rows=len(comps),
