@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, dataclass, field
+
+
+def new_job_id(bits: int = 31) -> int:
+    """A fresh job id from the OS's CSPRNG: never derived from a run's seed, so two runs of
+    the same bench (same seed) do not share a job id an on-path host could learn once."""
+    return 1 + secrets.randbelow(2**bits - 1)
+
+
+def new_token() -> int:
+    """A fresh 32-bit job secret (never 0), from ``secrets`` whatever the run's seed."""
+    return 1 + secrets.randbelow(2**32 - 1)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from aggbox.collectives.group import Group, Member
+from aggbox.collectives.group import Group, Member, new_job_id, new_token
 from aggbox.errors import AggBoxError, CollectiveTimeout
 from aggbox.testbed.base import Testbed
 
@@ -695,9 +695,10 @@ class BroadcastRun:
 
 def build_spec(testbed: Testbed, params: dict, systems: list[str], iters: int, warmup: int,
                seed: int) -> dict:
-    rng = random.Random(seed)
     members = tuple(Member(rank=h.index, ip=h.ip, mac=h.mac) for h in testbed.hosts)
-    group = Group(job_id=rng.randrange(1, 2**31), token=rng.randrange(1, 2**32),
+    # Job id and token from `secrets`, not from the seed: the seed makes the schedule
+    # repeatable, it must not make the job's secret predictable (issue 11).
+    group = Group(job_id=new_job_id(), token=new_token(),
                   members=members, rank=0, group_ip=testbed.group_ips[0],
                   ifname=testbed.hosts[0].ifname)
     receivers = params.get("receivers", "idle")

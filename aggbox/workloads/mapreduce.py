@@ -53,7 +53,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aggbox.collectives.group import Group, Member
+from aggbox.collectives.group import Group, Member, new_job_id, new_token
 from aggbox.collectives.reduce import reducer_of
 from aggbox.cpu import concurrency, cpu_count_of, per_op_from_dict, role_us_per_op
 from aggbox.errors import AggBoxError
@@ -358,8 +358,8 @@ def build_spec(testbed: Testbed, params: dict, systems: list[str], reps: int, se
                           f"the testbed has {len(testbed.hosts)}")
     hosts = testbed.hosts[:n_red + n_map]
     members = tuple(Member(rank=i, ip=h.ip, mac=h.mac) for i, h in enumerate(hosts))
-    rng = random.Random(seed)
-    group = Group(job_id=0, token=rng.randrange(1, 2**32), members=members, rank=0,
+    # The token and the jobs' ids from `secrets`, whatever the seed (issue 11).
+    group = Group(job_id=0, token=new_token(), members=members, rank=0,
                   ifname=hosts[0].ifname,
                   options={"reducers": list(range(n_red)),
                            "mappers": list(range(n_red, n_red + n_map))})
@@ -367,7 +367,7 @@ def build_spec(testbed: Testbed, params: dict, systems: list[str], reps: int, se
 
     return {
         "group": json.loads(group.to_json()),
-        "job_base": rng.randrange(1, 2**30),
+        "job_base": new_job_id(30),
         "systems": list(systems),
         "schedule": make_schedule(list(systems), reps, seed),
         "warmup": int(warmup),  # repetitions below this are not billed CPU
