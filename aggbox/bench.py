@@ -481,6 +481,61 @@ def bench_mapreduce(args: argparse.Namespace) -> int:
     return 0 if all(s["exact"] for s in per_system.values()) else 1
 
 
+def bench_quant(args: argparse.Namespace) -> int:
+    """The allreduce edge alone, one process, one thread, no testbed: quantize (block
+    peaks + exponents + the fused multiply/rint into a reused int32 buffer) and dequantize
+    (int32 sums into a reused float32 result), in GB/s of float32 tensor per core."""
+    import time
+
+    from aggbox import quant
+    from aggbox.collectives.allreduce import max_block
+
+    block = args.block or max_block(args.mtu)
+    results = []
+    for floats in parse_sizes(args.floats):
+        x = np.random.default_rng(args.seed).standard_normal(floats).astype(np.float32)
+        q = np.empty(floats, dtype=np.int32)
+        scratch = np.empty(quant.scratch_size(floats, block), dtype=np.float32)
+        y = np.empty(floats, dtype=np.float32)
+
+        def quantize(x=x, q=q, scratch=scratch):
+            peaks = quant.block_peaks(x, block)
+            exps = quant.exponents_of(peaks)
+            quant.quantize_into(x, exps, block, args.workers, q, peaks, scratch)
+            return exps
+
+        exps = quantize()
+        sums = q  # the same magnitudes as the kernel's sums: the dequantize cost is the same
+
+        def dequantize(exps=exps, sums=sums, y=y):
+            quant.dequantize_into(sums, exps, block, args.workers, y)
+
+        row = {"floats": floats, "bytes": x.nbytes, "block": block, "workers": args.workers}
+        for name, fn in (("quantize", quantize), ("dequantize", dequantize)):
+            times = []
+            for _ in range(args.warmup):
+                fn()
+            for _ in range(args.iters):
+                t0 = time.perf_counter_ns()
+                fn()
+                times.append(time.perf_counter_ns() - t0)
+            p50 = float(np.median(times))
+            row[f"{name}_us_p50"] = round(p50 / 1e3, 1)
+            row[f"{name}_gbps"] = round(x.nbytes / p50, 2)  # bytes per ns = GB/s
+        results.append(row)
+    print(f"{'floats':>10} {'block':>6}  {'quantize us':>11} {'GB/s':>6}  "
+          f"{'dequantize us':>13} {'GB/s':>6}   (one core, p50)")
+    for r in results:
+        print(f"{r['floats']:>10} {r['block']:>6}  {r['quantize_us_p50']:>11.1f} "
+              f"{r['quantize_gbps']:>6.2f}  {r['dequantize_us_p50']:>13.1f} "
+              f"{r['dequantize_gbps']:>6.2f}")
+    if args.json:
+        print(json.dumps({"workload": "quant", "sweep": results} if len(results) > 1
+                         else {"workload": "quant", **results[0]}))
+    sys.stdout.flush()
+    return 0
+
+
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="measure one point: AggBox vs its baselines")
     workloads = bench.add_subparsers(dest="workload", metavar="WORKLOAD")
@@ -557,3 +612,16 @@ def register(subparsers) -> None:
     m.add_argument("--counters", action="store_true", help="include kernel counters")
     m.add_argument("--json", action="store_true", help="last line: one JSON object")
     m.set_defaults(func=bench_mapreduce)
+
+    q = workloads.add_parser("quant", help="the allreduce edge alone: quantize and dequantize "
+                             "throughput per core (one process, no testbed)")
+    q.add_argument("--floats", default="262144",
+                   help="float32 values per tensor: N, a list N,M or a doubling range")
+    q.add_argument("--workers", type=int, default=8, help="group size (sets the headroom B)")
+    q.add_argument("--block", type=int, default=0, help="values per block (0: the MTU's)")
+    q.add_argument("--mtu", type=int, default=65000, help="as the allreduce bench's default")
+    q.add_argument("--iters", type=int, default=200)
+    q.add_argument("--warmup", type=int, default=20)
+    q.add_argument("--seed", type=int, default=1)
+    q.add_argument("--json", action="store_true", help="last line: one JSON object")
+    q.set_defaults(func=bench_quant)

@@ -17,7 +17,12 @@ worker's rounding error is at most half a quantization step ``2**(e - B)``, so
 
 and casting the float64 result to float32 adds at most ``|sum_hat| * 2**-24``.
 ``error_bound`` returns both terms for every element; for a mean, divide by N.
-Inputs with NaN or Inf are refused before anything is sent.
+Inputs with NaN or Inf are refused before anything is sent (found from the block peaks).
+
+Cost: each direction is one pass per block in numpy ufuncs, no padding copy: quantize
+is peaks (max, min), multiply into a scratch, rint cast into the int32 send buffer;
+dequantize is one multiply that casts int32 to the result's dtype into the result
+(``aggbox bench quant`` measures both; docs/allreduce.md).
 
 Aligned mode (one round instead of two; the default of aggbox.collectives.allreduce):
 each worker quantizes with its OWN block exponent ``e_w`` and sends it along; the kernel
@@ -57,24 +62,18 @@ def headroom_bits(n_workers: int) -> int:
 
 
 def check_finite(x: np.ndarray) -> None:
-    if not np.issubdtype(x.dtype, np.floating):
-        raise QuantizationError(f"quantization takes a float tensor, got {x.dtype}")
+    """Refuse a non-float tensor or one with NaN or Inf, naming how many (a full scan:
+    the hot path finds NaN/Inf from the block peaks and calls this only to explain)."""
+    _check_float(x)
     if not np.isfinite(x).all():
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         raise QuantizationError(f"the tensor has {bad} NaN or Inf value(s): nothing was sent; "
                                 "clean the input (e.g. np.nan_to_num) before the allreduce")
 
 
-def _blocks(x: np.ndarray, block: int, dtype: np.dtype) -> np.ndarray:
-    """``x`` as a (n_blocks, block) array of ``dtype``, zero-padded at the end (a view of
-    ``x`` when no padding or conversion is needed)."""
-    flat = np.asarray(x).reshape(-1)
-    n_blocks = max(1, -(-flat.size // block))
-    if flat.size == n_blocks * block and flat.dtype == dtype:
-        return flat.reshape(n_blocks, block)
-    padded = np.zeros(n_blocks * block, dtype=dtype)
-    padded[: flat.size] = flat
-    return padded.reshape(n_blocks, block)
+def _check_float(x: np.ndarray) -> None:
+    if not np.issubdtype(x.dtype, np.floating):
+        raise QuantizationError(f"quantization takes a float tensor, got {x.dtype}")
 
 
 def _work_dtype(x: np.ndarray) -> np.dtype:
@@ -83,15 +82,58 @@ def _work_dtype(x: np.ndarray) -> np.dtype:
     return np.dtype(np.float32) if x.dtype == np.float32 else np.dtype(np.float64)
 
 
+def _flat(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` as a flat array of ``dtype``: a view when it already is one (no copy)."""
+    flat = np.asarray(x).reshape(-1)
+    return flat if flat.dtype == dtype else flat.astype(dtype)
+
+
+def n_blocks(size: int, block: int) -> int:
+    """Blocks of ``block`` values a tensor of ``size`` values is cut into (at least 1)."""
+    return max(1, -(-size // block))
+
+
+def _split(flat: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The full blocks as a (n_full, block) view and the short last block (maybe empty):
+    no zero padding, no copy; every pass below runs on these two views."""
+    full = flat.size // block
+    return flat[: full * block].reshape(full, block), flat[full * block:]
+
+
+def _peaks(flat: np.ndarray, block: int) -> np.ndarray:
+    """Per block of ``flat``, max|x| as float64: NaN where a block holds a NaN, Inf where
+    it holds an Inf (max and min propagate both), 0 for an empty tensor's one block."""
+    full, tail = _split(flat, block)
+    peaks = np.zeros(n_blocks(flat.size, block), dtype=np.float64)
+    if full.shape[0]:
+        peaks[: full.shape[0]] = np.maximum(full.max(axis=1), -full.min(axis=1))
+    if tail.size:
+        peaks[full.shape[0]] = max(tail.max(), -tail.min())
+    return peaks
+
+
+def block_peaks(x: np.ndarray, block: int) -> np.ndarray:
+    """Per block, max|x| (float64; 0 for an all-zero or empty block). Raises
+    QuantizationError on NaN or Inf, found from the peaks themselves (a NaN makes its
+    block's max NaN, an Inf makes it Inf): no separate isfinite pass."""
+    _check_float(x)
+    peaks = _peaks(_flat(x, _work_dtype(x)), block)
+    if not np.isfinite(peaks).all():
+        check_finite(x)  # names how many; raises
+    return peaks
+
+
+def exponents_of(peaks: np.ndarray) -> np.ndarray:
+    """Per block, the smallest e with peak < 2**e (int32; ZERO_BLOCK_EXPONENT if 0)."""
+    _, exp = np.frexp(peaks)  # peak = m * 2**exp with 0.5 <= m < 1, so peak < 2**exp
+    exp = exp.astype(np.int32)
+    exp[peaks == 0] = ZERO_BLOCK_EXPONENT
+    return exp
+
+
 def block_exponents(x: np.ndarray, block: int) -> np.ndarray:
     """Per block, the smallest e with max|x| < 2**e (int32; ZERO_BLOCK_EXPONENT if all 0)."""
-    check_finite(x)
-    blocks = _blocks(x, block, _work_dtype(x))
-    peak = np.maximum(blocks.max(axis=1), -blocks.min(axis=1)).astype(np.float64)
-    _, exp = np.frexp(peak)  # peak = m * 2**exp with 0.5 <= m < 1, so peak < 2**exp
-    exp = exp.astype(np.int32)
-    exp[peak == 0] = ZERO_BLOCK_EXPONENT
-    return exp
+    return exponents_of(block_peaks(x, block))
 
 
 def _pow2(exponents: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -101,27 +143,117 @@ def _pow2(exponents: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ldexp(np.ones(e.shape, dtype=dtype), e.astype(np.int32))
 
 
-def quantize(x: np.ndarray, exponents: np.ndarray, block: int, n_workers: int) -> np.ndarray:
-    """int32 values (len(x) of them) scaled per block by the agreed ``exponents``."""
-    check_finite(x)
+#: values quantize works through at a time: 1 MiB of float32 scratch, which stays in a
+#: core's L2 (2 MiB here) between the multiply that writes it and the rint that reads it.
+CACHE_VALUES = 262144
+
+
+def scratch_size(size: int, block: int) -> int:
+    """The scratch (values of the work dtype) quantize_into needs for ``size`` values."""
+    return min(size, max(block, CACHE_VALUES // block * block))
+
+
+def _chunks(size: int, block: int):
+    """(start, end) of groups of whole blocks of at most ~CACHE_VALUES values."""
+    step = max(1, CACHE_VALUES // block) * block
+    return ((lo, min(lo + step, size)) for lo in range(0, size, step))
+
+
+def _scale_rint(flat: np.ndarray, scales: np.ndarray, block: int, out: np.ndarray,
+                scratch: np.ndarray) -> None:
+    """out = rint(flat * scales[block]) for one group of blocks: a multiply into the
+    scratch, then rint cast straight into the int32 ``out`` (float to int32 as astype)."""
+    full, tail = _split(flat, block)
+    nf = full.shape[0]
+    qfull, qtail = _split(out, block)
+    if nf:
+        sfull = scratch[: nf * block].reshape(nf, block)
+        np.multiply(full, scales[:nf, None], out=sfull)
+        np.rint(sfull, out=qfull, casting="unsafe")
+    if tail.size:
+        stail = scratch[: tail.size]
+        np.multiply(tail, scales[nf], out=stail)
+        np.rint(stail, out=qtail, casting="unsafe")
+
+
+def quantize_into(x: np.ndarray, exponents: np.ndarray, block: int, n_workers: int,
+                  out: np.ndarray, peaks: np.ndarray | None = None,
+                  scratch: np.ndarray | None = None) -> np.ndarray:
+    """``q = rint(x * 2**(B - e))`` per block into ``out`` (int32, >= x.size values), a
+    cache-sized group of blocks at a time: a multiply into ``scratch`` (the work dtype,
+    scratch_size() values; allocated if None), a rint cast into ``out``. ``peaks``
+    (block_peaks(x), computed if None) give the NaN/Inf refusal and the overflow check
+    without another pass."""
+    if peaks is None:
+        peaks = block_peaks(x, block)
     bits = headroom_bits(n_workers)
     dtype = _work_dtype(x)
-    scaled = _blocks(x, block, dtype) * _pow2(bits - exponents.astype(np.int64), dtype)[:, None]
-    np.rint(scaled, out=scaled)
-    if np.abs(scaled).max(initial=0.0) > float(2**bits):
+    flat = _flat(x, dtype)
+    scales = _pow2(bits - exponents.astype(np.int64), dtype)
+    # max|rint(x * s)| is rint(max|x| * s): rint and the power-of-two scale are monotone
+    # and odd, so the block's peak alone tells whether any value exceeds 2**B.
+    if (np.rint(peaks.astype(dtype) * scales) > float(2**bits)).any():
         raise QuantizationError("a value exceeds its block's agreed exponent: every worker "
                                 "must quantize with the group's MAX exponents")
-    return scaled.astype(np.int32).reshape(-1)[: np.size(x)]
+    if scratch is None:
+        scratch = np.empty(scratch_size(flat.size, block), dtype=dtype)
+    for lo, hi in _chunks(flat.size, block):
+        _scale_rint(flat[lo:hi], scales[lo // block:], block, out[lo:hi], scratch)
+    return out
+
+
+def quantize(x: np.ndarray, exponents: np.ndarray, block: int, n_workers: int) -> np.ndarray:
+    """int32 values (len(x) of them) scaled per block by the agreed ``exponents``."""
+    return quantize_into(x, exponents, block, n_workers, np.empty(np.size(x), np.int32))
+
+
+def quantize_own_into(x: np.ndarray, block: int, n_workers: int, out: np.ndarray,
+                      scratch: np.ndarray | None = None) -> np.ndarray:
+    """Aligned mode's edge in one sweep over memory: per cache-sized group of blocks, the
+    peaks (NaN/Inf refused from them), each block's own exponent, and
+    ``rint(x * 2**(B - e))`` into ``out``. Returns the exponents (int32); the values are
+    bit for bit ``quantize(x, block_exponents(x, block), block, n_workers)``. NaN/Inf
+    raise before anything is returned, so nothing of the tensor is sent."""
+    _check_float(x)
+    bits = headroom_bits(n_workers)
+    dtype = _work_dtype(x)
+    flat = _flat(x, dtype)
+    if scratch is None:
+        scratch = np.empty(scratch_size(flat.size, block), dtype=dtype)
+    exps = np.full(n_blocks(flat.size, block), ZERO_BLOCK_EXPONENT, dtype=np.int32)
+    for lo, hi in _chunks(flat.size, block):
+        peaks = _peaks(flat[lo:hi], block)
+        if not np.isfinite(peaks).all():
+            check_finite(x)  # names how many; raises
+        e = exps[lo // block: lo // block + peaks.size] = exponents_of(peaks)
+        _scale_rint(flat[lo:hi], _pow2(bits - e.astype(np.int64), dtype), block, out[lo:hi],
+                    scratch)
+    return exps
+
+
+def dequantize_into(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_workers: int,
+                    out: np.ndarray) -> np.ndarray:
+    """The int32 sums as ``out.dtype`` values written into ``out`` (flat, its size is the
+    tensor's): per block one ufunc that casts int to float (one rounding) and multiplies
+    by a power of two (exact) in ``out.dtype``."""
+    bits = headroom_bits(n_workers)
+    dtype = out.dtype
+    scales = _pow2(exponents.astype(np.int64) - bits, dtype)
+    qfull, qtail = _split(q_sum[: out.size], block)
+    ofull, otail = _split(out, block)
+    nf = qfull.shape[0]
+    if nf:
+        np.multiply(qfull, scales[:nf, None], out=ofull, dtype=dtype, casting="unsafe")
+    if qtail.size:
+        np.multiply(qtail, scales[nf], out=otail, dtype=dtype, casting="unsafe")
+    return out
 
 
 def dequantize(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_workers: int,
                size: int, dtype: np.dtype = FLOAT64) -> np.ndarray:
     """The int32 sums as ``dtype`` values: one rounding (int to float), then an exact
     multiplication by a power of two."""
-    bits = headroom_bits(n_workers)
-    blocks = _blocks(q_sum[:size], block, np.dtype(np.int32)).astype(dtype)
-    blocks *= _pow2(exponents.astype(np.int64) - bits, dtype)[:, None]
-    return blocks.reshape(-1)[:size]
+    return dequantize_into(q_sum, exponents, block, n_workers, np.empty(size, dtype))
 
 
 def error_bound(result: np.ndarray, exponents: np.ndarray, block: int, n_workers: int,

@@ -270,3 +270,123 @@ def test_quantize_round_trips_exactly_representable_values():
     assert exps.tolist() == [1]  # 1.75 < 2**1
     q = quantize(x, exps, 8, 2)
     assert (dequantize(q, exps, 8, 2, x.size, quant.FLOAT32) == x).all()
+
+
+# ------------------------------------------------------------ the fused edge, bit for bit
+#
+# The edge was rewritten as one pass per block each way (no padding copies, no separate
+# isfinite scans). The kernel and the bounds rely on exactly the old values, so the old
+# implementation is kept here as the reference and compared bit for bit.
+
+
+def _ref_blocks(x, block, dtype):
+    flat = np.asarray(x).reshape(-1)
+    n_blocks = max(1, -(-flat.size // block))
+    padded = np.zeros(n_blocks * block, dtype=dtype)
+    padded[: flat.size] = flat
+    return padded.reshape(n_blocks, block)
+
+
+def _ref_work(x):
+    return np.dtype(np.float32) if x.dtype == np.float32 else np.dtype(np.float64)
+
+
+def _ref_block_exponents(x, block):
+    blocks = _ref_blocks(x, block, _ref_work(x))
+    peak = np.maximum(blocks.max(axis=1), -blocks.min(axis=1)).astype(np.float64)
+    _, exp = np.frexp(peak)
+    exp = exp.astype(np.int32)
+    exp[peak == 0] = ZERO_BLOCK_EXPONENT
+    return exp
+
+
+def _ref_quantize(x, exponents, block, n):
+    bits = headroom_bits(n)
+    dtype = _ref_work(x)
+    scaled = _ref_blocks(x, block, dtype) * quant._pow2(bits - exponents.astype(np.int64),
+                                                        dtype)[:, None]
+    np.rint(scaled, out=scaled)
+    assert np.abs(scaled).max(initial=0.0) <= float(2**bits)
+    return scaled.astype(np.int32).reshape(-1)[: np.size(x)]
+
+
+def _ref_dequantize(q_sum, exponents, block, n, size, dtype):
+    bits = headroom_bits(n)
+    blocks = _ref_blocks(q_sum[:size], block, np.dtype(np.int32)).astype(dtype)
+    blocks *= quant._pow2(exponents.astype(np.int64) - bits, dtype)[:, None]
+    return blocks.reshape(-1)[:size]
+
+
+def _edge_inputs(dtype, size, block, n, seed):
+    rng = np.random.default_rng(seed)
+    yield rng.standard_normal(size).astype(dtype)
+    yield (rng.standard_normal(size) * 1e-3).astype(dtype)
+    span = 10 if dtype == np.float16 else 30
+    yield (rng.standard_t(1.5, size).clip(-100, 100) * 2.0 ** rng.integers(-span, span)
+           ).astype(dtype)
+    # exact ties of rint: k + 0.5 after scaling by 2**(B - e), both signs (the first
+    # value pins every block's exponent to e)
+    e, bits = 4, headroom_bits(n)
+    k = 2**9 if dtype == np.float16 else 2**20
+    ties = (rng.integers(-k, k, size) + 0.5) * 2.0 ** (e - bits)
+    ties[::block] = 2.0 ** (e - 1)
+    yield ties.astype(dtype)
+    z = rng.standard_normal(size).astype(dtype)
+    z[: size // 2] = 0.0
+    z[size // 2] = -0.0
+    yield z
+    top = np.nextafter(dtype(2.0**5), dtype(0))
+    yield np.resize(np.array([top, -top, dtype(2.0**4)], dtype=dtype), size)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("size,block", [(4096, 256), (3001, 256), (100, 256), (1, 1),
+                                        (16235 * 2 + 7, 16235), (513, 512)])
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+@pytest.mark.parametrize("cache", [quant.CACHE_VALUES, 700])  # 700: many groups of blocks
+def test_the_fused_edge_is_bit_identical_to_the_reference(dtype, size, block, n, cache,
+                                                          monkeypatch):
+    monkeypatch.setattr(quant, "CACHE_VALUES", cache)
+    for k, x in enumerate(_edge_inputs(dtype, size, block, n, seed=size + n)):
+        exps = block_exponents(x, block)
+        assert exps.dtype == np.int32
+        assert (exps == _ref_block_exponents(x, block)).all(), k
+        q = quantize(x, exps, block, n)
+        assert q.dtype == np.int32 and q.shape == (size,)
+        fused = np.empty(size, dtype=np.int32)
+        assert (quant.quantize_own_into(x, block, n, fused) == exps).all(), k
+        assert (fused == q).all(), k
+        assert (q == _ref_quantize(x, exps, block, n)).all(), k
+        # a kernel-like sum, then back, into every float dtype the API returns
+        total = (q.astype(np.int64) * n).clip(-2**31, 2**31 - 1).astype(np.int32)
+        # (float16 results are not compared: the int32 sums overflow float16 in the
+        # reference too)
+        for out_dtype in (quant.FLOAT32, quant.FLOAT64):
+            got = dequantize(total, exps, block, n, size, out_dtype)
+            want = _ref_dequantize(total, exps, block, n, size, out_dtype)
+            assert got.dtype == want.dtype
+            assert got.tobytes() == want.tobytes(), (k, out_dtype)
+
+
+def test_into_variants_reuse_larger_buffers_and_touch_only_their_part():
+    x = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+    exps = block_exponents(x, 256)
+    peaks = quant.block_peaks(x, 256)
+    out = np.full(1500, 7, dtype=np.int32)
+    scratch = np.empty(2000, dtype=np.float32)
+    quant.quantize_into(x, exps, 256, 4, out, peaks=peaks, scratch=scratch)
+    assert (out[:1000] == _ref_quantize(x, exps, 256, 4)).all() and (out[1000:] == 7).all()
+    back = np.full(1000, np.nan, dtype=np.float32)
+    assert quant.dequantize_into(out, exps, 256, 4, back) is back
+    assert back.tobytes() == _ref_dequantize(out, exps, 256, 4, 1000, np.float32).tobytes()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 255, 256, 999])
+def test_the_peaks_find_nan_and_inf_in_any_block(bad, where):
+    x = np.ones(1000, dtype=np.float32)
+    x[where] = bad
+    with pytest.raises(QuantizationError, match="1 NaN or Inf value"):
+        quant.block_peaks(x, 256)
+    with pytest.raises(QuantizationError, match="1 NaN or Inf value"):
+        quant.quantize_own_into(x, 256, 2, np.empty(1000, dtype=np.int32))
