@@ -16,9 +16,11 @@
  *                of a round stores, the others add (or max), a retransmission skips
  *   agg_finish   counts the worker in (its bit in `done`, once); the LAST one starts the
  *                slot's other copy on the next round, turns its own packet into the
- *                result and clones it to every worker
+ *                result and sends it once to the job's multicast group (or, per job,
+ *                clones it to every worker: see AGG_RESULTS_*)
  *   agg_reply    a duplicate of a finished block gets the finished copy's result (the
- *                worker lost it); of an unfinished block, a status naming who is in
+ *                worker lost it); of an unfinished block, a status naming who is in;
+ *                either by unicast, to the worker that asked only
  *
  * A chain that breaks anywhere (a drop, a failed tail call) leaves only chunks holding
  * the worker's values, no claim: its retransmission adds the rest and completes the slot.
@@ -81,12 +83,25 @@ struct agg_config {
 };
 BPF_ARRAY(config, struct agg_config, 1);
 
+/* How a finished block reaches the workers (struct agg_job.results, chosen per job at
+ * install time). MULTICAST: the result is sent ONCE, to the job's IP multicast group
+ * (result_ip, result_mac 01:00:5e:..), and the L2 network replicates it to every port
+ * (each copy a clone of one skb, sharing its data); the workers joined the group, other
+ * hosts' kernels drop it. UNICAST: one clone per worker, each with its own addresses:
+ * rewriting the head of an skb that was just cloned copies the whole (linear) result,
+ * N - 1 times per block; for networks that do not carry multicast. */
+#define AGG_RESULTS_UNICAST   0
+#define AGG_RESULTS_MULTICAST 1
+
 struct agg_job {
 	__u32 token;
 	__u32 index;     /* this job's part of the slot and worker arrays */
 	__u32 n_workers; /* ranks 0 .. n_workers - 1 */
 	__u32 my_ip;     /* the aggregator's address (network order) */
 	__u8 my_mac[6];
+	__u16 results;   /* AGG_RESULTS_* */
+	__u32 result_ip; /* MULTICAST: the job's group (network order) */
+	__u8 result_mac[6];
 	__u16 pad;
 };
 BPF_HASH(jobs, __u32, struct agg_job, AGG_MAX_JOBS);
@@ -556,6 +571,27 @@ static __always_inline int fan_out_result(struct __sk_buff *skb, struct agg_job 
 	return TC_ACT_STOLEN;
 }
 
+/* Send the result (already in the packet) ONCE, from the aggregator to the job's group:
+ * two address rewrites, no clone here (the bridge's copies are clones of this skb). */
+static __always_inline int multicast_result(struct __sk_buff *skb, struct agg_job *job)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + IP_OFF;
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_SHOT;
+	__u32 old_src = ip->saddr, old_dst = ip->daddr;
+	__u32 my_ip = job->my_ip, grp = job->result_ip;
+	bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), old_src, my_ip, 4);
+	bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), old_dst, grp, 4);
+	bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, saddr), &my_ip, 4, 0);
+	bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, daddr), &grp, 4, 0);
+	bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), job->my_mac, ETH_ALEN, 0);
+	bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), job->result_mac, ETH_ALEN, 0);
+	count(CNT_FANOUT_COPIES); /* one copy leaves the aggregator */
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 int agg_finish(struct __sk_buff *skb)
 {
 	struct agg_progress *pr = get_progress();
@@ -598,6 +634,8 @@ int agg_finish(struct __sk_buff *skb)
 	if (pr->flags & AGG_F_ALIGN)
 		set_scale(skb, key);
 	count(CNT_AGG_COMPLETED);
+	if (job->results == AGG_RESULTS_MULTICAST)
+		return multicast_result(skb, job);
 	return fan_out_result(skb, job);
 }
 

@@ -24,6 +24,8 @@ or with a status naming the workers it still waits for. A call that makes no pro
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import ipaddress
 import select
 import socket
 import time
@@ -68,6 +70,43 @@ def chain_length(block: int, chunk: int = CHUNK) -> int:
 def max_block(mtu: int) -> int:
     """The largest block (int32 values) one packet carries at this MTU."""
     return min(MAX_VALUES, max_payload(mtu) // 4)
+
+
+# How a finished block reaches the workers (bpf/aggregate.c AGG_RESULTS_*), per job:
+# ``group.options["results"]``. "multicast": the kernel sends the result once, to the
+# job's IP multicast group, and the bridge replicates it (clones sharing one skb's data);
+# "unicast": one clone per worker with its own addresses (each a copy of the whole
+# result), for networks that do not carry multicast.
+RESULTS = {"unicast": 0, "multicast": 1}
+DEFAULT_RESULTS = "multicast"
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux; Python may lack it
+
+
+def result_delivery(group: Group) -> str:
+    """The job's result delivery: ``group.options["results"]`` or the default."""
+    results = group.options.get("results", DEFAULT_RESULTS)
+    if results not in RESULTS:
+        raise AggBoxError(f"results must be one of {sorted(RESULTS)}, got {results!r}")
+    return results
+
+
+def result_group(group: Group) -> str:
+    """The job's multicast group for results: ``group.options["result_ip"]`` or an
+    administratively scoped 239.213.x.y derived from the job (aggbox/baselines/mcast.py's
+    range, another hash), so that two jobs on one bridge do not share a group."""
+    explicit = group.options.get("result_ip")
+    if explicit:
+        if not ipaddress.IPv4Address(explicit).is_multicast:
+            raise AggBoxError(f"result_ip {explicit} is not an IPv4 multicast address")
+        return str(explicit)
+    h = hashlib.sha256(f"allreduce:{group.job_id}:{group.token}:{group.port}".encode()).digest()
+    return f"239.213.{h[0]}.{h[1]}"
+
+
+def multicast_mac(ip: str) -> bytes:
+    """The Ethernet address of an IPv4 multicast group: 01:00:5e + its low 23 bits."""
+    low = int(ipaddress.IPv4Address(ip)) & 0x7FFFFF
+    return bytes([0x01, 0x00, 0x5E]) + low.to_bytes(3, "big")
 
 
 class AggregatorPrograms:
@@ -123,6 +162,11 @@ class AggregatorPrograms:
         job.token, job.index, job.n_workers = group.token, index, group.size
         job.my_ip = ip_to_u32(group.aggregator.ip)
         ctypes.memmove(job.my_mac, mac_bytes(group.aggregator.mac), 6)
+        job.results = RESULTS[result_delivery(group)]
+        if job.results == RESULTS["multicast"]:
+            grp = result_group(group)
+            job.result_ip = ip_to_u32(grp)
+            ctypes.memmove(job.result_mac, multicast_mac(grp), 6)
         jobs[jobs.Key(group.job_id)] = job
         self._index[group.job_id] = index
         return index
@@ -208,6 +252,21 @@ class Allreducer:
         self.rto = rto
         self.sock = udp_socket(group.port)
         self.dest = (group.aggregator.ip, group.port)
+        self.results = result_delivery(group)
+        if self.results == "multicast":
+            # Results come to the job's group (source: still the aggregator's address,
+            # which _take checks): join it on this worker's own interface; MULTICAST_ALL
+            # 0 keeps the socket to that group (another job's group on this port is not
+            # delivered here).
+            grp = result_group(group)
+            try:
+                self.sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+                self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                                     socket.inet_aton(grp) + socket.inet_aton(group.me.ip))
+            except OSError as exc:
+                self.sock.close()
+                raise AggBoxError(f"cannot join the result group {grp} on {group.me.ip}: "
+                                  f"{exc}") from exc
         self.next_seq = 0  # global block number, shared by every call of this group
         self.rx = bytearray(HEADER_SIZE + 4 * MAX_VALUES + 64)
         # refused: datagrams on the job's port that are not this job's results from the

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from aggbox.collectives.allreduce import (
     chain_length,
     make_group,
     max_block,
+    result_delivery,
 )
 from aggbox.collectives.group import Group, Member
 from aggbox.protocol import HEADER_SIZE, MAGIC, VERSION, Header, MsgType
@@ -103,13 +104,17 @@ class Job:
 
     def __init__(self, box: Box, hosts: list[int], job_id: int, token: int, port: int = PORT,
                  block: int = K, scale: str = "align", timeout: float = 10.0,
-                 name: str = "job", nodes: dict[int, WorkerProcess | None] | None = None):
+                 name: str = "job", nodes: dict[int, WorkerProcess | None] | None = None,
+                 results: str | None = None):
         self.box, self.name, self.hosts = box, name, hosts
         agg = box.host(0)
         members = [Member(rank=r, ip=box.host(h).ip, mac=box.host(h).mac)
                    for r, h in enumerate(hosts)]
         self.group = make_group(job_id, token, members, Member(0, agg.ip, agg.mac), rank=0,
                                 port=port, ifname=agg.ifname)
+        if results is not None:  # else the default delivery (DEFAULT_RESULTS)
+            self.group = replace(self.group, options={"results": results})
+        self.results = result_delivery(self.group)
         self.index = box.programs.install_job(self.group)
         chosen = {**box.workers, **(nodes or {})}
         self.nodes = {r: chosen[h] for r, h in enumerate(hosts) if chosen.get(h) is not None}
@@ -126,6 +131,11 @@ class Job:
     @property
     def n(self) -> int:
         return len(self.hosts)
+
+    def copies_per_block(self) -> int:
+        """The copies of a result the aggregator's kernel sends: one to the group, or
+        one per worker."""
+        return 1 if self.results == "multicast" else self.n
 
     def post(self, calls: list[dict], ranks=None) -> None:
         for r in self.nodes if ranks is None else ranks:
@@ -240,7 +250,7 @@ def test_int32_sums_are_exact_for_2_to_8_workers_and_sizes_off_the_block(box, n)
     # many retransmissions a busy machine provoked.
     assert d["agg_completed"] == total
     assert d["agg_added"] == n * total
-    assert d["fanout_copies"] == n * total
+    assert d["fanout_copies"] == job.copies_per_block() * total
     assert not {k: d[k] for k in DROPS if k in d}, d
 
 
@@ -900,6 +910,121 @@ def test_a_chain_broken_after_the_claim_is_completed_by_the_retransmission(box, 
     assert_exact_int32(answers, [call], n)
     d = delta(box.counters(), before)
     assert d["agg_added"] == n and d["agg_completed"] == 1, d
+
+
+# ------------------------------------------------------------ results to a multicast group
+
+
+def rx_packets(host: NetnsHost) -> int:
+    # netlink, not /sys (which shows the namespace it was mounted in)
+    link = json.loads(host.run(["ip", "-j", "-s", "link", "show", "dev", host.ifname]).stdout)
+    return int(link[0]["stats64"]["rx"]["packets"])
+
+
+def listen(host: NetnsHost, port: int) -> socket.socket:
+    """A socket on ``port`` in ``host``'s namespace that joined no group."""
+    def go() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", port))
+        s.setblocking(False)
+        return s
+
+    return host.call(go)
+
+
+def drain(sock: socket.socket) -> int:
+    got = 0
+    while True:
+        try:
+            sock.recv(1 << 17)
+        except BlockingIOError:
+            return got
+        got += 1
+
+
+def test_multicast_results_reach_every_worker_once_and_no_other_host(box):
+    # One send per finished block (fanout_copies), to the job's group: the bridge gives
+    # every worker one copy. A long RTO: a result that did not come by multicast would
+    # show as a retransmission and a late reply. h9 is on the bridge with a socket on
+    # the job's port but did not join: its interface sees the results, its application
+    # nothing.
+    n = 8
+    job = Job(box, list(WORKERS), job_id=9201, token=0x9201, results="multicast",
+              name="mc")
+    for r, node in job.nodes.items():  # the same reducers, with a 5 s RTO
+        node.call("reducer", name=job.name, group=as_dict(job.group, r), block=K,
+                  timeout=30.0, rto=5.0)
+    outsider = box.host(OUTSIDER)
+    sock = listen(outsider, PORT)
+    calls = [int32_call(40000, 97), int32_call(1000, 98), float_call(3000, 99, "gaussian")]
+    try:
+        rx_before, before = rx_packets(outsider), box.counters()
+        answers = job.run(calls)
+        after, rx_after = box.counters(), rx_packets(outsider)
+        stats = {r: node.call("stats", name=job.name)["stats"] for r, node in job.nodes.items()}
+        time.sleep(0.05)
+        leaked = drain(sock)
+    finally:
+        sock.close()
+        job.close()
+    assert_exact_int32({r: a[:2] for r, a in answers.items()}, calls[:2], n)
+    assert_within_bound(answers, 2, calls[2], n)
+    total = blocks(c["size"] for c in calls)
+    d = delta(after, before)
+    assert d["agg_completed"] == total and d["fanout_copies"] == total, d
+    assert d.get("agg_late_reply", 0) == 0 and d.get("agg_duplicate", 0) == 0, d
+    for r, st in stats.items():
+        assert (st["results"], st["duplicates"], st["retransmits"]) == (total, 0, 0), (r, st)
+    assert rx_after - rx_before >= total  # the results did reach h9's interface ...
+    assert leaked == 0  # ... and its kernel kept them from its application
+
+
+def test_a_worker_that_loses_every_multicast_result_gets_them_by_unicast(box):
+    # Rank 1's reducer believes the job's results are unicast: it never joins the group,
+    # so its kernel drops every multicast result (a loss at that worker only). Its
+    # retransmission is a duplicate of a finished block: agg_reply answers it, to rank 1
+    # alone. The other workers (5 s RTO) get each result once, by multicast.
+    n = 3
+    job = Job(box, [4, 5, 6], job_id=9202, token=0x9202, results="multicast", name="deaf")
+    deaf = as_dict(job.group, 1)
+    deaf["options"] = {"results": "unicast"}
+    job.nodes[1].call("reducer", name=job.name, group=deaf, block=K, timeout=30.0, rto=0.02)
+    for r in (0, 2):
+        job.nodes[r].call("reducer", name=job.name, group=as_dict(job.group, r), block=K,
+                          timeout=30.0, rto=5.0)
+    calls = [int32_call(20 * K, 100), int32_call(300, 101)]
+    try:
+        before = box.counters()
+        answers = job.run(calls)
+        after = box.counters()
+        stats = {r: node.call("stats", name=job.name)["stats"] for r, node in job.nodes.items()}
+    finally:
+        job.close()
+    assert_exact_int32(answers, calls, n)
+    total = blocks(c["size"] for c in calls)
+    d = delta(after, before)
+    assert d["agg_completed"] == total and d["fanout_copies"] == total, d
+    assert d["agg_late_reply"] >= total, d  # every block of rank 1 came by unicast
+    assert stats[1]["results"] == total and stats[1]["retransmits"] >= total, stats
+    for r in (0, 2):  # the unicast answers went to rank 1 only
+        assert (stats[r]["results"], stats[r]["duplicates"], stats[r]["retransmits"]) == (
+            total, 0, 0), (r, stats[r])
+
+
+def test_unicast_results_clone_one_copy_per_worker(box):
+    # The fallback for networks without multicast: one clone per worker, exact sums.
+    n = 8
+    job = Job(box, list(WORKERS), job_id=9203, token=0x9203, results="unicast")
+    calls = [int32_call(40000, 102), int32_call(257, 103)]
+    before = box.counters()
+    try:
+        answers = job.run(calls)
+    finally:
+        job.close()
+    assert_exact_int32(answers, calls, n)
+    total = blocks(c["size"] for c in calls)
+    d = delta(box.counters(), before)
+    assert d["agg_completed"] == total and d["fanout_copies"] == n * total, d
 
 
 # ------------------------------------------------------------ nothing left behind
