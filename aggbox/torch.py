@@ -1,0 +1,314 @@
+"""AggBox under PyTorch DDP: a communication hook that averages gradient buckets in the
+aggregator's kernel.
+
+    import torch.distributed as dist
+    from aggbox.torch import AggBoxState, allreduce_hook
+
+    dist.init_process_group("gloo", ...)            # DDP keeps its own process group
+    state = AggBoxState.from_process_group(None, aggregator="10.0.0.1")
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(state, allreduce_hook)
+
+and on the aggregator host, once (it holds the eBPF programs and installs the job)::
+
+    python -m aggbox.torch aggregator --master <rank 0's address>:<port> --ifname eth0
+
+How the job is agreed: every rank publishes its own address and MAC (those of the
+interface that routes to the aggregator) in the process group's store; rank 0 draws the
+job id and token with :mod:`secrets` and publishes the whole group; the aggregator host
+reads it from the same store (as one more store client), installs the job and says so;
+every rank then waits for that word and probes the kernel path with a one-value call, so
+a missing or detached aggregator is one clear error at start-up, not a hang in step 1.
+
+The hook averages (``mean``) each bucket: float32 buckets are handed to the quantizer as
+``tensor.numpy()`` (the same memory, no copy); float16 and bfloat16 buckets are widened
+to float32 (numpy has no bfloat16), averaged, and rounded back to the bucket's dtype,
+which the bound accounts for. ``state.last_error_bound`` is the per-element bound of the
+last bucket (``aggbox.quant``'s bound of the sum, divided by the group size, plus the
+roundings of the division and of the cast back). A bucket with NaN or Inf is refused
+before anything is sent, naming the bucket; a rank that stops answering makes every
+other rank's call fail within ``timeout`` seconds, naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import secrets
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aggbox.collectives.allreduce import DEFAULT_PORTS, Allreducer, make_group, max_block
+from aggbox.collectives.group import Group, Member
+from aggbox.errors import AggBoxError, CollectiveTimeout
+
+STORE_PREFIX = "aggbox"
+INSTALLED = "installed"
+SIOCGIFADDR, SIOCGIFHWADDR, SIOCGIFMTU = 0x8915, 0x8927, 0x8921
+# Relative half-ulp of the dtypes a bucket may have: the rounding of the cast back.
+HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# The smallest positive subnormal's half (the absolute floor of a rounding), per dtype.
+ABS_FLOOR = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
+
+
+def interface_to(ip: str) -> tuple[str, str, str]:
+    """``(ifname, own ip, own mac)`` of the interface this host reaches ``ip`` through.
+
+    The route is the kernel's (a connected UDP socket sends nothing); the MAC comes from
+    an ioctl, which answers for the caller's network namespace (/sys may show another).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((ip, 9))
+        except OSError as exc:
+            raise AggBoxError(f"no route to the AggBox aggregator {ip}: {exc}; check its "
+                              "address") from exc
+        own = s.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            req = struct.pack("256s", name.encode()[:15])
+            try:
+                addr = socket.inet_ntoa(fcntl.ioctl(s.fileno(), SIOCGIFADDR, req)[20:24])
+            except OSError:
+                continue
+            if addr == own:
+                hw = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, req)[18:24]
+                return name, own, ":".join(f"{b:02x}" for b in hw)
+    raise AggBoxError(f"no interface holds {own}, the address that routes to {ip}")
+
+
+def interface_mtu(ifname: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16si", ifname.encode()[:15], 0)
+        return struct.unpack("16si", fcntl.ioctl(s.fileno(), SIOCGIFMTU, req))[1]
+
+
+def _prefix_store(store: dist.Store, name: str) -> dist.Store:
+    # The keys live in the underlying store (rank 0's TCPStore) under our own prefix, not
+    # under torch's per-group prefixes (internal, they changed between versions): the
+    # aggregator host, a plain client of that store, finds them from the name alone.
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return dist.PrefixStore(f"{STORE_PREFIX}/{name}", store)
+
+
+def _get(store: dist.Store, key: str, timeout_s: float) -> dict:
+    store.set_timeout(timedelta(seconds=timeout_s))
+    return json.loads(store.get(key).decode())
+
+
+@dataclass
+class AggBoxState:
+    """What the hook needs: this rank's :class:`Allreducer` and the last call's bound."""
+
+    reducer: Allreducer
+    group: Group
+    timeout: float
+    last_error_bound: torch.Tensor | None = None  # per element, of the last bucket
+    last_error_bound_max: float = float("nan")
+    bucket_bounds: dict[int, float] = field(default_factory=dict)  # bucket -> max bound
+    comm_ns: int = 0  # time inside the hook, summed (what DDP waits for besides compute)
+    calls: int = 0
+
+    @classmethod
+    def from_process_group(cls, pg: dist.ProcessGroup | None, aggregator: str,
+                           store: dist.Store | None = None, name: str = "ddp",
+                           port: int = DEFAULT_PORTS[0], block: int = 0,
+                           timeout: float = 20.0, setup_timeout: float = 60.0,
+                           probe: bool = True) -> AggBoxState:
+        """Agree on the AggBox job with the other ranks of ``pg`` (None: the default
+        group) through its store, wait for the aggregator host at ``aggregator`` (an
+        IPv4 address) to install it, and probe the kernel path once.
+
+        ``store`` defaults to the default group's store (the one ``init_process_group``
+        made); every rank passes the same ``name``, and so does the aggregator host.
+        ``block``: values per packet (0: the most the interface's MTU carries).
+        ``timeout``: a call that makes no progress that long fails.
+        """
+        if pg is None:
+            pg = dist.group.WORLD
+        rank, size = dist.get_rank(pg), dist.get_world_size(pg)
+        if store is None:
+            store = dist.distributed_c10d._get_process_group_store(pg)
+        kv = _prefix_store(store, name)
+        ifname, ip, mac = interface_to(aggregator)
+        kv.set(f"member/{rank}", json.dumps({"ip": ip, "mac": mac}))
+        if rank == 0:
+            # a fresh job id and token per group: the kernel keeps concurrent jobs apart by
+            # both, and a token nobody can guess keeps strangers' packets out of the sums
+            job = {"job_id": secrets.randbelow(2**31 - 1) + 1,
+                   "token": secrets.randbelow(2**32 - 1) + 1}
+            members = [dict(_get(kv, f"member/{r}", setup_timeout), rank=r)
+                       for r in range(size)]
+            group = make_group(job["job_id"], job["token"],
+                               [Member(**m) for m in members],
+                               Member(0, aggregator), rank=0, port=port, ifname=ifname)
+            kv.set("group", group.to_json())
+        kv.set_timeout(timedelta(seconds=setup_timeout))
+        try:
+            group = Group.from_json(kv.get("group").decode()).with_rank(rank)
+        except RuntimeError as exc:
+            raise AggBoxError(f"rank {rank}: rank 0 published no AggBox group within "
+                              f"{setup_timeout:g} s ({exc})") from exc
+        try:
+            kv.wait([INSTALLED], timedelta(seconds=setup_timeout))
+        except RuntimeError:
+            raise AggBoxError(
+                f"no AggBox aggregator installed job {group.job_id} within "
+                f"{setup_timeout:g} s: run `python -m aggbox.torch aggregator --master "
+                f"<rank 0's store address> --ifname <its interface> --name {name}` on the "
+                f"aggregator host {aggregator}") from None
+        block = block or max_block(interface_mtu(ifname))
+        reducer = Allreducer(group, block=block, timeout=min(timeout, 5.0) if probe else timeout)
+        state = cls(reducer, group, timeout)
+        if probe:
+            try:
+                reducer.allreduce(np.zeros(1, dtype=np.float32))
+            except CollectiveTimeout as exc:
+                reducer.close()
+                raise AggBoxError(
+                    f"the AggBox aggregator {aggregator} installed the job but its kernel "
+                    f"did not answer a probe ({exc}); are its programs still attached "
+                    f"(`python -m aggbox.torch aggregator` running)?") from exc
+            reducer.timeout = timeout
+        return state
+
+    def close(self) -> None:
+        self.reducer.close()
+
+
+def _mean_bound(state: AggBoxState, total: np.ndarray, mean: np.ndarray,
+                dtype: torch.dtype) -> np.ndarray:
+    """Per element, |mean returned - exact mean of the ranks' bucket values|."""
+    n = state.group.size
+    absmean = np.abs(mean, dtype=np.float64)
+    # the sum's bound, the float32 division, then the rounding to the bucket's dtype
+    bound = state.reducer.error_bound(total) / n + absmean * 2.0**-24
+    if dtype != torch.float32:
+        bound = bound + (absmean + bound) * HALF_ULP[dtype] + ABS_FLOOR[dtype]
+    return bound
+
+
+def allreduce_hook(state: AggBoxState, bucket: dist.GradBucket
+                   ) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: the mean of the bucket over the group, in the kernel.
+
+    Register with ``ddp.register_comm_hook(state, allreduce_hook)``. The future is
+    complete when returned (the call is synchronous); errors are raised, so DDP's
+    backward fails with them instead of taking a wrong step.
+    """
+    t0 = time.perf_counter_ns()
+    buf = bucket.buffer()
+    index = bucket.index()
+    dtype = buf.dtype
+    if dtype not in HALF_ULP:
+        raise AggBoxError(f"gradient bucket {index}: dtype {dtype} is not supported "
+                          "(float32, float16, bfloat16)")
+    if buf.device.type != "cpu":
+        raise AggBoxError(f"gradient bucket {index} is on {buf.device}: AggBox aggregates "
+                          "CPU tensors; train on CPU or copy the bucket")
+    if not bool(torch.isfinite(buf).all()):
+        bad = int(buf.numel() - torch.isfinite(buf).sum())
+        raise AggBoxError(f"gradient bucket {index} holds {bad} NaN/Inf value(s) on rank "
+                          f"{state.group.rank}: nothing was sent; lower the learning rate or "
+                          "clip gradients (the other ranks will time out waiting for it)")
+    flat = buf.reshape(-1)
+    # float32: numpy's view of the bucket's own memory (no copy); else a float32 copy
+    x = flat.numpy() if dtype == torch.float32 else flat.to(torch.float32).numpy()
+    try:
+        total = state.reducer.allreduce(x, op="sum")
+    except CollectiveTimeout as exc:
+        raise CollectiveTimeout(f"AggBox allreduce of gradient bucket {index} "
+                                f"({flat.numel()} values) failed on rank "
+                                f"{state.group.rank}: {exc}", exc.missing) from exc
+    mean = np.divide(total, np.float32(state.group.size), dtype=np.float32)
+    out = torch.from_numpy(mean)  # shares mean's memory
+    if dtype != torch.float32:
+        out = out.to(dtype)
+    bound = _mean_bound(state, total, mean, dtype)
+    state.last_error_bound = torch.from_numpy(bound).reshape(buf.shape)
+    state.last_error_bound_max = float(bound.max()) if bound.size else 0.0
+    state.bucket_bounds[index] = max(state.bucket_bounds.get(index, 0.0),
+                                     state.last_error_bound_max)
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(out.reshape(buf.shape))
+    state.comm_ns += time.perf_counter_ns() - t0
+    state.calls += 1
+    return fut
+
+
+# DDP checks the hook's annotations against the objects themselves; postponed annotations
+# (this module's __future__ import) would be strings it refuses.
+allreduce_hook.__annotations__.update(bucket=dist.GradBucket,
+                                      **{"return": torch.futures.Future[torch.Tensor]})
+
+
+# ----------------------------------------------------------------- aggregator side -----
+
+
+def aggregator_store(master: str, timeout_s: float = 300.0) -> dist.Store:
+    """A client of the process group's store at ``host:port`` (rank 0's MASTER_ADDR and
+    MASTER_PORT)."""
+    host, _, port = master.rpartition(":")
+    if not host or not port.isdigit():
+        raise AggBoxError(f"--master must be host:port, got {master!r}")
+    return dist.TCPStore(host, int(port), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def install_from_store(programs, store: dist.Store, name: str = "ddp",
+                       timeout_s: float = 300.0) -> Group:
+    """Aggregator side: wait for rank 0's group, install it on ``programs``
+    (:class:`AggregatorPrograms`), and tell the ranks it is in."""
+    kv = _prefix_store(store, name)
+    kv.set_timeout(timedelta(seconds=timeout_s))
+    group = Group.from_json(kv.get("group").decode())
+    _, ip, mac = interface_to(group.members[0].ip)
+    agg = Member(0, ip, mac)  # the workers named the address; the MAC is this host's
+    group = make_group(group.job_id, group.token, list(group.members), agg, rank=0,
+                       port=group.port, ifname=group.ifname)
+    programs.install_job(group)
+    kv.set(INSTALLED, "1")
+    return group
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aggbox.torch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("aggregator", help="hold AggBox's programs and install the DDP job")
+    a.add_argument("--master", required=True, help="rank 0's store: MASTER_ADDR:MASTER_PORT")
+    a.add_argument("--ifname", default="eth0", help="the interface the workers reach")
+    a.add_argument("--name", default="ddp", help="the name the ranks passed")
+    a.add_argument("--timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    import signal
+
+    from aggbox.collectives.allreduce import AggregatorPrograms
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        with AggregatorPrograms(args.ifname) as programs:
+            group = install_from_store(programs, aggregator_store(args.master, args.timeout),
+                                       args.name, args.timeout)
+            print(f"aggbox: job {group.job_id} installed for {group.size} ranks; "
+                  "Ctrl-C to detach", flush=True)
+            while True:
+                signal.pause()
+    except AggBoxError as exc:
+        print(f"aggbox: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""aggbox.torch's hook without a kernel: a fake Allreducer that sums copies of its input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aggbox.collectives.allreduce import make_group
+from aggbox.collectives.group import Member
+from aggbox.errors import AggBoxError
+from aggbox.torch import AggBoxState, allreduce_hook
+
+
+class FakeReducer:
+    """n ranks holding the same bucket: the sum is n times it (exact), bound 0."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, []
+
+    def allreduce(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
+        self.seen.append(x)
+        return x.astype(np.float32) * self.n
+
+    def error_bound(self, result: np.ndarray) -> np.ndarray:
+        return np.zeros(result.shape)
+
+    def close(self) -> None:
+        pass
+
+
+class Bucket:
+    def __init__(self, t: torch.Tensor, i: int):
+        self.t, self.i = t, i
+
+    def buffer(self) -> torch.Tensor:
+        return self.t
+
+    def index(self) -> int:
+        return self.i
+
+
+def state(n: int = 3) -> AggBoxState:
+    members = [Member(r, f"10.0.0.{r + 2}") for r in range(n)]
+    group = make_group(1, 2, members, Member(0, "10.0.0.1"), rank=0)
+    return AggBoxState(FakeReducer(n), group, timeout=1.0)  # type: ignore[arg-type]
+
+
+def test_float32_bucket_reaches_the_quantizer_without_a_copy():
+    s = state()
+    buf = torch.randn(1001)
+    out = allreduce_hook(s, Bucket(buf, 0)).wait()
+    assert np.shares_memory(s.reducer.seen[0], buf.numpy())
+    assert torch.allclose(out, buf) and out.dtype == torch.float32
+    assert s.last_error_bound.shape == buf.shape and s.calls == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_buckets_come_back_in_their_dtype(dtype):
+    s = state()
+    buf = torch.randn(257).to(dtype)
+    out = allreduce_hook(s, Bucket(buf, 4)).wait()
+    assert out.dtype == dtype and out.shape == buf.shape
+    err = (out.double() - buf.double()).abs()
+    assert (err <= s.last_error_bound).all()
+    assert s.bucket_bounds[4] == s.last_error_bound_max > 0  # the cast back is bounded
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_bucket_is_refused_naming_it(bad):
+    s = state()
+    buf = torch.zeros(10)
+    buf[3] = bad
+    with pytest.raises(AggBoxError, match="gradient bucket 7 holds 1 NaN/Inf"):
+        allreduce_hook(s, Bucket(buf, 7))
+    assert s.reducer.seen == [], "nothing was sent"
+
+
+def test_the_hook_passes_ddps_signature_check():
+    # DDP refuses a hook whose annotations are not these objects
+    import inspect
+
+    sig = inspect.signature(allreduce_hook)
+    assert sig.parameters["bucket"].annotation is torch.distributed.GradBucket
+    assert sig.return_annotation == torch.futures.Future[torch.Tensor]
