@@ -109,6 +109,10 @@ COUNTERS: tuple[str, ...] = (
     # aggregation, continued
     "agg_shape_mismatch",
     "agg_bad_scale",
+    # issue 11: forged traffic and pass-through
+    "passed_not_ours",
+    "ack_beyond_sent",
+    "drop_wrong_mac",
 )
 
 

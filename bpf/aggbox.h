@@ -131,6 +131,10 @@ enum aggbox_counter {
 	/* aggregation, continued */
 	CNT_AGG_SHAPE_MISMATCH,/* a block whose count or operation differs from its slot's      */
 	CNT_AGG_BAD_SCALE,     /* a block whose scale_exp no quantization produces              */
+	/* issue 11: forged traffic and pass-through */
+	CNT_PASSED_NOT_OURS,   /* UDP to an AggBox port without AggBox's magic: passed untouched */
+	CNT_ACK_BEYOND_SENT,   /* broadcast ACKs for seqs the root's fan-out never sent        */
+	CNT_DROP_WRONG_MAC,    /* a member's IP from another MAC than the member's            */
 	CNT_MAX,
 };
 

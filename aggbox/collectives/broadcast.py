@@ -118,6 +118,12 @@ class BroadcastPrograms:
         for rank in range(MAX_MEMBERS):
             rx[rx.Key(slot * MAX_MEMBERS + rank)] = rx.Leaf()
 
+    def received(self, job_id: int, rank: int) -> int:
+        """Member side: the highest seq from ``rank`` up to which this host's kernel has
+        acknowledged everything (its receive window's cumulative value)."""
+        rx = self.family["rx"]
+        return int(rx[rx.Key(self._slots[job_id] * MAX_MEMBERS + rank)].cum)
+
     def acked(self, job_id: int) -> list[int]:
         """Per member rank, the highest cumulative seq its kernel acknowledged to us."""
         fold = self.family["fold"]
@@ -203,7 +209,13 @@ class Broadcaster(_Endpoint):
         self.group_acked = 0
         self.sent: OrderedDict[int, bytes] = OrderedDict()  # seq -> packet, for resends
         self.timers = _Timers()
-        self.stats = {"packets": 0, "retransmits": 0, "nacks": 0, "timeouts": 0}
+        # Per member: resends a NACK may still trigger, and when the budget was last
+        # refilled. A NACK is 32 bytes: without a bound, one (spoofed) NACK could make the
+        # root resend everything it retains.
+        self._nack_budget = {m.rank: float(window) for m in group.receivers}
+        self._nack_refill = {m.rank: time.monotonic() for m in group.receivers}
+        self.stats = {"packets": 0, "retransmits": 0, "nacks": 0, "timeouts": 0,
+                      "nacks_limited": 0}
 
     def send(self, data: bytes, timeout: float = 5.0) -> int:
         """Broadcast ``data`` to every member; return its last seq. Raises
@@ -250,6 +262,21 @@ class Broadcaster(_Endpoint):
                 self._resend_missing(target)
                 self.timers.backoff()
 
+    def serve(self, duration: float) -> int:
+        """Answer NACKs for ``duration`` seconds between sends; returns how many came.
+
+        ``send`` returns when every member's KERNEL has the message; a member whose socket
+        then dropped its tail NACKs it (see Receiver), and only a root that reads its
+        socket can answer. Call this when there is nothing more to send (before closing)
+        or between sparse messages."""
+        deadline = time.monotonic() + duration
+        before = self.stats["nacks"]
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if ready:
+                self._drain()
+        return self.stats["nacks"] - before
+
     def _drain(self) -> None:
         while True:
             try:
@@ -259,13 +286,36 @@ class Broadcaster(_Endpoint):
             if len(buf) < HEADER_SIZE:
                 continue
             hdr = Header.unpack(buf)
-            if not hdr.is_valid() or hdr.job_id != self.group.job_id:
+            if (not hdr.is_valid() or hdr.job_id != self.group.job_id
+                    or hdr.token != self.group.token):
                 continue
             if hdr.type == MsgType.GROUP_ACK:
-                self.group_acked = max(self.group_acked, hdr.aux)
+                # The kernel never folds beyond what it fanned out; this is a second fence.
+                self.group_acked = max(self.group_acked, min(hdr.aux, self.next_seq - 1))
             elif hdr.type == MsgType.NACK:
                 self.stats["nacks"] += 1
-                self._resend(hdr.aux, hdr.aux + max(hdr.count, 1) - 1, addr[0])
+                self._answer_nack(hdr)
+
+    def _answer_nack(self, hdr: Header) -> None:
+        """Resend what a NACK asks for, bounded: at most ``window`` packets per NACK and
+        per member at most ``window`` packets per retransmission interval (a token bucket),
+        only to the member's registered address (the kernel checked IP and MAC)."""
+        rank = hdr.rank
+        if rank not in self._nack_budget:
+            return
+        now = time.monotonic()
+        rate = self.window / self.timers.initial_s  # packets per second
+        budget = min(float(self.window),
+                     self._nack_budget[rank] + (now - self._nack_refill[rank]) * rate)
+        self._nack_refill[rank] = now
+        first = hdr.aux
+        last = min(hdr.aux + max(hdr.count, 1) - 1, self.next_seq - 1)
+        allowed = min(last - first + 1, self.window, int(budget))
+        if allowed < last - first + 1:
+            self.stats["nacks_limited"] += 1
+        self._nack_budget[rank] = budget - max(allowed, 0)
+        if allowed > 0:
+            self._resend(first, first + allowed - 1, self.group.members[rank].ip)
 
     def _resend_missing(self, target: int) -> None:
         """Resend to each member only what its kernel has not acknowledged (fold map)."""
@@ -300,6 +350,9 @@ class Receiver(_Endpoint):
     """A member's side: ``recv()`` returns the root's messages whole and in order."""
 
     NACK_INTERVAL_S = 0.002
+    # While idle, how often to compare the kernel's ACKed seq with what the socket gave
+    # us (backs off to the max while nothing is missing).
+    TAIL_CHECK_S = (0.005, 0.2)
 
     def __init__(self, group: Group, programs: BroadcastPrograms | None = None):
         if group.rank == group.root:
@@ -316,7 +369,8 @@ class Receiver(_Endpoint):
         self.ready: list[bytes] = []  # whole messages not yet returned
         self.last_nack = 0.0
         self._queued = False  # the socket may hold packets not yet read
-        self.stats = {"duplicates": 0, "nacks": 0}
+        self._tail_wait = self.TAIL_CHECK_S[0]
+        self.stats = {"duplicates": 0, "nacks": 0, "tail_nacks": 0}
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -332,16 +386,19 @@ class Receiver(_Endpoint):
         while not self.ready:
             if self._queued and self._read_one():
                 continue
-            wait = self.NACK_INTERVAL_S * 5 if self.pending else None
+            # Never block without a bound: the kernel ACKs at TC ingress, so a tail the
+            # socket dropped shows no gap in seq; only the kernel's window tells.
+            wait = self.NACK_INTERVAL_S * 5 if self.pending else self._tail_wait
             if deadline is not None:
-                left = max(0.0, deadline - time.monotonic())
-                wait = left if wait is None else min(wait, left)
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
             ready, _, _ = select.select([self.sock], [], [], wait)
             if ready:
                 self._queued = True
                 continue
             if self.pending:
                 self._nack_gap(force=True)
+            else:
+                self._check_tail()
             if deadline is not None and time.monotonic() >= deadline:
                 return None
         return self.ready.pop(0)
@@ -360,7 +417,7 @@ class Receiver(_Endpoint):
             return
         hdr = Header.unpack(buf)
         if (not hdr.is_valid() or hdr.type != MsgType.DATA or hdr.job_id != self.group.job_id
-                or hdr.rank != self.group.root):
+                or hdr.token != self.group.token or hdr.rank != self.group.root):
             return
         if hdr.seq < self.next_seq or hdr.seq in self.pending:
             self.stats["duplicates"] += 1
@@ -375,6 +432,24 @@ class Receiver(_Endpoint):
                 self.parts = []
         if self.pending:
             self._nack_gap()
+
+    def _check_tail(self) -> None:
+        """The socket is empty: did the kernel acknowledge seqs the socket never gave us
+        (dropped after TC ingress: full buffer, checksum)? Then NACK them."""
+        have = self.programs.received(self.group.job_id, self.group.root)
+        if have < self.next_seq:
+            self._tail_wait = min(self._tail_wait * 2, self.TAIL_CHECK_S[1])
+            return
+        self._tail_wait = self.TAIL_CHECK_S[0]
+        self._send_nack(self.next_seq, min(have - self.next_seq + 1, 0xFFFF))
+        self.stats["tail_nacks"] += 1
+
+    def _send_nack(self, first: int, count: int) -> None:
+        hdr = Header(type=MsgType.NACK, job_id=self.group.job_id, token=self.group.token,
+                     seq=first + count, rank=self.group.rank, count=count, aux=first)
+        self.sock.sendto(hdr.pack(), (self.root.ip, self.group.port))
+        self.last_nack = time.monotonic()
+        self.stats["nacks"] += 1
 
     def _nack_gap(self, force: bool = False) -> None:
         """Ask the root for what the socket lost although the kernel had acknowledged it."""

@@ -96,6 +96,18 @@ class _Node:
             got.append(digest(msg))
         return {"messages": got}
 
+    def rcvbuf(self, name: str, size: int) -> dict:
+        """Shrink an endpoint's receive buffer (the kernel rounds up to its minimum): the
+        socket then drops what its kernel's TC program has already acknowledged."""
+        sock = self.endpoints[name].sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        return {"rcvbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
+
+    def serve(self, name: str, duration: float) -> dict:
+        """A root between sends: answer NACKs for ``duration`` seconds."""
+        served = self.endpoints[name].serve(duration)
+        return {"served": served}
+
     def counters(self) -> dict:
         return {"counters": self.programs.counters()}
 

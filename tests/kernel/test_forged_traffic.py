@@ -1,0 +1,292 @@
+"""Broadcast holes of issue 11, tried as an attacker on the same bridge and as a pessimist.
+
+A small testbed: h0 is the root (rank 0), h1 and h2 are members (ranks 1, 2), h3 runs
+nothing and belongs to no job (the attacker: its own MAC, an unused IP, raw frames).
+Every test installs its own job (id, token, port) on the shared node processes.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+from broadcast_node import NodeProcess, digest, payload
+
+from aggbox.collectives.group import Group, Member
+from aggbox.protocol import Flags, Header, MsgType
+from aggbox.testbed import NetnsTestbed
+from aggbox.testbed.netns import NetnsHost
+
+pytestmark = pytest.mark.kernel
+
+WINDOW = 32  # the Broadcaster's default window: what one NACK may cost at most
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    with NetnsTestbed(4) as tb:
+        nodes: dict[int, NodeProcess] = {}
+        try:
+            for h in tb.hosts[:3]:
+                nodes[h.index] = NodeProcess(h, tmp_path_factory.mktemp("nodes"))
+            for node in nodes.values():
+                assert node.reply(wait=240)["event"] == "ready"
+            yield tb, nodes
+        finally:
+            for node in nodes.values():
+                if node.proc.poll() is None:
+                    node.post("quit")
+            for node in nodes.values():
+                node.quit()
+
+
+class Job:
+    def __init__(self, bed, job_id: int, token: int, port: int, name: str):
+        tb, nodes = bed
+        self.tb, self.name = tb, name
+        members = tuple(Member(rank=i, ip=h.ip, mac=h.mac) for i, h in enumerate(tb.hosts[:3]))
+        self.group = Group(job_id=job_id, token=token, members=members, rank=0, port=port,
+                           group_ip=tb.group_ips[0])
+        self.root, self.members = nodes[0], {1: nodes[1], 2: nodes[2]}
+        for r, node in self.members.items():
+            node.call("receiver", name=name, group=_as_dict(self.group, r))
+        self.root.call("broadcaster", name=name, group=_as_dict(self.group, 0))
+
+    def send(self, messages: list[tuple[int, int]], timeout: float = 20.0) -> list[dict]:
+        return self.root.call("send", name=self.name, messages=messages,
+                              timeout=timeout)["results"]
+
+    def close(self) -> None:
+        for node in (self.root, *self.members.values()):
+            if node.proc.poll() is None:
+                node.call("close", name=self.name, check=False)
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_dict(group: Group, rank: int) -> dict:
+    import json
+
+    return json.loads(group.with_rank(rank).to_json())
+
+
+def counters(node: NodeProcess) -> dict[str, int]:
+    return node.call("counters")["counters"]
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def settle(node: NodeProcess, name: str, target: int, wait: float = 5.0) -> None:
+    end = time.monotonic() + wait
+    while counters(node)[name] < target and time.monotonic() < end:
+        time.sleep(0.02)
+    time.sleep(0.05)
+
+
+def csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def mac_of(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+def frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, port: int,
+          data: bytes) -> bytes:
+    """Ethernet / IPv4 / UDP with correct checksums: what a forger on the bridge sends."""
+    sip, dip = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
+    ulen = 8 + len(data)
+    pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
+    udp = struct.pack("!HHHH", port, port, ulen, 0) + data
+    ucs = csum(pseudo + udp) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", ucs) + udp[8:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                     sip, dip)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    return mac_of(dst_mac) + mac_of(src_mac) + b"\x08\x00" + ip + udp
+
+
+def send_frame(host: NetnsHost, raw: bytes) -> None:
+    def go() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((host.ifname, 0))
+            s.send(raw)
+
+    host.call(go)
+
+
+def send_udp(host: NetnsHost, dst_ip: str, port: int, data: bytes) -> None:
+    def go() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(data, (dst_ip, port))
+
+    host.call(go)
+
+
+def data_hdr(group: Group, **changes) -> bytes:
+    fields = dict(type=MsgType.DATA, job_id=group.job_id, token=group.token, seq=2, rank=0,
+                  count=5, flags=int(Flags.LAST_FRAG), aux=2)
+    fields.update(changes)
+    return Header(**fields).pack() + b"forge"
+
+
+# ------------------------------------------------ 1. the socket dropped the last packet
+
+
+def test_a_message_whose_tail_the_members_socket_dropped_still_arrives(bed):
+    """The member's kernel ACKs at TC ingress; a tiny receive buffer then drops most of a
+    burst, its last packet included. The root's send completed; nothing later shows a gap.
+    The member must notice (its kernel's ACKed seq against what its socket delivered) and
+    NACK; the root serves NACKs while idle."""
+    with Job(bed, 11001, 0x11001, 47101, "tail") as job:
+        job.members[1].call("rcvbuf", name="tail", size=1)  # the kernel's minimum
+        message = (20 * 1440, 1101)  # 20 packets in one burst
+        job.send([message])  # every member's KERNEL has all 20
+        job.root.post("serve", name="tail", duration=6.0)
+        got = job.members[1].call("recv", name="tail", count=1, timeout=5.0, wait=30)
+        job.root.reply(wait=30)
+        other = job.members[2].call("recv", name="tail", count=1, timeout=5.0, wait=30)
+    assert other["messages"] == [digest(payload(*message))]
+    assert got["messages"] == [digest(payload(*message))]
+
+
+# ------------------------------------------------ 2. ACKs beyond what was sent
+
+
+def test_an_ack_beyond_the_highest_seq_sent_is_refused_and_cannot_pin_the_fold(bed):
+    tb, _ = bed
+    with Job(bed, 11002, 0x11002, 47102, "pin") as job:
+        job.send([(10, 1)])  # seq 1
+        before = counters(job.root)
+        fold_before = job.root.call("state", job_id=11002)
+        forged = Header(type=MsgType.ACK, job_id=11002, token=0x11002, rank=1,
+                        aux=0xFFFFFFFF).pack()
+        for _ in range(5):
+            send_udp(tb.hosts[1], tb.hosts[0].ip, 47102, forged)
+        forged2 = Header(type=MsgType.ACK, job_id=11002, token=0x11002, rank=2,
+                         aux=0xFFFFFFFF).pack()
+        send_udp(tb.hosts[2], tb.hosts[0].ip, 47102, forged2)
+        settle(job.root, "ack_beyond_sent", before["ack_beyond_sent"] + 6)
+        d = delta(counters(job.root), before)
+        fold_after = job.root.call("state", job_id=11002)
+        inbox = job.root.call("inbox", name="pin", timeout=0.3)["packets"]
+        # Reliability is still on: the next message is delivered and acknowledged exactly.
+        results = job.send([(3000, 2)])
+        got = job.members[1].call("recv", name="pin", count=2, timeout=5.0)["messages"]
+    assert d == {"ack_beyond_sent": 6}
+    assert fold_after == fold_before
+    assert inbox == []  # no GROUP_ACK for seqs never sent
+    assert results[-1]["seq"] == 4 and results[-1]["acked"][1:3] == [4, 4]
+    assert got == [digest(payload(10, 1)), digest(payload(3000, 2))]
+
+
+# ------------------------------------------------ 2. DATA to the broadcast MAC
+
+
+def test_data_to_the_broadcast_mac_is_checked_like_any_other(bed):
+    tb, _ = bed
+    h0, h1, h3 = tb.hosts[0], tb.hosts[1], tb.hosts[3]
+    with Job(bed, 11003, 0x11003, 47103, "bmac") as job:
+        job.send([(10, 1)])
+        assert job.members[1].call("recv", name="bmac", count=1, timeout=5.0)["messages"]
+        before = counters(job.members[1])
+        rx_before = job.members[1].call("state", job_id=11003)["rx"]
+        bad = data_hdr(job.group, token=0x11003 ^ 0x5A5A)
+        send_frame(h3, frame(h3.mac, "ff:ff:ff:ff:ff:ff", h0.ip, h1.ip, 47103, bad))
+        settle(job.members[1], "drop_bad_token", before["drop_bad_token"] + 1)
+        d = delta(counters(job.members[1]), before)
+        rx_after = job.members[1].call("state", job_id=11003)["rx"]
+        got = job.members[1].call("recv", name="bmac", count=1, timeout=0.3)["messages"]
+    assert d == {"drop_bad_token": 1}
+    assert rx_after == rx_before
+    assert got == [None]  # the application never saw it
+
+
+# ------------------------------------------------ 2. NACK amplification
+
+
+def test_one_nack_costs_at_most_a_window_of_resends(bed):
+    tb, _ = bed
+    with Job(bed, 11004, 0x11004, 47104, "amp") as job:
+        job.send([(300 * 1440, 7)])  # 300 packets retained
+        for r in (1, 2):
+            job.members[r].call("recv", name="amp", count=1, timeout=5.0)
+        before = job.root.call("stats", name="amp")["stats"]
+        nack = Header(type=MsgType.NACK, job_id=11004, token=0x11004, rank=1, seq=0xFFFF,
+                      count=0xFFFF, aux=1).pack()
+        for _ in range(3):
+            send_udp(tb.hosts[1], tb.hosts[0].ip, 47104, nack)
+        time.sleep(0.1)
+        job.send([(1, 8)])  # the root reads its socket (and the NACKs) while it sends
+        after = job.root.call("stats", name="amp")["stats"]
+    resent = after["retransmits"] - before["retransmits"]
+    assert after["nacks"] - before["nacks"] == 3
+    assert resent <= 3 * WINDOW, resent  # not 3 x 300
+    assert after["nacks_limited"] - before.get("nacks_limited", 0) >= 1
+
+
+# ------------------------------------------------ 3. non-AggBox UDP passes through
+
+
+@pytest.mark.parametrize("where", [0, 1], ids=["root-with-xdp", "member"])
+@pytest.mark.parametrize("data", [b"\x12\x34 plain datagram, not AggBox, longer than 32 B",
+                                  b"tiny"], ids=["long", "short"])
+def test_non_aggbox_udp_to_an_aggbox_port_reaches_its_socket(bed, where, data):
+    tb, nodes = bed
+    with Job(bed, 11005, 0x11005, 47105, "pass"):  # XDP on h0, TC on every node
+        host = tb.hosts[where]
+        sock = host.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        try:
+            sock.bind(("0.0.0.0", 47999))
+            sock.settimeout(2.0)
+            before = counters(nodes[where])
+            send_udp(tb.hosts[2], host.ip, 47999, data)
+            got = sock.recv(2048)
+        finally:
+            sock.close()
+        d = delta(counters(nodes[where]), before)
+    assert got == data
+    assert set(d) <= {"passed_not_ours"}
+
+
+# ------------------------------------------------ 5. a member's IP from another MAC
+
+
+def test_a_members_ip_spoofed_from_another_mac_is_refused(bed):
+    tb, _ = bed
+    h0, h1, h3 = tb.hosts[0], tb.hosts[1], tb.hosts[3]
+    with Job(bed, 11006, 0x11006, 47106, "spoof") as job:
+        job.send([(10, 1)])
+        assert job.members[1].call("recv", name="spoof", count=1, timeout=5.0)["messages"]
+        # DATA claiming to be the root (its IP, the right token: sniffed) from h3's MAC.
+        before = counters(job.members[1])
+        rx_before = job.members[1].call("state", job_id=11006)["rx"]
+        send_frame(h3, frame(h3.mac, h1.mac, h0.ip, h1.ip, 47106, data_hdr(job.group)))
+        settle(job.members[1], "drop_wrong_mac", before["drop_wrong_mac"] + 1)
+        d = delta(counters(job.members[1]), before)
+        rx_after = job.members[1].call("state", job_id=11006)["rx"]
+        got = job.members[1].call("recv", name="spoof", count=1, timeout=0.3)["messages"]
+        # A NACK claiming to be rank 1 (its IP) from h3's MAC, to the root.
+        root_before = counters(job.root)
+        nack = Header(type=MsgType.NACK, job_id=11006, token=0x11006, rank=1, count=1,
+                      aux=1).pack()
+        send_frame(h3, frame(h3.mac, h0.mac, h1.ip, h0.ip, 47106, nack))
+        settle(job.root, "drop_wrong_mac", root_before["drop_wrong_mac"] + 1)
+        d_root = delta(counters(job.root), root_before)
+        inbox = job.root.call("inbox", name="spoof", timeout=0.3)["packets"]
+    assert d == {"drop_wrong_mac": 1}
+    assert rx_after == rx_before and got == [None]
+    assert d_root == {"drop_wrong_mac": 1} and inbox == []
