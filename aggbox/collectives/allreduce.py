@@ -60,6 +60,11 @@ F_OP_MAX = 0x0100  # bpf/aggregate.c AGG_F_OP_MAX
 F_STATUS = 0x0200  # bpf/aggregate.c AGG_F_STATUS
 F_ALIGN = 0x0400  # bpf/aggregate.c AGG_F_ALIGN
 
+#: a worker's spin before select() when results are due (Allreducer.spin_s)
+SPIN_S = 100e-6
+# the header of the queued datagram, and (MSG_TRUNC) its whole length, without taking it
+_PEEK = socket.MSG_PEEK | socket.MSG_TRUNC | socket.MSG_DONTWAIT
+
 
 def chain_length(block: int, chunk: int = CHUNK) -> int:
     """Programs of the tail-call chain one block of ``block`` values goes through: the
@@ -217,14 +222,17 @@ class _Call:
     values: np.ndarray  # int32, flat
     block: int
     exponents: np.ndarray | None = None  # F_ALIGN: each block's own exponent, sent along
-    out: np.ndarray = field(init=False)
+    # int32, values.size: where the results land, received straight into their slice
+    # (given: a buffer reused across calls; None: a new one)
+    out: np.ndarray | None = None
     done: np.ndarray = field(init=False)
     low: int = 0  # every block below is done
     next_send: int = 0
 
     def __post_init__(self) -> None:
         self.n_blocks = max(1, -(-self.values.size // self.block))
-        self.out = np.zeros(self.values.size, dtype=np.int32)
+        if self.out is None:
+            self.out = np.zeros(self.values.size, dtype=np.int32)
         self.out_exp = np.zeros(self.n_blocks, dtype=np.int32)
         self.done = np.zeros(self.n_blocks, dtype=bool)
 
@@ -276,29 +284,54 @@ class Allreducer:
 
     # -- the public API ----------------------------------------------------------------
 
-    def allreduce(self, tensor: np.ndarray, op: str = "sum") -> np.ndarray:
-        """The element-wise sum (``op="mean"``: average) of ``tensor`` over the group."""
+    def allreduce(self, tensor: np.ndarray, op: str = "sum",
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """The element-wise sum (``op="mean"``: average) of ``tensor`` over the group;
+        float results go to ``out`` if given (C-contiguous, the tensor's shape and dtype;
+        it may be ``tensor`` itself), else to a new array."""
         if op not in ("sum", "mean"):
             raise AggBoxError(f"op must be 'sum' or 'mean', got {op!r}")
         x = np.asarray(tensor)
         if x.dtype == np.int32:
             total = self.reduce_int32(x.reshape(-1)).reshape(x.shape)
             return total if op == "sum" else total / self.group.size
-        quant.check_finite(x)  # refuse NaN/Inf before anything is sent
         n = self.group.size
+        if out is not None and (out.shape != x.shape or out.dtype != x.dtype
+                                or not out.flags.c_contiguous):
+            raise AggBoxError(f"out must be a C-contiguous {x.dtype} array of shape "
+                              f"{x.shape}")
+        # The edge in one pass each way (aggbox/quant.py): the tensor is quantized into a
+        # send buffer (int32, reused across calls), the results are received into the
+        # same buffer (block i's values are never needed again once its result came: only
+        # blocks without a result are resent) and dequantized straight into the result;
+        # NaN/Inf are refused from the block peaks, before anything is sent.
+        flat = np.ascontiguousarray(x).reshape(-1)
+        work = quant.FLOAT32 if flat.dtype == np.float32 else quant.FLOAT64
+        scratch = self._buffer("scratch", quant.scratch_size(flat.size, self.block), work)
+        q = sums = self._buffer("send", flat.size, np.int32)
         if self.scale == "agree":
-            exponents = self.reduce_int32(quant.block_exponents(x, self.block), op_max=True)
-            q = quant.quantize(x, exponents, self.block, n)
-            sums = self.reduce_int32(q)
+            peaks = quant.block_peaks(flat, self.block)
+            exponents = self.reduce_int32(quant.exponents_of(peaks), op_max=True)
+            quant.quantize_into(flat, exponents, self.block, n, q, peaks, scratch)
+            self._reduce(q, 0, out=sums)
         else:
-            own = quant.block_exponents(x, self.block)
-            q = quant.quantize(x, own, self.block, n)
-            sums, exponents = self._reduce(q, F_ALIGN, own)
-        total = quant.dequantize(sums, exponents, self.block, n, x.size, x.dtype)
+            own = quant.quantize_own_into(flat, self.block, n, q, scratch)
+            _, exponents = self._reduce(q, F_ALIGN, own, out=sums)
+        total = np.empty(x.shape, dtype=x.dtype) if out is None else out
+        quant.dequantize_into(sums, exponents, self.block, n, total.reshape(-1))
         if op == "mean":
             total /= n
         self.last_exponents = exponents
-        return total.reshape(x.shape)
+        return total
+
+    def _buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
+        """``size`` values of a buffer kept across calls (grown for a bigger tensor), so
+        that a call allocates nothing on the edge but its result."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        buf = buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = buffers[name] = np.empty(size, dtype=dtype)
+        return buf[:size]
 
     def error_bound(self, result: np.ndarray) -> np.ndarray:
         """Per element, the bound on the last float call's error (aggbox/quant.py)."""
@@ -309,12 +342,12 @@ class Allreducer:
         """Element-wise sum (or max) of an int32 vector over the group, in the kernel."""
         return self._reduce(values, F_OP_MAX if op_max else 0)[0]
 
-    def _reduce(self, values: np.ndarray, flags: int,
-                exponents: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One in-kernel aggregation; returns the values and, with F_ALIGN, the exponent
-        each result block came back with."""
+    def _reduce(self, values: np.ndarray, flags: int, exponents: np.ndarray | None = None,
+                out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One in-kernel aggregation; returns the values (in ``out`` if given: int32,
+        values.size) and, with F_ALIGN, the exponent each result block came back with."""
         values = np.ascontiguousarray(values, dtype=np.int32).reshape(-1)
-        call = _Call(self.next_seq, values, self.block, exponents)
+        call = _Call(self.next_seq, values, self.block, exponents, out)
         self.next_seq += call.n_blocks
         rto, last_progress, missing = self.rto, time.monotonic(), None
         while call.low < call.n_blocks:
@@ -331,13 +364,15 @@ class Allreducer:
 
     # -- sending -----------------------------------------------------------------------
 
-    def _packet(self, call: _Call, i: int, flags: int) -> bytes:
+    def _packet(self, call: _Call, i: int, flags: int) -> list:
+        """Block i's datagram as sendmsg's buffers: its header and a view of its values
+        in the send buffer (the kernel gathers them: no copy in user space)."""
         start, end = call.span(i)
         exp = int(call.exponents[i]) if call.exponents is not None else 0
-        hdr = HEADER.pack(0x58424741, 1, MsgType.AGG, flags, self.group.job_id,
+        hdr = HEADER.pack(MAGIC, VERSION, MsgType.AGG, flags, self.group.job_id,
                           self.group.token, call.base + i, 0, self.group.rank, end - start,
                           exp, 0)
-        return hdr + call.values[start:end].tobytes()
+        return [hdr, memoryview(call.values[start:end])]
 
     def _send_window(self, call: _Call, flags: int) -> None:
         """Send every block the window allows: block i reuses the slot of block i - pool,
@@ -353,8 +388,9 @@ class Allreducer:
     def _send_blocks(self, call: _Call, blocks: range | list[int], flags: int) -> None:
         # One datagram per block: the aggregator drops GSO super-packets (one skb holding
         # several blocks), so there is no GSO option.
+        sendmsg, dest = self.sock.sendmsg, self.dest
         for i in blocks:
-            self.sock.sendto(self._packet(call, i, flags), self.dest)
+            sendmsg(self._packet(call, i, flags), (), 0, dest)
 
     def _resend_outstanding(self, call: _Call, flags: int) -> None:
         outstanding = [i for i in range(call.low, call.next_send) if not call.done[i]]
@@ -365,51 +401,109 @@ class Allreducer:
 
     _missing: list[int] | None = None
 
+    #: Spin this long on a non-blocking receive before select() when results are due
+    #: (the whole window is sent). None: decided per reducer (_spin_budget): on only when
+    #: the workers leave this process's CPUs one to spare (a spinning worker takes the
+    #: CPU from the very workers whose sends complete its result: on this machine the
+    #: aggregator's kernel runs in the senders' softirqs), and off for good once the spins
+    #: mostly miss (the CPUs are busier than the count says: other load).
+    spin_s: float | None = None
+
+    def _spin_budget(self) -> float:
+        if self.spin_s is None:
+            import os
+
+            cpus = len(os.sched_getaffinity(0))
+            self.spin_s = SPIN_S if self.group.size < cpus else 0.0
+        elif self.spin_s > 0:
+            hits, misses = self.stats.get("spin_hits", 0), self.stats.get("spin_misses", 0)
+            if misses > 2 * hits + 16:
+                self.spin_s = 0.0
+        return self.spin_s
+
+    def _peek_header(self) -> bytearray:
+        hdr = self.__dict__.get("_peek")
+        if hdr is None:
+            hdr = self._peek = bytearray(HEADER_SIZE)
+        return hdr
+
+    def _spin(self, call: _Call, hdr: bytearray) -> bool:
+        """True as soon as a datagram is queued, within the spin budget (results due)."""
+        budget = self._spin_budget()
+        if budget <= 0 or call.next_send <= call.low:
+            return False
+        deadline = time.perf_counter() + budget
+        while True:
+            try:
+                self.sock.recvfrom_into(hdr, HEADER_SIZE, _PEEK)
+                self.stats["spin_hits"] = self.stats.get("spin_hits", 0) + 1
+                return True
+            except BlockingIOError:
+                if time.perf_counter() >= deadline:
+                    self.stats["spin_misses"] = self.stats.get("spin_misses", 0) + 1
+                    return False
+
     def _receive(self, call: _Call, wait: float) -> bool:
-        """Take every result that arrives within ``wait``; True if any block completed."""
+        """Take every result that arrives within ``wait``; True if any block completed.
+        Each datagram's header is peeked first (MSG_PEEK, 32 bytes; MSG_TRUNC gives the
+        datagram's whole length): only a checked result is then received, header and
+        values in one recvmsg_into, straight into its block's slice of ``call.out``."""
         progressed = False
         self._missing = None
-        ready, _, _ = select.select([self.sock], [], [], wait)
-        while ready:
+        hdr = self._peek_header()
+        if not self._spin(call, hdr):
+            self.stats["waits"] = self.stats.get("waits", 0) + 1
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if not ready:
+                return False
+        while True:
             try:
-                n, src = self.sock.recvfrom_into(self.rx, len(self.rx), socket.MSG_DONTWAIT)
+                n, src = self.sock.recvfrom_into(hdr, HEADER_SIZE, _PEEK)
             except BlockingIOError:
                 break
-            progressed |= self._take(call, n, src[0])
+            progressed |= self._take(call, n, src[0], hdr)
         return progressed
 
     def _refuse(self) -> bool:
         self.stats["refused"] += 1
+        return self._discard()
+
+    def _discard(self) -> bool:
+        """Drop the queued datagram (a short receive: the rest of it is discarded)."""
+        self.sock.recv_into(self._peek_header(), HEADER_SIZE, socket.MSG_DONTWAIT)
         return False
 
-    def _take(self, call: _Call, n: int, src: str) -> bool:
-        """Take one datagram: only the job's results from the aggregator's address, with
-        the job's magic, version and token (anything else on the port is refused)."""
+    def _take(self, call: _Call, n: int, src: str, hdr: bytearray) -> bool:
+        """Take the queued datagram whose header ``hdr`` was peeked (``n``: its whole
+        length): only the job's results from the aggregator's address, with the job's
+        magic, version and token (anything else on the port is refused); only then are
+        its values received, into their block's slice."""
         if n < HEADER_SIZE or src != self.dest[0]:
             return self._refuse()
         (magic, version, mtype, flags, job, token, seq, _r, _rank, count, exp,
-         aux) = HEADER.unpack_from(self.rx)
+         aux) = HEADER.unpack_from(hdr)
         if (magic != MAGIC or version != VERSION or mtype != MsgType.AGG_RESULT
                 or job != self.group.job_id or token != self.group.token):
             return self._refuse()
         i = seq - call.base
         if not 0 <= i < call.n_blocks:
             self.stats["duplicates"] += 1  # a late answer to an earlier call
-            return False
+            return self._discard()
         if flags & F_STATUS:
             # the payload holds the 64-bit bitmap of the workers whose block is in
+            n = self.sock.recv_into(self.rx, len(self.rx), socket.MSG_DONTWAIT)
             done = (int.from_bytes(self.rx[HEADER_SIZE:HEADER_SIZE + 8], "little")
                     if count >= 2 and n >= HEADER_SIZE + 8 else aux)
             self._missing = [r for r in range(self.group.size) if not done >> r & 1]
             return False
         if call.done[i]:
             self.stats["duplicates"] += 1
-            return False
+            return self._discard()
         start, end = call.span(i)
         if count != end - start or n < HEADER_SIZE + 4 * count:
             return self._refuse()
-        call.out[start:end] = np.frombuffer(self.rx, dtype=np.int32, count=count,
-                                            offset=HEADER_SIZE)
+        self.sock.recvmsg_into([hdr, memoryview(call.out[start:end])], 0,
+                               socket.MSG_DONTWAIT)
         call.out_exp[i] = exp
         call.done[i] = True
         self.stats["results"] += 1
