@@ -113,6 +113,8 @@ COUNTERS: tuple[str, ...] = (
     "passed_not_ours",
     "ack_beyond_sent",
     "drop_wrong_mac",
+    "kv_out_of_window",
+    "kv_busy_reclaimed",
 )
 
 

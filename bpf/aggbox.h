@@ -135,6 +135,8 @@ enum aggbox_counter {
 	CNT_PASSED_NOT_OURS,   /* UDP to an AggBox port without AggBox's magic: passed untouched */
 	CNT_ACK_BEYOND_SENT,   /* broadcast ACKs for seqs the root's fan-out never sent        */
 	CNT_DROP_WRONG_MAC,    /* a member's IP from another MAC than the member's            */
+	CNT_KV_OUT_OF_WINDOW,  /* KV seqs beyond what the sender's window allows (ring poison)  */
+	CNT_KV_BUSY_RECLAIMED, /* ring slots left BUSY by a chain that died, taken over by a copy */
 	CNT_MAX,
 };
 

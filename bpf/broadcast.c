@@ -64,6 +64,7 @@ BPF_ARRAY(members, struct bcast_member, AGGBOX_MAX_JOBS * AGGBOX_MAX_MEMBERS);
 struct ack_fold {
 	__u64 group_acked;
 	__u64 acked[AGGBOX_MAX_MEMBERS];
+	__u64 sent_max; /* the highest seq the fan-out sent: no ACK may claim more */
 };
 BPF_ARRAY(fold, struct ack_fold, AGGBOX_MAX_JOBS);
 
@@ -85,16 +86,21 @@ static __always_inline struct bcast_config *get_config(void)
 }
 
 /* Find the AggBox header of a packet to one of this host's AggBox ports.
- * Returns 1 when found whole, 0 when the packet is not ours (leave it alone), and -1
- * when it is ours but malformed (counted here; the caller drops it). */
+ * Returns 1 when found whole, 0 when the packet is not ours (leave it alone: other ports,
+ * and UDP to our ports without AggBox's magic, counted), and -1 when it is ours but
+ * malformed (counted here; the caller drops it). */
 static __always_inline int find_header(void *data, void *data_end, struct pkt *p)
 {
 	struct bcast_config *cfg = get_config();
 	if (!cfg)
 		return 0;
-	int r = parse_aggbox(data, data_end, p, cfg->port_lo, cfg->port_hi);
+	int r = parse_aggbox_magic(data, data_end, p, cfg->port_lo, cfg->port_hi);
 	if (r == PARSE_NOT_OURS)
 		return 0;
+	if (r == PARSE_FOREIGN) {
+		count(CNT_PASSED_NOT_OURS);
+		return 0;
+	}
 	if (r != PARSE_OK) {
 		count(r == PARSE_TRUNCATED ? CNT_DROP_TRUNCATED : CNT_DROP_IP_OPTIONS);
 		return -1;
@@ -132,6 +138,11 @@ static __always_inline struct bcast_job *check_member_packet(struct pkt *p, int 
 		*reason = CNT_DROP_NON_MEMBER;
 		return NULL;
 	}
+	/* The member's IP from another MAC: someone on the bridge spoofing it. */
+	if (!mac_matches(m->mac, p->eth)) {
+		*reason = CNT_DROP_WRONG_MAC;
+		return NULL;
+	}
 	return job;
 }
 
@@ -148,8 +159,17 @@ static __always_inline int addressed_to_me(struct pkt *p, struct bcast_job *job)
 
 /* Turn the root's one DATA packet to the group address into one copy per member. The
  * packet is rewritten in place before each clone; the original is consumed at the end. */
-static __always_inline int fan_out(struct __sk_buff *skb, struct bcast_job *job, __u32 cur_ip)
+static __always_inline int raise_to(__u64 *slot, __u64 v);
+
+static __always_inline int fan_out(struct __sk_buff *skb, struct bcast_job *job, __u32 cur_ip,
+				   __u32 seq)
 {
+	/* Before any copy leaves: an ACK for seq may come back at once. */
+	__u32 slot = job->slot;
+	struct ack_fold *st = fold.lookup(&slot);
+	if (!st)
+		return TC_ACT_SHOT;
+	raise_to(&st->sent_max, seq);
 	skb->mark = AGGBOX_MARK_FANOUT; /* the clones re-enter tc_egress: let them pass */
 	__u32 copies = 0;
 #pragma clang loop unroll(disable)
@@ -221,8 +241,10 @@ int tc_ingress(struct __sk_buff *skb)
 	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p);
 	if (found <= 0)
 		return found == 0 ? TC_ACT_UNSPEC : TC_ACT_SHOT;
-	/* A frame for another host's MAC (flooded by a switch) is none of our business. */
-	if (skb->pkt_type != PACKET_HOST)
+	/* A frame for another host's MAC (flooded by a switch) is none of our business; but a
+	 * broadcast- or multicast-MAC frame reaches this host's stack: it is checked like any
+	 * other (and then dropped: the fan-out sends every copy to its member's own MAC). */
+	if (skb->pkt_type == PACKET_OTHERHOST)
 		return TC_ACT_UNSPEC;
 	/* A header bad in itself (magic, version, type) is dropped whatever its type: a
 	 * member has no XDP program that would have vetted it first. */
@@ -240,7 +262,7 @@ int tc_ingress(struct __sk_buff *skb)
 		count(reason);
 		return TC_ACT_SHOT;
 	}
-	if (!addressed_to_me(&p, job)) {
+	if (skb->pkt_type != PACKET_HOST || !addressed_to_me(&p, job)) {
 		count(CNT_DROP_NOT_MINE);
 		return TC_ACT_SHOT;
 	}
@@ -340,7 +362,7 @@ int tc_egress(struct __sk_buff *skb)
 	struct bcast_job *job = jobs.lookup(&job_id);
 	if (!job || p.ip->daddr != job->group_ip)
 		return TC_ACT_OK; /* unicast DATA (a retransmission) goes out as it is */
-	return fan_out(skb, job, p.ip->daddr);
+	return fan_out(skb, job, p.ip->daddr, p.hdr->seq);
 }
 
 /* ---------------------------------------------------------------- root: fold -------- */
@@ -403,6 +425,12 @@ int xdp_ingress(struct xdp_md *ctx)
 	if (!st)
 		return XDP_DROP;
 	__u32 rank = p.hdr->rank & (AGGBOX_MAX_MEMBERS - 1); /* < n_members, checked above */
+	/* Never fold beyond what the fan-out sent: an ACK for seqs never sent (forged, or a
+	 * stale job's) would pin the fold and silently turn reliability off. */
+	if (p.hdr->aux > st->sent_max) {
+		count(CNT_ACK_BEYOND_SENT);
+		return XDP_DROP;
+	}
 	if (!raise_to(&st->acked[rank], p.hdr->aux)) {
 		count(CNT_ACK_STALE);
 		return XDP_DROP;

@@ -75,6 +75,43 @@ static __always_inline int parse_aggbox(void *data, void *data_end, struct pkt *
 	return PARSE_OK;
 }
 
+/* What parse_aggbox_magic adds to enum parse_result. */
+#define PARSE_FOREIGN 16 /* UDP to an AggBox port that is not AggBox's (no magic): pass it */
+
+/* parse_aggbox, and then: a datagram to an AggBox port that does not begin with AggBox's
+ * magic is somebody else's (the ports lie in Linux's ephemeral range: a DNS or NTP reply
+ * may land there), PARSE_FOREIGN, for the caller to pass untouched. Non-first IPv4
+ * fragments carry no UDP header of their own: foreign too (an AggBox packet is never
+ * fragmented, and dropping its first fragment suffices to stop a fragmented forgery).
+ * New helper rather than a change to parse_aggbox: aggregate.c keeps its semantics. */
+static __always_inline int parse_aggbox_magic(void *data, void *data_end, struct pkt *p,
+					      __u16 port_lo, __u16 port_hi)
+{
+	int r = parse_aggbox(data, data_end, p, port_lo, port_hi);
+	if (r == PARSE_NOT_OURS)
+		return r;
+	if (r == PARSE_OK)
+		return p->hdr->magic == AGGBOX_MAGIC ? PARSE_OK : PARSE_FOREIGN;
+	if (!p->udp)
+		return r; /* IP options: the port was read where it is; the caller drops it */
+	if (p->ip->frag_off & bpf_htons(0x1fff))
+		return PARSE_FOREIGN;
+	__u32 *magic = (void *)(p->udp + 1);
+	if ((void *)(magic + 1) > data_end || *magic != AGGBOX_MAGIC)
+		return PARSE_FOREIGN;
+	return r;
+}
+
+/* Is the frame's source MAC `want`? An all-zero `want` means unknown: anything passes. */
+static __always_inline int mac_matches(const __u8 *want, const struct ethhdr *eth)
+{
+	__u32 hi = *(const __u32 *)want;
+	__u16 lo = *(const __u16 *)(want + 4);
+	if (hi == 0 && lo == 0)
+		return 1;
+	return hi == *(const __u32 *)eth->h_source && lo == *(const __u16 *)(eth->h_source + 4);
+}
+
 /* The header's own checks, before any map is consulted. Returns a counter index or -1. */
 static __always_inline int check_hdr(const struct aggbox_hdr *h)
 {
