@@ -536,6 +536,59 @@ def bench_quant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_training_table(result: dict) -> None:
+    def f(v, w, spec):
+        return f"{v:>{w}{spec}}" if v is not None else f"{'-':>{w}}"
+
+    print(f"training ({result['task']}, {result['parameters']} parameters): "
+          f"{result['workers']} DDP ranks + the aggregator host; promise app; times per "
+          "iteration in ms (p50, 95% CI), comm: time in the gradient hook; CPU per iteration "
+          "in ms (whole machine)")
+    head = (f"{'system':<10} {'p50':>9} {'95% CI':>19} {'comm':>8} {'cpu/it':>8} "
+            f"{'p/cpu':>5} {'accuracy':>16}")
+    print(head)
+    print("-" * len(head))
+    for name, s in result["systems"].items():
+        lo, hi = s.get("iter_ms_p50_ci") or (None, None)
+        ci = f"[{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else "-"
+        cpu = None if s.get("cpu_us_per_op") is None else s["cpu_us_per_op"] / 1e3
+        acc = (f"{100 * s['test_accuracy_mean']:.2f}+-{100 * s['test_accuracy_std']:.2f}%"
+               if s.get("test_accuracy_mean") is not None else "-")
+        ppc = s.get("procs_per_cpu")
+        ppc_text = "-" if ppc is None else f"{ppc:g}" + ("!" if s.get("overcommitted") else "")
+        print(f"{name:<10} {f(s['iter_ms_p50'], 9, '.3f')} {ci:>19} "
+              f"{f(s['comm_ms_p50'], 8, '.3f')} {f(cpu, 8, '.2f')} {ppc_text:>5} {acc:>16}")
+    for name, r in result.get("ratios", {}).items():
+        extra = "".join(f", {k} {v}" for k, v in r.items() if k not in ("iter_ms_ratio",
+                                                                        "ci95"))
+        print(f"  {name}: time per iteration {r['iter_ms_ratio']:.3f} {r['ci95']}{extra}")
+
+
+def bench_training(args: argparse.Namespace) -> int:
+    from aggbox.workloads.training import parameter_count, ratios, run_training, summarize
+
+    systems = args.systems.split(",")
+    iters = args.iters if args.iters is not None else (300 if args.task == "digits" else 50)
+    params = {"task": args.task, "seeds": args.seeds, "timeout_s": args.timeout}
+    with NetnsTestbed(args.workers + 1, mtu=args.mtu) as tb:
+        run = run_training(tb, params, systems, iters, args.warmup, args.seed)
+    result = {"workload": "training", "task": args.task, "workers": args.workers,
+              "parameters": parameter_count(args.task), "iters": iters,
+              "warmup": args.warmup if args.task != "digits" else 0,
+              "seeds": [args.seed + k for k in range(args.seeds)],
+              "systems": summarize(run.samples, systems)}
+    result["ratios"] = ratios(run.samples, result["systems"])
+    if args.counters:
+        result["nodes"] = run.events
+    _print_training_table(result)
+    if args.json:
+        print(json.dumps(result))
+    sys.stdout.flush()
+    if args.task == "digits":
+        return 0 if all(s.get("converged") for s in result["systems"].values()) else 1
+    return 0
+
+
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="measure one point: AggBox vs its baselines")
     workloads = bench.add_subparsers(dest="workload", metavar="WORKLOAD")
@@ -612,6 +665,26 @@ def register(subparsers) -> None:
     m.add_argument("--counters", action="store_true", help="include kernel counters")
     m.add_argument("--json", action="store_true", help="last line: one JSON object")
     m.set_defaults(func=bench_mapreduce)
+
+    t = workloads.add_parser("training", help="DDP training: gloo's allreduce, gloo with "
+                             "fp16 compression and AggBox's hook", description="Every rank "
+                             "trains one model per system and seed, from the same weights "
+                             "on the same data order; digits: accuracy, comm-heavy: time "
+                             "per iteration.")
+    t.add_argument("--workers", type=int, default=4, help="DDP ranks")
+    t.add_argument("--task", choices=("digits", "comm-heavy"), default="digits")
+    t.add_argument("--seeds", type=int, default=1, help="seeds (seed, seed+1, ...)")
+    t.add_argument("--iters", type=int, default=None,
+                   help="measured steps per system and seed (default: digits 300, "
+                   "comm-heavy 50)")
+    t.add_argument("--warmup", type=int, default=3, help="comm-heavy: unmeasured steps")
+    t.add_argument("--mtu", type=int, default=65000, help="testbed MTU, every system")
+    t.add_argument("--timeout", type=float, default=30.0, help="AggBox call timeout, s")
+    t.add_argument("--systems", default="gloo,gloo_fp16,aggbox")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--counters", action="store_true", help="include node records")
+    t.add_argument("--json", action="store_true", help="last line: one JSON object")
+    t.set_defaults(func=bench_training)
 
     q = workloads.add_parser("quant", help="the allreduce edge alone: quantize and dequantize "
                              "throughput per core (one process, no testbed)")

@@ -26,6 +26,8 @@ ROLES: dict[str, str] = {
     "allreduce-worker": "aggbox.workloads.allreduce:worker_node",
     "mapreduce-mapper": "aggbox.workloads.mapreduce:node",
     "mapreduce-reducer": "aggbox.workloads.mapreduce:node",
+    "training-aggregator": "aggbox.workloads.training:aggregator_node",
+    "training-worker": "aggbox.workloads.training:worker_node",
 }
 
 

@@ -31,6 +31,7 @@ WORKLOADS: dict[str, str | WorkloadFn] = {
     "broadcast": "aggbox.workloads.broadcast:run_cell",
     "allreduce": "aggbox.workloads.allreduce:run_cell",
     "mapreduce": "aggbox.workloads.mapreduce:run_cell",
+    "training": "aggbox.workloads.training:run_cell",
 }
 
 #: workload name -> metric columns every sample carries (all in the units their suffix says).
@@ -48,6 +49,12 @@ METRICS: dict[str, list[str]] = {
     # mostly run inside the mappers' sends by then); cpu_us_per_op: whole machine per JOB.
     "mapreduce": ["job_s", "after_last_send_s", "reducer_cpu_s", "pairs_per_s",
                   "cpu_us_per_op", "mappers_cpu_us_per_op", "reducers_cpu_us_per_op"],
+    # iter_ms: rank 0's forward + backward + step; comm_ms: its time between each bucket's
+    # hook call and the bucket's completion, summed; cpu_us_per_op: whole machine per
+    # iteration; test_accuracy / test_loss (digits): the seed's final figures, on each
+    # of its samples; loss: rank 0's training loss at that step.
+    "training": ["iter_ms", "comm_ms", "cpu_us_per_op", "test_accuracy", "test_loss",
+                 "loss"],
 }
 
 #: workload name -> the metric that figures and reports lead with.
@@ -55,6 +62,7 @@ PRIMARY_METRIC: dict[str, str] = {
     "broadcast": "completion_us",
     "allreduce": "time_ms",
     "mapreduce": "job_s",
+    "training": "iter_ms",
 }
 
 #: workload name -> systems it can compare (AggBox and its baselines).
@@ -62,6 +70,7 @@ SYSTEMS: dict[str, list[str]] = {
     "broadcast": ["aggbox", "tcp_kack", "tcp", "udp", "mcast", "gloo"],
     "allreduce": ["aggbox", "gloo", "tcp_ps"],
     "mapreduce": ["aggbox", "aggbox_nocombiner", "tcp", "tcp_combiner"],
+    "training": ["aggbox", "gloo", "gloo_fp16"],
 }
 
 _REQUIRED = object()
@@ -162,6 +171,16 @@ PARAMS: dict[str, dict[str, Param]] = {
         "duplicate": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
         "reorder": Param(float, default=0.0, minimum=0, maximum=100, help="percent"),
     },
+    "training": {
+        "workers": Param(int, minimum=1, help="DDP ranks; the testbed adds the aggregator host"),
+        "task": Param(str, default="digits", choices=("digits", "comm-heavy"),
+                      help="digits: accuracy (scikit-learn's digits); comm-heavy: ~3.2 M "
+                      "parameters, time per iteration"),
+        "seeds": Param(int, default=1, minimum=1, help="seeds per cell (seed, seed+1, ...)"),
+        "mtu": Param(int, default=65000, minimum=1500, maximum=65535,
+                     help="testbed MTU, for every system"),
+        "timeout_s": Param(float, default=30.0, minimum=1, help="AggBox call timeout"),
+    },
 }
 
 
@@ -203,6 +222,9 @@ COST: dict[str, CostModel] = {
     "broadcast": CostModel(
         fixed_s=2.5, per_host_s=0.5, per_system_s=2.5, per_iter_s=0.003, per_iter_host_s=0.0001
     ),
+    # A guess before measurement: torch import and gloo rendezvous (~5 s, in parallel),
+    # the aggregator's compile, then digits ~5-20 ms a step, comm-heavy ~0.1-0.5 s.
+    "training": CostModel(fixed_s=10.0, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
 }
 
 
