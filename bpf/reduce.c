@@ -96,16 +96,22 @@ struct kv_job {
 BPF_HASH(jobs, __u32, struct kv_job, KV_MAX_JOBS);
 
 struct kv_member {
-	__u32 ip; /* network order */
-	__u32 pad;
+	__u32 ip;    /* network order */
+	__u8 mac[6]; /* all zero: unknown, not checked */
+	__u16 pad;
 };
 /* key: slot * AGGBOX_MAX_MEMBERS + rank */
 BPF_ARRAY(members, struct kv_member, KV_MAX_JOBS * AGGBOX_MAX_MEMBERS);
 
 enum kv_state { KV_EMPTY = 0, KV_BUSY = 1, KV_TAKEN = 2, KV_SPILLED = 3, KV_STALE = 4 };
 
+/* A BUSY tag also holds when it was claimed (ms, 24 bits, above the seq): a chain that
+ * died without finishing (a wrong program in kv_chain, an aborted walk) would otherwise
+ * leave its seq BUSY for ever and every resend dropped as "in progress". */
+#define KV_TAG_SEQ(t) ((__u32)((t) >> 8))
+#define KV_BUSY_TIMEOUT_MS 200 /* a chain runs in microseconds; resends come every ms */
 struct kv_seen {
-	__u64 tag;   /* seq << 8 | enum kv_state, changed with compare-and-swap */
+	__u64 tag;   /* seq << 8 | enum kv_state (BUSY: | claim ms << 40), compare-and-swap */
 	__u64 spill; /* KV_SPILLED: bit i set = pair i was NOT taken (the application's part) */
 };
 /* key: (slot * AGGBOX_MAX_MEMBERS + sender rank) * KV_RING + seq % KV_RING */
@@ -220,6 +226,11 @@ static __always_inline struct kv_job *check_packet(struct __sk_buff *skb, struct
 		*reason = CNT_DROP_NON_MEMBER;
 		return NULL;
 	}
+	/* The member's IP from another MAC: someone on the bridge spoofing it. */
+	if (!mac_matches(m->mac, p->eth)) {
+		*reason = CNT_DROP_WRONG_MAC;
+		return NULL;
+	}
 	if (type == AGGBOX_KV_ACK)
 		return job;
 	__u32 n = p->hdr->count;
@@ -243,13 +254,22 @@ static __always_inline struct kv_job *check_packet(struct __sk_buff *skb, struct
  * slot is now KV_BUSY and ours), else the state of the copy that came first. */
 static __always_inline int claim(struct kv_seen *s, __u32 seq)
 {
-	__u64 want = ((__u64)seq << 8) | KV_BUSY;
+	__u64 now_ms = (bpf_ktime_get_ns() / 1000000) & 0xffffff;
+	__u64 want = (now_ms << 40) | ((__u64)seq << 8) | KV_BUSY;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < 4; i++) {
 		__u64 old = s->tag;
-		__u32 old_seq = old >> 8;
+		__u32 old_seq = KV_TAG_SEQ(old);
 		if (old_seq == seq) {
 			__u32 state = old & 0xff;
+			if (state == KV_BUSY && ((now_ms - (old >> 40)) & 0xffffff) > KV_BUSY_TIMEOUT_MS) {
+				/* Its chain died: this copy takes the seq over (one copy wins the swap). */
+				if (__sync_val_compare_and_swap(&s->tag, old, want) == old) {
+					count(CNT_KV_BUSY_RECLAIMED);
+					return KV_EMPTY;
+				}
+				continue;
+			}
 			return state == KV_EMPTY ? KV_STALE : state; /* seq 0 is never sent */
 		}
 		if (old_seq > seq)
@@ -463,10 +483,16 @@ int kv_ingress(struct __sk_buff *skb)
 	if (!cfg)
 		return TC_ACT_UNSPEC;
 	struct pkt p = {};
-	int r = parse_aggbox((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
-			     cfg->port_lo, cfg->port_hi);
-	if (r == PARSE_NOT_OURS || skb->pkt_type != PACKET_HOST)
+	int r = parse_aggbox_magic((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
+				   cfg->port_lo, cfg->port_hi);
+	/* Frames for another host's MAC are none of our business; broadcast- and
+	 * multicast-MAC frames reach this host's stack, so they are checked (then dropped). */
+	if (r == PARSE_NOT_OURS || skb->pkt_type == PACKET_OTHERHOST)
 		return TC_ACT_UNSPEC;
+	if (r == PARSE_FOREIGN) {
+		count(CNT_PASSED_NOT_OURS); /* not AggBox's (no magic): somebody else's datagram */
+		return TC_ACT_UNSPEC;
+	}
 	if (r != PARSE_OK) {
 		count(r == PARSE_TRUNCATED ? CNT_DROP_TRUNCATED : CNT_DROP_IP_OPTIONS);
 		return TC_ACT_SHOT;
@@ -475,6 +501,10 @@ int kv_ingress(struct __sk_buff *skb)
 	struct kv_job *job = check_packet(skb, &p, &reason);
 	if (!job) {
 		count(reason);
+		return TC_ACT_SHOT;
+	}
+	if (skb->pkt_type != PACKET_HOST) {
+		count(CNT_DROP_NOT_MINE); /* mappers send to the reducer's own MAC, never broadcast */
 		return TC_ACT_SHOT;
 	}
 	__u16 flags = p.hdr->flags;
@@ -489,6 +519,18 @@ int kv_ingress(struct __sk_buff *skb)
 	struct kv_progress *pr = get_progress();
 	if (!s || !pr)
 		return TC_ACT_SHOT;
+	/* A sender has at most KV_RING packets unacknowledged and every seq below its lowest
+	 * unacknowledged one is finished here, so a real seq is never beyond finished +
+	 * KV_RING. One further ahead would take a ring slot from the real seq that maps there
+	 * (which then looks stale for ever): refuse it before it touches the ring. */
+	__u32 skey = job->slot * AGGBOX_MAX_MEMBERS + p.hdr->rank;
+	struct kv_stream *st = streams.lookup(&skey);
+	if (!st)
+		return TC_ACT_SHOT;
+	if (seq == 0 || (__u64)seq > st->taken + st->spilled + KV_RING) {
+		count(CNT_KV_OUT_OF_WINDOW);
+		return TC_ACT_SHOT;
+	}
 	int state = claim(s, seq);
 	if (state == KV_TAKEN) {
 		count(CNT_KV_DUPLICATE);

@@ -51,6 +51,7 @@ from aggbox.protocol import (
     Flags,
     MsgType,
     ip_to_u32,
+    mac_bytes,
     max_payload,
 )
 from aggbox.sockets import udp_socket
@@ -388,6 +389,8 @@ class ReduceByKeyPrograms:
             for m in group.members:
                 leaf = members.Leaf()
                 leaf.ip = ip_to_u32(m.ip)
+                # The kernel refuses the member's IP from any other MAC (zero: unchecked).
+                ctypes.memmove(leaf.mac, mac_bytes(m.mac), 6)
                 members[members.Key(slot * MAX_MEMBERS + m.rank)] = leaf
             jobs = self.family["jobs"]
             job = jobs.Leaf()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -24,7 +25,7 @@ import pytest
 
 from aggbox.collectives import reduce as kv
 from aggbox.collectives.group import Group, Member
-from aggbox.protocol import HEADER, HEADER_SIZE, KV_PAIR_SIZE, Header, MsgType
+from aggbox.protocol import HEADER, HEADER_SIZE, KV_PAIR_SIZE, Flags, Header, MsgType
 from aggbox.testbed import Netem, NetnsTestbed
 from aggbox.testbed.netns import NetnsHost
 from aggbox.workloads.mapreduce import SYSTEMS, run_mapreduce
@@ -319,7 +320,6 @@ FORGED = {
     "rank-outside-the-group": (1, _hdr(rank=3).pack() + PAIR, "drop_non_member"),
     "the-reducers-own-rank": (1, _hdr(rank=0).pack() + PAIR, "drop_non_member"),
     "unknown-job": (1, _hdr(job_id=JOB + 1).pack() + PAIR, "drop_unknown_job"),
-    "bad-magic": (1, _hdr(magic=0x12345678).pack() + PAIR, "drop_bad_magic"),
     "version-2": (1, _hdr(version=2).pack() + PAIR, "drop_bad_version"),
     "spill-from-the-wire": (1, _hdr(type=MsgType.KV_SPILL).pack() + PAIR, "drop_bad_type"),
     "broadcast-data-on-a-reduce-port": (1, _hdr(type=MsgType.DATA).pack() + PAIR,
@@ -357,6 +357,125 @@ def test_traffic_that_is_not_reduce_by_key_is_left_alone(reducer):
         assert reducer.counters() == before
     finally:
         other.close()
+
+
+# ------------------------------------------------------------ issue 11: forged traffic --
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def raw_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, port: int,
+              data: bytes) -> bytes:
+    """Ethernet / IPv4 / UDP with correct checksums, as a forger on the bridge makes it."""
+    sip, dip = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
+    ulen = 8 + len(data)
+    udp = struct.pack("!HHHH", port, port, ulen, 0) + data
+    pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
+    udp = udp[:6] + struct.pack("!H", _csum(pseudo + udp) or 0xFFFF) + udp[8:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                     sip, dip)
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    mac = lambda m: bytes(int(x, 16) for x in m.split(":"))  # noqa: E731
+    return mac(dst_mac) + mac(src_mac) + b"\x08\x00" + ip + udp
+
+
+def send_frame(host: NetnsHost, raw: bytes) -> None:
+    def go() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((host.ifname, 0))
+            s.send(raw)
+
+    host.call(go)
+
+
+@pytest.mark.parametrize("data", [b"\x12\x34 a plain datagram, not AggBox, longer than 32 B",
+                                  b"tiny"], ids=["long", "short"])
+def test_non_aggbox_udp_to_a_reduce_port_reaches_its_socket(reducer, data):
+    """Bad magic is somebody else's datagram (the ports lie in the ephemeral range)."""
+    before = reducer.counters()
+    reducer.send(1, data)  # to the job's own port: the application's socket
+    got = drain(reducer.app)
+    assert got == [data]
+    assert reducer.counters() - before == Counter(passed_not_ours=1)
+
+
+def next_seq(reducer, rank: int) -> int:
+    taken, spilled = reducer.programs.stream_counts(reducer.sums.slot, rank)
+    return taken + spilled + 1
+
+
+def test_a_members_ip_from_another_mac_is_refused(reducer):
+    h0, h1, h3 = reducer.host(0), reducer.host(1), reducer.host(3)
+    seq = next_seq(reducer, 1)
+    before = reducer.counters()
+    send_frame(h3, raw_frame(h3.mac, h0.mac, h1.ip, h0.ip, PORT,
+                             pairs_packet(seq, [b"spoofed"], rank=1)))
+    time.sleep(0.05)
+    assert reducer.counters() - before == Counter(drop_wrong_mac=1)
+    assert b"spoofed" not in reducer.sums_now() and drain(reducer.app, 0.05) == []
+
+
+def test_kv_to_the_broadcast_mac_is_checked_and_dropped(reducer):
+    h0, h1 = reducer.host(0), reducer.host(1)
+    before = reducer.counters()
+    send_frame(h1, raw_frame(h1.mac, "ff:ff:ff:ff:ff:ff", h1.ip, h0.ip, PORT,
+                             pairs_packet(next_seq(reducer, 1), [b"bcast"], rank=1,
+                                          flags=int(Flags.KV_LONG))))
+    time.sleep(0.05)
+    assert reducer.counters() - before == Counter(drop_not_mine=1)
+    assert drain(reducer.app, 0.05) == []  # the application never merges it
+
+
+def test_a_far_ahead_seq_cannot_poison_the_dedup_ring(reducer):
+    """A seq RING x 100 ahead maps to the ring slot of the sender's next real seq: taken,
+    it would make that real seq look stale for ever (its sender's job times out)."""
+    real = next_seq(reducer, 1)
+    before = reducer.counters()
+    reducer.send(1, pairs_packet(real + 100 * kv.RING, [b"poison"]))
+    # (b"poison" would spill, the map is full by now: what matters is the ring slot.)
+    assert drain(reducer.socks[1], 0.1) == []  # no ACK for it
+    assert reducer.counters() - before == Counter(kv_out_of_window=1)
+    sums = reducer.sums_now()
+    reducer.send(1, pairs_packet(real, [b"one"]))  # a key the (full) map holds: no spill
+    acks = [HEADER.unpack_from(a) for a in drain(reducer.socks[1])]
+    assert [(a[2], a[6]) for a in acks] == [(MsgType.KV_ACK, real)]
+    got = reducer.sums_now()
+    assert got[b"one"] == sums.get(b"one", 0) + 1 and b"poison" not in got
+
+
+def test_a_chain_that_dies_does_not_leave_its_seq_busy_for_ever(reducer):
+    """A wrong program in the chain (here the entry program itself, which finds the seq
+    BUSY and drops it) ends the packet without finishing it: a resend must get through."""
+    chain = reducer.programs.family["kv_chain"]
+    walk_fd = chain[chain.Key(0)].value
+    ingress = reducer.programs.family.load("kv_ingress", reducer.programs.family._BPF.SCHED_CLS)
+    seq = next_seq(reducer, 1)
+    sums = reducer.sums_now()
+    packet = pairs_packet(seq, [b"one", b"two"])  # keys the (full) map holds: no spill
+    chain[chain.Key(0)] = chain.Leaf(ingress.fd)
+    try:
+        reducer.send(1, packet)
+        assert drain(reducer.socks[1], 0.1) == []  # died in the chain
+    finally:
+        walk = reducer.programs.family.load("kv_walk", reducer.programs.family._BPF.SCHED_CLS)
+        chain[chain.Key(0)] = chain.Leaf(walk.fd)
+    assert walk_fd  # the chain was installed before
+    time.sleep(0.4)  # a chain runs in microseconds: a BUSY this old is dead
+    before = reducer.counters()
+    reducer.send(1, packet)
+    acks = [HEADER.unpack_from(a) for a in drain(reducer.socks[1])]
+    assert [(a[2], a[6]) for a in acks] == [(MsgType.KV_ACK, seq)]
+    assert reducer.counters() - before == Counter(accepted=1, kv_busy_reclaimed=1, kv_pairs=2,
+                                                  ack_sent=1)
+    got = reducer.sums_now()
+    assert got[b"one"] == sums.get(b"one", 0) + 1 and got[b"two"] == sums.get(b"two", 0) + 2
 
 
 # ------------------------------------------------------------ nothing left behind -------
