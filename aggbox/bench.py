@@ -484,7 +484,9 @@ def bench_mapreduce(args: argparse.Namespace) -> int:
 def bench_quant(args: argparse.Namespace) -> int:
     """The allreduce edge alone, one process, one thread, no testbed: quantize (block
     peaks + exponents + the fused multiply/rint into a reused int32 buffer) and dequantize
-    (int32 sums into a reused float32 result), in GB/s of float32 tensor per core."""
+    (int32 sums into a reused float32 result), in GB/s of float32 tensor per core. Warm
+    caches and a reused result: an allreduce call also pays cold caches and, for a new
+    result array, its page faults (docs/allreduce.md, where the time goes)."""
     import time
 
     from aggbox import quant
@@ -499,10 +501,8 @@ def bench_quant(args: argparse.Namespace) -> int:
         y = np.empty(floats, dtype=np.float32)
 
         def quantize(x=x, q=q, scratch=scratch):
-            peaks = quant.block_peaks(x, block)
-            exps = quant.exponents_of(peaks)
-            quant.quantize_into(x, exps, block, args.workers, q, peaks, scratch)
-            return exps
+            # what Allreducer.allreduce runs in aligned mode (the default)
+            return quant.quantize_own_into(x, block, args.workers, q, scratch)
 
         exps = quantize()
         sums = q  # the same magnitudes as the kernel's sums: the dequantize cost is the same
