@@ -36,7 +36,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from aggbox.errors import AggBoxError
-from aggbox.report import Cells, cells_of
+from aggbox.report import Cells, cells_of, samples_of
 from aggbox.results import Run, bootstrap_ratio_ci, load_run, temp_beside
 
 FigureFn = Callable[..., list[Path]]
@@ -49,6 +49,7 @@ DEFAULT_FIGURES: dict[str, list[str]] = {
     "broadcast": ["broadcast_latency", "broadcast_cdf", "broadcast_cpu"],
     "allreduce": ["allreduce_time", "allreduce_cpu"],
     "mapreduce": ["mapreduce_speedup", "mapreduce_times", "mapreduce_cpu"],
+    "training": ["training_loss", "training_time", "training_cpu"],
 }
 
 RC = {
@@ -79,6 +80,7 @@ SYSTEM_STYLE = {
     "aggbox_nocombiner": {"label": "AggBox, no combiner", "color": "#e67e22", "marker": "p"},
     "tcp_combiner": {"label": "TCP + combiner", "color": "#16a085", "marker": "P"},
     "tcp_ps": {"label": "TCP param. server", "color": "#2c3e50", "marker": "s"},
+    "gloo_fp16": {"label": "Gloo fp16 compression", "color": "#16a085", "marker": "P"},
 }
 _FALLBACK_COLORS = itertools.cycle(["#d35400", "#7d3c98", "#1abc9c", "#b7950b"])
 P99_MARKER = "x"
@@ -92,6 +94,7 @@ METRIC_LABELS = {
     "time_ms": "time per call (ms)",
     "job_s": "whole job (s)",
     "after_last_send_s": "after the last send (s)",
+    "iter_ms": "time per iteration (ms)",
 }
 
 
@@ -983,6 +986,134 @@ def mapreduce_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- the command
+
+
+# ----------------------------------------------------------------------------- training
+
+TRAINING_METRICS = ("iter_ms", "comm_ms", "cpu_us_per_op")
+
+
+def _task_cells(run: Run, task: str) -> pd.DataFrame:
+    t = cells_of(run, TRAINING_METRICS).table
+    return t[t["task"] == task] if "task" in t else t.iloc[:0]
+
+
+@_styled
+def training_loss_figures(run: Run) -> list[tuple[str, Figure]]:
+    """Rank 0's training loss per step on the digits, a panel per rank count: per
+    system the mean over seeds and repetitions, the band from the lowest to the highest
+    run."""
+    s = samples_of(run)
+    title = "Training loss on the digits, per system"
+    if not {"loss", "task"} <= set(s.columns) or not (s["task"] == "digits").any():
+        return _missing_figure(run, "training_loss", title, "the digits task (loss per step)")
+    s = s[s["task"] == "digits"]
+    workers = sorted(s["workers"].unique()) if "workers" in s else [None]
+    fig = _new_figure(1, len(workers), width=3.6)
+    axes = fig.subplots(1, len(workers), sharey=True, squeeze=False)[0]
+    key = Key(run)
+    runs_of = [c for c in ("repetition", "seed") if c in s]
+    for ax, w in zip(axes, workers, strict=True):
+        part = s if w is None else s[s["workers"] == w]
+        for system in (x for x in run.systems if x in set(part["system"])):
+            mine = part[part["system"] == system]
+            curves = mine.pivot_table(index="iter", columns=runs_of or None, values="loss",
+                                      aggfunc="mean")
+            st = style(system)
+            xs = curves.index.to_numpy(float)
+            ax.plot(xs, curves.mean(axis=1).to_numpy(float), color=st["color"], lw=1.2)
+            ax.fill_between(xs, curves.min(axis=1).to_numpy(float),
+                            curves.max(axis=1).to_numpy(float), color=st["color"], alpha=0.15,
+                            lw=0)
+            key.system(system, [curves.shape[1]])
+        ax.set_yscale("log")
+        _readable_log(ax, "y")
+        ax.set_xlabel("step")
+        ax.set_title(f"{w} ranks" if w is not None else "")
+    axes[0].set_ylabel("training loss (rank 0's batch)")
+    key.line("band: lowest to highest run", color=KEY_COLOR, lw=6, alpha=0.2)
+    _finish_figure(fig, title, _caption(
+        run, "Cross-entropy of rank 0's part of each global batch; mean over seeds and "
+        "repetitions. n: runs per line"), key)
+    return [("training_loss", fig)]
+
+
+@_styled
+def training_time_figures(run: Run) -> list[tuple[str, Figure]]:
+    """Time per iteration of the communication-heavy model vs the number of ranks: p50
+    line, CI band; dashed, the part spent in the gradient hook (p50)."""
+    t = _task_cells(run, "comm-heavy")
+    title = "Training time per iteration vs ranks (comm-heavy model)"
+    if t.empty:
+        return _missing_figure(run, "training_time", title, "the comm-heavy task")
+    workers = sorted(t["workers"].unique())
+    fig = _new_figure(1, 1, width=4.4, height=3.0)
+    ax = fig.subplots()
+    key = Key(run)
+    for system in (x for x in run.systems if x in set(t["system"])):
+        rows = t[t["system"] == system]
+        _series(ax, rows, "workers", "iter_ms", system, key)
+        rows = rows[np.isfinite(rows["comm_ms_p50"].astype(float))].sort_values("workers")
+        if len(rows):
+            ax.plot(rows["workers"].to_numpy(float), rows["comm_ms_p50"].to_numpy(float),
+                    color=style(system)["color"], lw=1.0, ls="--")
+            key.line("dashed: time in the gradient hook", color=KEY_COLOR, lw=1.0, ls="--")
+    ax.set_yscale("log")
+    if key.counts:
+        _readable_log(ax, "y")
+    _log2_x(ax, workers)
+    ax.set_xlabel("DDP ranks")
+    ax.set_ylabel("time per iteration (ms)")
+    _finish_figure(fig, title, _caption(
+        run, "Rank 0's forward + backward + step; the hook time is summed over a step's "
+        "buckets (gloo's overlaps backward, AggBox's is synchronous). n: iterations per "
+        "point"), key)
+    return [("training_time", fig)]
+
+
+@_styled
+def training_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
+    """The whole machine's CPU per iteration vs ranks, a panel per task."""
+    cells = cells_of(run, TRAINING_METRICS)
+    title = "Training CPU per iteration vs ranks"
+    if _no_cpu(cells) or "task" not in cells.table:
+        return _missing_figure(run, "training_cpu", title, "cpu_us_per_op (CPU per iteration)")
+    t = cells.table
+    tasks = [x for x in ("digits", "comm-heavy") if x in set(t["task"])]
+    fig = _new_figure(1, len(tasks), width=3.4)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    key = Key(run)
+    for ax, task in zip(axes, tasks, strict=True):
+        part = t[t["task"] == task]
+        for system in run.systems:
+            _series(ax, part[part["system"] == system], "workers", "cpu_us_per_op", system,
+                    key, scale=1e-3, band=False)
+        ax.set_yscale("log")
+        if key.counts:
+            _readable_log(ax, "y")
+        _log2_x(ax, sorted(part["workers"].unique()))
+        ax.set_title(task)
+        ax.set_xlabel("DDP ranks")
+    axes[0].set_ylabel("CPU per iteration, whole machine (ms)")
+    _finish_figure(fig, title, _caption(
+        run, "Whole machine's busy CPU over the measured iterations / their number, idle "
+        "background subtracted"), key)
+    return [("training_cpu", fig)]
+
+
+@figure("training_loss")
+def training_loss(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, training_loss_figures(run), out_dir)
+
+
+@figure("training_time")
+def training_time(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, training_time_figures(run), out_dir)
+
+
+@figure("training_cpu")
+def training_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
+    return _save_all(run, training_cpu_figures(run), out_dir)
 
 
 def register(subparsers) -> None:

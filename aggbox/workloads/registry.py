@@ -177,6 +177,8 @@ PARAMS: dict[str, dict[str, Param]] = {
                       help="digits: accuracy (scikit-learn's digits); comm-heavy: ~3.2 M "
                       "parameters, time per iteration"),
         "seeds": Param(int, default=1, minimum=1, help="seeds per cell (seed, seed+1, ...)"),
+        "digits_steps": Param(int, default=0, minimum=0,
+                              help="digits: training steps per model (0: iters)"),
         "mtu": Param(int, default=65000, minimum=1500, maximum=65535,
                      help="testbed MTU, for every system"),
         "timeout_s": Param(float, default=30.0, minimum=1, help="AggBox call timeout"),

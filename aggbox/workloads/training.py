@@ -190,6 +190,7 @@ def _train(task: str, system: str, seed: int, spec: dict, rank: int, world: int,
     if task == "digits":
         xa, ya, xb, yb = digits_split(seed)
         xa, ya = torch.from_numpy(xa), torch.from_numpy(ya)
+        steps = spec.get("digits_steps") or steps
         batches = digits_batches(len(xa), world, rank, steps, seed)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         warmup = 0  # every step is part of the loss curve
@@ -313,6 +314,8 @@ def build_spec(testbed: Testbed, params: dict, systems: list[str], iters: int, w
             "workers": [h.ip for h in workers], "aggregator": agg.ip, "ifname": agg.ifname,
             "master": f"{workers[0].ip}:{MASTER_PORT}",
             "seeds": [seed + k for k in range(n_seeds)], "iters": iters, "warmup": warmup,
+            # digits trains to convergence whatever the iterations a time figure needs
+            "digits_steps": int(params.get("digits_steps", 0)) or iters,
             "timeout_s": float(params.get("timeout_s", 30)),
             "pin_tag": getattr(testbed, "run_id", "")}
 
@@ -353,7 +356,8 @@ def run_training(testbed: Testbed, params: dict, systems: list[str], iters: int,
     spec = build_spec(testbed, params, systems, iters, warmup, seed)
     agg, workers = testbed.hosts[0], testbed.hosts[1:]
     per_step = 0.05 if task == "digits" else 2.0
-    budget = 300 + len(spec["seeds"]) * len(systems) * (warmup + iters) * per_step
+    n_steps = spec["digits_steps"] if task == "digits" else warmup + iters
+    budget = 300 + len(spec["seeds"]) * len(systems) * n_steps * per_step
     with NodeGroup(spec) as nodes:
         started = []
         if "aggbox" in systems:

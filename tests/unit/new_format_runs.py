@@ -155,7 +155,53 @@ def mapreduce_run(results_dir: Path) -> Path:
     return _write(results_dir, meta, s)
 
 
-BUILDERS = {"broadcast": broadcast_run, "allreduce": allreduce_run, "mapreduce": mapreduce_run}
+TRAINING_METRICS = ["iter_ms", "comm_ms", "cpu_us_per_op", "test_accuracy", "test_loss", "loss"]
+
+
+def training_run(results_dir: Path, old: bool = False) -> Path:
+    """Made up from nothing (training has no reference run): digits and comm-heavy at 2
+    and 4 ranks, 2 repetitions of 2 seeds, 30 steps each; ``old``: without the CPU and
+    overcommit columns, as the old-format runs of the other workloads."""
+    rng = np.random.default_rng(12)
+    rows = []
+    speed = {"gloo": 1.0, "gloo_fp16": 1.1, "aggbox": 0.7}
+    for task in ("digits", "comm-heavy"):
+        for workers in (2, 4):
+            for rep in (0, 1):
+                for seed in (1, 2):
+                    for system, f in speed.items():
+                        acc = 0.965 + rng.normal(0, 0.004)
+                        base = (5.0 if task == "digits" else 200.0) * workers / 2 * f
+                        for i in range(30):
+                            rows.append({
+                                "experiment": "training", "task": task, "workers": workers,
+                                "cell": f"task={task},workers={workers},rep={rep}",
+                                "repetition": rep, "system": system, "iter": i, "seed": seed,
+                                "iter_ms": base * rng.lognormal(0, 0.05),
+                                "comm_ms": 0.7 * base * rng.lognormal(0, 0.05),
+                                "cpu_us_per_op": round(base * 1.6e3, 1),
+                                "test_accuracy": acc if task == "digits" else np.nan,
+                                "test_loss": 0.12 if task == "digits" else np.nan,
+                                "loss": 2.3 * np.exp(-i / 10) + 0.05 * rng.random(),
+                                "promise": "app", "procs_per_cpu": workers / CPUS,
+                                "overcommitted": workers > CPUS, "cpu_source": "cpuidle"})
+    frame = pd.DataFrame(rows)
+    metrics = list(TRAINING_METRICS)
+    if old:
+        frame = frame.drop(columns=["cpu_us_per_op", "promise", "procs_per_cpu",
+                                    "overcommitted", "cpu_source"])
+        metrics.remove("cpu_us_per_op")
+    meta = _meta(DATA / "allreduce-reference", experiment="training", workload="training",
+                 run_id="20270101-000000-tr01", systems=["aggbox", "gloo", "gloo_fp16"],
+                 metrics=metrics, primary_metric="iter_ms",
+                 grid={"task": ["digits", "comm-heavy"], "workers": [2, 4]},
+                 param_columns=["task", "workers"],
+                 figures=["training_loss", "training_time", "training_cpu"])
+    return _write(results_dir, meta, frame)
+
+
+BUILDERS = {"broadcast": broadcast_run, "allreduce": allreduce_run, "mapreduce": mapreduce_run,
+            "training": training_run}
 
 
 def new_format_results(results_dir: Path) -> dict[str, Path]:
@@ -175,4 +221,6 @@ def old_format_results(results_dir: Path) -> dict[str, Path]:
         dest = Path(results_dir) / name / meta["run_id"]
         shutil.copytree(DATA / folder, dest)
         out[name] = dest
+    # training has no run older than its columns: its current-format run stands in
+    out["training"] = training_run(results_dir, old=True)
     return out

@@ -58,6 +58,15 @@ def test_a_verdict_line_under_each_of_the_three_claims(new_report):
     assert "How to read a verdict" in new_report  # the rule is stated before any verdict
 
 
+def test_training_verdict_states_time_against_gloo_and_fp16_and_accuracy_parity(new_report):
+    section = _section(new_report, 4)
+    assert section.startswith("ML gradient aggregation (training)")
+    (line,) = [x for x in section.splitlines() if x.startswith("Verdict: ")]
+    assert VERDICT.match(line) and "accuracy within 0.5 pp of gloo" in line
+    assert "vs gloo fp16" in section and "test accuracy (%)" in section
+    assert "vs fp16 compression" in section.split("\n")[2]  # the measured headline
+
+
 def test_broadcast_headline_is_against_the_same_promise_baseline_with_the_papers_beside(
         new_report):
     section = _section(new_report, 1)
@@ -132,7 +141,7 @@ def test_caveats_name_the_machine_the_extra_host_and_the_quantization_bound(new_
 
 
 def test_old_runs_say_what_they_lack_instead_of_failing(old_report):
-    assert len(VERDICT.findall(old_report)) == 3
+    assert len(VERDICT.findall(old_report)) == 4
     broadcast = _section(old_report, 1)
     assert "Verdict: not judged" in broadcast  # no tcp_kack in the old run
     assert "Missing:" in broadcast and "tcp_kack" in broadcast
@@ -143,7 +152,7 @@ def test_old_runs_say_what_they_lack_instead_of_failing(old_report):
 
 def test_a_missing_experiment_is_not_judged(tmp_path):
     text = build_report(tmp_path)
-    assert text.count("Verdict: not judged — not measured yet") == 3
+    assert text.count("Verdict: not judged — not measured yet") == 4
 
 
 def test_the_report_command_writes_results_report(tmp_path):
