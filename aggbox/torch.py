@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--ifname", default="eth0", help="the interface the workers reach")
     a.add_argument("--name", default="ddp", help="the name the ranks passed")
     a.add_argument("--timeout", type=float, default=300.0)
+    a.add_argument("--pin-tag", default="", help="pin the maps under aggbox/<tag>-* "
+                   "(several aggregators on one machine, e.g. tests)")
     args = parser.parse_args(argv)
     import signal
 
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        with AggregatorPrograms(args.ifname) as programs:
+        with AggregatorPrograms(args.ifname, pin_tag=args.pin_tag) as programs:
             group = install_from_store(programs, aggregator_store(args.master, args.timeout),
                                        args.name, args.timeout)
             print(f"aggbox: job {group.job_id} installed for {group.size} ranks; "

@@ -171,3 +171,29 @@ def test_ddp_with_the_hook_matches_gloo(box, tmp_path):
         # parameter by lr times it, and 5 steps of a 2-layer MLP amplify it little
         assert r["max_diff"] <= 10 * 0.1 * r["steps"] * r["bounds"] + 1e-6, r
     assert results[0]["max_diff"] == results[1]["max_diff"]
+
+
+def test_the_example_trains_on_two_hosts(tmp_path):
+    """examples/ddp_allreduce.py on h1 and h2, ``python -m aggbox.torch aggregator`` on h0,
+    each as a user would start them (own testbed: the CLI attaches its own programs)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    with NetnsTestbed(3, mtu=1500) as tb:
+        master = f"{tb.hosts[1].ip}:29699"
+        agg = tb.hosts[0].popen(
+            [sys.executable, "-m", "aggbox.torch", "aggregator", "--master", master,
+             "--ifname", tb.hosts[0].ifname, "--pin-tag", f"tx{os.getpid()}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
+        try:
+            ranks = [tb.hosts[1 + r].popen(
+                [sys.executable, str(REPO / "examples" / "ddp_allreduce.py"), master, str(r),
+                 tb.hosts[0].ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                cwd=REPO, text=True) for r in range(2)]
+            outs = [p.communicate(timeout=240)[0] for p in ranks]
+        finally:
+            agg.terminate()
+            agg_out = agg.communicate(timeout=30)[0]
+    for r, (p, out) in enumerate(zip(ranks, outs, strict=True)):
+        assert p.returncode == 0, f"rank {r}:\n{out}\naggregator:\n{agg_out}"
+        line = [x for x in out.splitlines() if x.startswith(f"rank {r}: loss")]
+        assert line and float(line[0].split()[3].rstrip(",")) < 0.5, out
+    assert "installed for 2 ranks" in agg_out and agg.returncode == 0, agg_out
