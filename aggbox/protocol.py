@@ -115,6 +115,7 @@ COUNTERS: tuple[str, ...] = (
     "drop_wrong_mac",
     "kv_out_of_window",
     "kv_busy_reclaimed",
+    "drop_bad_csum",
 )
 
 

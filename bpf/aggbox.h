@@ -137,6 +137,7 @@ enum aggbox_counter {
 	CNT_DROP_WRONG_MAC,    /* a member's IP from another MAC than the member's            */
 	CNT_KV_OUT_OF_WINDOW,  /* KV seqs beyond what the sender's window allows (ring poison)  */
 	CNT_KV_BUSY_RECLAIMED, /* ring slots left BUSY by a chain that died, taken over by a copy */
+	CNT_DROP_BAD_CSUM,     /* an IPv4 header or UDP checksum that does not add up          */
 	CNT_MAX,
 };
 

@@ -34,6 +34,7 @@
 #include "aggbox.h"
 #include "lib/parse.h"
 #include "lib/maps.h"
+#include "lib/csum.h"
 
 struct bcast_config {
 	__u16 port_lo; /* AggBox jobs on this host use UDP ports port_lo..port_hi */
@@ -269,6 +270,13 @@ int tc_ingress(struct __sk_buff *skb)
 	__u32 need = PAYLOAD_OFF + p.hdr->count;
 	if (skb->len < need || bpf_ntohs(p.udp->len) < need - UDP_OFF) {
 		count(CNT_DROP_TRUNCATED);
+		return TC_ACT_SHOT;
+	}
+	/* Acknowledged here, before the stack verifies anything: a corrupted copy must not
+	 * move the window (the root would never resend what the socket then drops). */
+	if (!ip_csum_ok(p.ip, (void *)(long)skb->data_end) ||
+	    !udp_csum_ok(skb, p.ip, p.udp, UDP_OFF)) {
+		count(CNT_DROP_BAD_CSUM);
 		return TC_ACT_SHOT;
 	}
 	__u32 key = job->slot * AGGBOX_MAX_MEMBERS + p.hdr->rank;

@@ -51,6 +51,7 @@
 #include "aggbox.h"
 #include "lib/parse.h"
 #include "lib/maps.h"
+#include "lib/csum.h"
 
 #ifndef KV_MAP_ENTRIES
 #define KV_MAP_ENTRIES 131072 /* distinct keys the kernel holds per job */
@@ -505,6 +506,13 @@ int kv_ingress(struct __sk_buff *skb)
 	}
 	if (skb->pkt_type != PACKET_HOST) {
 		count(CNT_DROP_NOT_MINE); /* mappers send to the reducer's own MAC, never broadcast */
+		return TC_ACT_SHOT;
+	}
+	/* Pairs are added (and ACKed) here, before the stack verifies anything: a corrupted
+	 * packet must not change a sum. */
+	if (!ip_csum_ok(p.ip, (void *)(long)skb->data_end) ||
+	    !udp_csum_ok(skb, p.ip, p.udp, UDP_OFF)) {
+		count(CNT_DROP_BAD_CSUM);
 		return TC_ACT_SHOT;
 	}
 	__u16 flags = p.hdr->flags;

@@ -105,17 +105,18 @@ def mac_of(text: str) -> bytes:
 
 
 def frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, port: int,
-          data: bytes) -> bytes:
-    """Ethernet / IPv4 / UDP with correct checksums: what a forger on the bridge sends."""
+          data: bytes, break_ip: bool = False, break_udp: bool = False) -> bytes:
+    """Ethernet / IPv4 / UDP with correct checksums (unless broken on purpose): what a
+    forger on the bridge sends, or what a corrupting link delivers."""
     sip, dip = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
     ulen = 8 + len(data)
     pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
     udp = struct.pack("!HHHH", port, port, ulen, 0) + data
-    ucs = csum(pseudo + udp) or 0xFFFF
+    ucs = (csum(pseudo + udp) or 0xFFFF) ^ (0x0100 if break_udp else 0)
     udp = udp[:6] + struct.pack("!H", ucs) + udp[8:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, socket.IPPROTO_UDP, 0,
                      sip, dip)
-    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", csum(ip) ^ (0x0010 if break_ip else 0)) + ip[12:]
     return mac_of(dst_mac) + mac_of(src_mac) + b"\x08\x00" + ip + udp
 
 
@@ -290,3 +291,31 @@ def test_a_members_ip_spoofed_from_another_mac_is_refused(bed):
     assert d == {"drop_wrong_mac": 1}
     assert rx_after == rx_before and got == [None]
     assert d_root == {"drop_wrong_mac": 1} and inbox == []
+
+
+# ------------------------------------------------ 7. checksums where the kernel acts
+
+
+@pytest.mark.parametrize("broken", ["ip", "udp"])
+def test_data_with_a_broken_checksum_is_neither_recorded_nor_acknowledged(bed, broken):
+    """The member's kernel ACKs at TC ingress, before the stack verifies anything: a
+    corrupted copy must not move its window (nor the root's fold)."""
+    tb, _ = bed
+    h0, h1 = tb.hosts[0], tb.hosts[1]
+    with Job(bed, 11007, 0x11007, 47107, "csum") as job:
+        job.send([(10, 1)])
+        assert job.members[1].call("recv", name="csum", count=1, timeout=5.0)["messages"]
+        before = counters(job.members[1])
+        rx_before = job.members[1].call("state", job_id=11007)["rx"]
+        raw = frame(h0.mac, h1.mac, h0.ip, h1.ip, 47107, data_hdr(job.group),
+                    break_ip=broken == "ip", break_udp=broken == "udp")
+        send_frame(h0, raw)  # from the root's own host: IP, MAC and token all right
+        settle(job.members[1], "drop_bad_csum", before["drop_bad_csum"] + 1)
+        d = delta(counters(job.members[1]), before)
+        rx_after = job.members[1].call("state", job_id=11007)["rx"]
+        # The same frame with correct checksums is taken: the check is not over-eager.
+        send_frame(h0, frame(h0.mac, h1.mac, h0.ip, h1.ip, 47107, data_hdr(job.group)))
+        got = job.members[1].call("recv", name="csum", count=1, timeout=5.0)["messages"]
+    assert d == {"drop_bad_csum": 1}
+    assert rx_after == rx_before
+    assert got == [digest(b"forge")]

@@ -372,16 +372,17 @@ def _csum(data: bytes) -> int:
 
 
 def raw_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, port: int,
-              data: bytes) -> bytes:
+              data: bytes, break_ip: bool = False, break_udp: bool = False) -> bytes:
     """Ethernet / IPv4 / UDP with correct checksums, as a forger on the bridge makes it."""
     sip, dip = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
     ulen = 8 + len(data)
     udp = struct.pack("!HHHH", port, port, ulen, 0) + data
     pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
-    udp = udp[:6] + struct.pack("!H", _csum(pseudo + udp) or 0xFFFF) + udp[8:]
+    ucs = (_csum(pseudo + udp) or 0xFFFF) ^ (0x0100 if break_udp else 0)
+    udp = udp[:6] + struct.pack("!H", ucs) + udp[8:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, socket.IPPROTO_UDP, 0,
                      sip, dip)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", _csum(ip) ^ (0x0010 if break_ip else 0)) + ip[12:]
     mac = lambda m: bytes(int(x, 16) for x in m.split(":"))  # noqa: E731
     return mac(dst_mac) + mac(src_mac) + b"\x08\x00" + ip + udp
 
@@ -476,6 +477,28 @@ def test_a_chain_that_dies_does_not_leave_its_seq_busy_for_ever(reducer):
                                                   ack_sent=1)
     got = reducer.sums_now()
     assert got[b"one"] == sums.get(b"one", 0) + 1 and got[b"two"] == sums.get(b"two", 0) + 2
+
+
+@pytest.mark.parametrize("broken", ["ip", "udp"])
+def test_pairs_with_a_broken_checksum_are_not_added(reducer, broken):
+    """The reducer's kernel adds pairs at TC ingress, before the stack verifies anything:
+    a corrupted packet must not change a sum (nor be acknowledged)."""
+    h0, h1 = reducer.host(0), reducer.host(1)
+    seq = next_seq(reducer, 1)
+    sums = reducer.sums_now()
+    before = reducer.counters()
+    send_frame(h1, raw_frame(h1.mac, h0.mac, h1.ip, h0.ip, PORT,
+                             pairs_packet(seq, [b"one"], rank=1),
+                             break_ip=broken == "ip", break_udp=broken == "udp"))
+    time.sleep(0.05)
+    assert reducer.counters() - before == Counter(drop_bad_csum=1)
+    assert reducer.sums_now() == sums and drain(reducer.socks[1], 0.05) == []
+    # The same frame with correct checksums is taken.
+    send_frame(h1, raw_frame(h1.mac, h0.mac, h1.ip, h0.ip, PORT,
+                             pairs_packet(seq, [b"one"], rank=1)))
+    acks = [HEADER.unpack_from(a) for a in drain(reducer.socks[1])]
+    assert [(a[2], a[6]) for a in acks] == [(MsgType.KV_ACK, seq)]
+    assert reducer.sums_now()[b"one"] == sums.get(b"one", 0) + 1
 
 
 # ------------------------------------------------------------ nothing left behind -------
