@@ -465,9 +465,14 @@ int agg_add(struct __sk_buff *skb)
 }
 
 /* Make the packet a result carrying the values of copy `key` (same length as the block
- * it was): one store per chunk. */
+ * it was): one store per chunk. A large block's values arrive in page fragments; each
+ * store makes the bytes it writes linear first, so chunk by chunk the head would be
+ * reallocated and copied 16 times, growing by 4 KiB each time: one pull of the whole
+ * packet first makes it linear once. */
 static __always_inline int write_result(struct __sk_buff *skb, __u32 key, __u32 count)
 {
+	if (bpf_skb_pull_data(skb, skb->len) != 0)
+		return -1;
 #pragma clang loop unroll(disable)
 	for (__u32 c = 0; c < AGG_MAX_CHUNKS; c++) {
 		__u32 off = c * AGG_CHUNK;
