@@ -228,6 +228,9 @@ class _Call:
     done: np.ndarray = field(init=False)
     low: int = 0  # every block below is done
     next_send: int = 0
+    # The last status reply showed this worker's contribution in: the wait is on other
+    # workers, so a stall resends one block (a probe), not the whole window.
+    waiting_on_others: bool = False
 
     def __post_init__(self) -> None:
         self.n_blocks = max(1, -(-self.values.size // self.block))
@@ -394,6 +397,14 @@ class Allreducer:
 
     def _resend_outstanding(self, call: _Call, flags: int) -> None:
         outstanding = [i for i in range(call.low, call.next_send) if not call.done[i]]
+        if call.waiting_on_others:
+            # A worker descheduled past the timeout (busy CPUs) made every waiting worker
+            # resend its whole window (64 blocks of up to 64 KiB) each timeout, and the
+            # aggregator answer each copy with a status. The lowest block alone probes:
+            # its status (or result) tells whether that still holds, and if this worker's
+            # block was lost, the probe is that block.
+            outstanding = outstanding[:1]
+            call.waiting_on_others = False
         self._send_blocks(call, outstanding, flags)
         self.stats["retransmits"] += len(outstanding)
 
@@ -444,25 +455,37 @@ class Allreducer:
                     return False
 
     def _receive(self, call: _Call, wait: float) -> bool:
-        """Take every result that arrives within ``wait``; True if any block completed.
+        """Take results until one completes a block (True), or ``wait`` passes (False).
+        Datagrams that are no progress (status replies, duplicates, refusals) do not end
+        the wait: ending it on them answered every resend's status replies with another
+        resend, a storm of retransmissions that lasted as long as a slow worker did.
         Each datagram's header is peeked first (MSG_PEEK, 32 bytes; MSG_TRUNC gives the
         datagram's whole length): only a checked result is then received, header and
         values in one recvmsg_into, straight into its block's slice of ``call.out``."""
-        progressed = False
         self._missing = None
         hdr = self._peek_header()
-        if not self._spin(call, hdr):
-            self.stats["waits"] = self.stats.get("waits", 0) + 1
-            ready, _, _ = select.select([self.sock], [], [], wait)
-            if not ready:
-                return False
+        deadline = None
+        spun = self._spin(call, hdr)
         while True:
-            try:
-                n, src = self.sock.recvfrom_into(hdr, HEADER_SIZE, _PEEK)
-            except BlockingIOError:
-                break
-            progressed |= self._take(call, n, src[0], hdr)
-        return progressed
+            if not spun:
+                now = time.monotonic()
+                deadline = now + wait if deadline is None else deadline
+                if now >= deadline:
+                    return False
+                self.stats["waits"] = self.stats.get("waits", 0) + 1
+                ready, _, _ = select.select([self.sock], [], [], deadline - now)
+                if not ready:
+                    return False
+            spun = False
+            progressed = False
+            while True:
+                try:
+                    n, src = self.sock.recvfrom_into(hdr, HEADER_SIZE, _PEEK)
+                except BlockingIOError:
+                    break
+                progressed |= self._take(call, n, src[0], hdr)
+            if progressed:
+                return True
 
     def _refuse(self) -> bool:
         self.stats["refused"] += 1
@@ -495,6 +518,7 @@ class Allreducer:
             done = (int.from_bytes(self.rx[HEADER_SIZE:HEADER_SIZE + 8], "little")
                     if count >= 2 and n >= HEADER_SIZE + 8 else aux)
             self._missing = [r for r in range(self.group.size) if not done >> r & 1]
+            call.waiting_on_others = bool(done >> self.group.rank & 1)
             return False
         if call.done[i]:
             self.stats["duplicates"] += 1
