@@ -370,6 +370,9 @@ class Receiver(_Endpoint):
         self.last_nack = 0.0
         self._queued = False  # the socket may hold packets not yet read
         self._tail_wait = self.TAIL_CHECK_S[0]
+        # No tail check before this time: a caller that polls (recv(timeout=0)) must not
+        # pay a map lookup per call.
+        self._tail_due = 0.0
         self.stats = {"duplicates": 0, "nacks": 0, "tail_nacks": 0}
 
     def fileno(self) -> int:
@@ -397,7 +400,7 @@ class Receiver(_Endpoint):
                 continue
             if self.pending:
                 self._nack_gap(force=True)
-            else:
+            elif time.monotonic() >= self._tail_due:
                 self._check_tail()
             if deadline is not None and time.monotonic() >= deadline:
                 return None
@@ -423,6 +426,10 @@ class Receiver(_Endpoint):
             self.stats["duplicates"] += 1
             return
         self.pending[hdr.seq] = (hdr, buf[HEADER_SIZE:HEADER_SIZE + hdr.count])
+        if self.next_seq in self.pending:
+            # New data: the socket is being fed; check the tail soon after it stops.
+            self._tail_wait = self.TAIL_CHECK_S[0]
+            self._tail_due = time.monotonic() + self._tail_wait
         while self.next_seq in self.pending:
             h, payload = self.pending.pop(self.next_seq)
             self.next_seq += 1
@@ -439,8 +446,10 @@ class Receiver(_Endpoint):
         have = self.programs.received(self.group.job_id, self.group.root)
         if have < self.next_seq:
             self._tail_wait = min(self._tail_wait * 2, self.TAIL_CHECK_S[1])
+            self._tail_due = time.monotonic() + self._tail_wait
             return
         self._tail_wait = self.TAIL_CHECK_S[0]
+        self._tail_due = time.monotonic() + self._tail_wait
         self._send_nack(self.next_seq, min(have - self.next_seq + 1, 0xFFFF))
         self.stats["tail_nacks"] += 1
 
