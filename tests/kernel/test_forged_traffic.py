@@ -242,6 +242,9 @@ def test_one_nack_costs_at_most_a_window_of_resends(bed):
 # ------------------------------------------------ 3. non-AggBox UDP passes through
 
 
+PASS_PORTS = (47000, 47500, 47999)  # aggbox.collectives.broadcast.DEFAULT_PORTS
+
+
 @pytest.mark.parametrize("where", [0, 1], ids=["root-with-xdp", "member"])
 @pytest.mark.parametrize("data", [b"\x12\x34 plain datagram, not AggBox, longer than 32 B",
                                   b"tiny"], ids=["long", "short"])
@@ -249,18 +252,21 @@ def test_non_aggbox_udp_to_an_aggbox_port_reaches_its_socket(bed, where, data):
     tb, nodes = bed
     with Job(bed, 11005, 0x11005, 47105, "pass"):  # XDP on h0, TC on every node
         host = tb.hosts[where]
-        sock = host.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-        try:
-            sock.bind(("0.0.0.0", 47999))
-            sock.settimeout(2.0)
-            before = counters(nodes[where])
-            send_udp(tb.hosts[2], host.ip, 47999, data)
-            got = sock.recv(2048)
-        finally:
-            sock.close()
+        got = {}
+        before = counters(nodes[where])
+        for port in PASS_PORTS:  # both ends of the range and one inside
+            sock = host.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            try:
+                sock.bind(("0.0.0.0", port))
+                sock.settimeout(2.0)
+                send_udp(tb.hosts[2], host.ip, port, data)
+                got[port] = sock.recv(2048)
+            finally:
+                sock.close()
         d = delta(counters(nodes[where]), before)
-    assert got == data
-    assert set(d) <= {"passed_not_ours"}
+    assert got == dict.fromkeys(PASS_PORTS, data)
+    programs = 2 if where == 0 else 1  # on the root both XDP and TC ingress pass it
+    assert d == {"passed_not_ours": programs * len(PASS_PORTS)}
 
 
 # ------------------------------------------------ 5. a member's IP from another MAC
