@@ -1015,7 +1015,9 @@ def training_loss_figures(run: Run) -> list[tuple[str, Figure]]:
     runs_of = [c for c in ("repetition", "seed") if c in s]
     for ax, w in zip(axes, workers, strict=True):
         part = s if w is None else s[s["workers"] == w]
-        for system in (x for x in run.systems if x in set(part["system"])):
+        present = [x for x in run.systems if x in set(part["system"])]
+        # AggBox last, on top: the curves of equal steps coincide and hide one another
+        for system in sorted(present, key=lambda x: x == "aggbox"):
             mine = part[part["system"] == system]
             curves = mine.pivot_table(index="iter", columns=runs_of or None, values="loss",
                                       aggfunc="mean")
@@ -1034,7 +1036,8 @@ def training_loss_figures(run: Run) -> list[tuple[str, Figure]]:
     key.line("band: lowest to highest run", color=KEY_COLOR, lw=6, alpha=0.2)
     _finish_figure(fig, title, _caption(
         run, "Cross-entropy of rank 0's part of each global batch; mean over seeds and "
-        "repetitions. n: runs per line"), key)
+        "repetitions; AggBox drawn last (where it hides the others, the steps agree). n: "
+        "runs per line"), key)
     return [("training_loss", fig)]
 
 

@@ -224,9 +224,10 @@ COST: dict[str, CostModel] = {
     "broadcast": CostModel(
         fixed_s=2.5, per_host_s=0.5, per_system_s=2.5, per_iter_s=0.003, per_iter_host_s=0.0001
     ),
-    # A guess before measurement: torch import and gloo rendezvous (~5 s, in parallel),
-    # the aggregator's compile, then digits ~5-20 ms a step, comm-heavy ~0.1-0.5 s.
-    "training": CostModel(fixed_s=10.0, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
+    # Measured (quick run, 2-4 ranks, shared machine at load 6-27): 12-69 s a cell, most
+    # of it start-up (torch import, gloo rendezvous, the aggregator's compile); digits
+    # 300 steps of 5-10 ms per system, comm-heavy 13 iterations of 0.04-0.8 s.
+    "training": CostModel(fixed_s=12.0, per_host_s=0.5, per_system_s=2.5, per_iter_s=0.1),
 }
 
 
