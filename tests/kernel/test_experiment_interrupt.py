@@ -37,6 +37,8 @@ params:
   hosts: [2, 3]
 iters: 20
 warmup: 2
+smoke: true          # a pipeline check: one repetition per cell is enough
+repetitions: 1
 """
 CELLS = {"hosts=2,rep=0", "hosts=3,rep=0"}
 START_TIMEOUT_S = 45  # until the first cell's programs are attached (BCC compiles them)
