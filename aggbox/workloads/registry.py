@@ -224,10 +224,11 @@ COST: dict[str, CostModel] = {
     "broadcast": CostModel(
         fixed_s=2.5, per_host_s=0.5, per_system_s=2.5, per_iter_s=0.003, per_iter_host_s=0.0001
     ),
-    # Measured (quick run, 2-4 ranks, shared machine at load 6-27): 12-69 s a cell, most
-    # of it start-up (torch import, gloo rendezvous, the aggregator's compile); digits
-    # 300 steps of 5-10 ms per system, comm-heavy 13 iterations of 0.04-0.8 s.
-    "training": CostModel(fixed_s=12.0, per_host_s=0.5, per_system_s=2.5, per_iter_s=0.1),
+    # Measured (quick run, 2-4 ranks, a machine shared at load 6-27): 12-69 s a cell, most
+    # of it start-up (torch import, gloo rendezvous, the aggregator's compile); the least
+    # disturbed 4-rank cells took 21-23 s, the model says 15 s for a quiet machine (digits
+    # 300 steps of 5-10 ms per system, comm-heavy 13 iterations of 0.04-0.4 s).
+    "training": CostModel(fixed_s=8.0, per_host_s=0.5, per_system_s=1.0, per_iter_s=0.05),
 }
 
 
