@@ -390,3 +390,97 @@ def test_the_peaks_find_nan_and_inf_in_any_block(bad, where):
         quant.block_peaks(x, 256)
     with pytest.raises(QuantizationError, match="1 NaN or Inf value"):
         quant.quantize_own_into(x, 256, 2, np.empty(1000, dtype=np.int32))
+
+
+# ------------------------------------------------------------ the worker's edge end to end
+#
+# One worker and a stand-in aggregator on loopback (the sum over one worker is its own
+# values, at its own exponents): the call's whole user-space path, quantize -> sendmsg ->
+# peeked, checked recvmsg_into -> dequantize into out=, with forged results in front of
+# the real ones that must not land in the result.
+
+
+def _loopback_worker(monkeypatch, port: int):
+    import socket as socketlib
+
+    from aggbox.collectives import allreduce as ar
+    from aggbox.collectives.group import Group, Member
+
+    def bound(p: int) -> socketlib.socket:  # the worker at 127.0.0.1 (the real one: 0.0.0.0)
+        s = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+        s.bind(("127.0.0.1", p))
+        return s
+
+    monkeypatch.setattr(ar, "udp_socket", bound)
+    group = Group(job_id=77, token=0xC0FFEE, members=(Member(0, "127.0.0.1"),), rank=0,
+                  port=port, aggregator=Member(0, "127.0.0.2"),
+                  options={"results": "unicast"})
+    return ar, group
+
+
+def test_one_worker_round_trip_with_forged_results_refused(monkeypatch):
+    import socket as socketlib
+    import threading
+
+    from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
+
+    box = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+    box.bind(("127.0.0.2", 0))
+    port = box.getsockname()[1]  # the worker's port too (a free one on 127.0.0.1, surely)
+    ar, group = _loopback_worker(monkeypatch, port)
+    forger = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+    forger.bind(("127.0.0.3", 0))
+    worker = ("127.0.0.1", port)
+    stop = threading.Event()
+
+    def aggregator():
+        box.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data, _ = box.recvfrom(1 << 17)
+            except TimeoutError:
+                continue
+            (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp,
+             _a) = HEADER.unpack_from(data)
+            values = data[HEADER_SIZE:HEADER_SIZE + 4 * count]
+            garbage = b"\x7f" * len(values)
+            fields = (flags, job, token, seq, 0, rank, count, exp, 0)
+
+            def result(tok, payload, fields=fields):
+                head = list(fields)
+                head[2] = tok
+                return HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, *head) + payload
+
+            box.sendto(result(token ^ 1, garbage), worker)   # wrong token
+            forger.sendto(result(token, garbage), worker)    # wrong source
+            box.sendto(result(token, values), worker)        # the real one
+            # ... and after it, over the slice already taken (or the next call's)
+            forger.sendto(result(token, garbage), worker)
+            box.sendto(result(token ^ 1, garbage), worker)
+
+    t = threading.Thread(target=aggregator, daemon=True)
+    t.start()
+    try:
+        reducer = ar.Allreducer(group, block=256, timeout=5.0)
+        rng = np.random.default_rng(5)
+        for size in (1000, 256, 3001, 1000):  # buffers grow and are reused
+            x = rng.standard_normal(size).astype(np.float32)
+            out = np.full(size, np.nan, dtype=np.float32)
+            got = reducer.allreduce(x, out=out)
+            exps = block_exponents(x, 256)
+            want = dequantize(quantize(x, exps, 256, 1), exps, 256, 1, size, quant.FLOAT32)
+            assert got is out and got.tobytes() == want.tobytes()
+            fresh = reducer.allreduce(x)  # a new array each call without out=
+            assert fresh is not out and fresh.tobytes() == want.tobytes()
+        assert reducer.stats["refused"] >= 2 * reducer.stats["results"]
+        assert reducer.stats["retransmits"] == 0
+        with pytest.raises(QuantizationError, match="1 NaN or Inf"):
+            bad = np.ones(600, dtype=np.float32)
+            bad[300] = np.inf
+            reducer.allreduce(bad)
+        reducer.close()
+    finally:
+        stop.set()
+        t.join()
+        box.close()
+        forger.close()
