@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
+import secrets
 import signal
 import socket
 import time
@@ -407,12 +407,17 @@ def build_spec(testbed: Testbed, params: dict, systems: list[str], iters: int, w
                seed: int) -> dict:
     from aggbox.collectives.allreduce import max_block
 
-    rng = random.Random(seed)
     agg, workers = testbed.hosts[0], testbed.hosts[1:]
     members = tuple(Member(rank=i, ip=h.ip, mac=h.mac) for i, h in enumerate(workers))
-    group = Group(job_id=rng.randrange(1, 2**31), token=rng.randrange(1, 2**32),
+    # Job id and token are secrets, fresh per job whatever the seed (the seed fixes the
+    # data, not who may speak for the job). Results go out once, to a multicast group,
+    # where the testbed's bridge is known to replicate it (netns: mcast_flood on every
+    # port); elsewhere the kernel's unicast clones are the safe choice.
+    results = "multicast" if testbed.backend == "netns" else "unicast"
+    group = Group(job_id=secrets.randbelow(2**31 - 1) + 1, token=secrets.randbelow(2**32 - 1) + 1,
                   members=members, rank=0, ifname=agg.ifname,
-                  aggregator=Member(rank=0, ip=agg.ip, mac=agg.mac))
+                  aggregator=Member(rank=0, ip=agg.ip, mac=agg.mac),
+                  options={"results": results})
     mtu = getattr(testbed, "mtu", 1500)
     block = int(params.get("block", 0)) or max_block(mtu)
     return {"group": json_group(group), "systems": list(systems),
