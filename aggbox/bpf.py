@@ -4,7 +4,7 @@ One :class:`ProgramFamily` is one compiled ``bpf/<family>.c`` on one host: compi
 once per host and change behaviour through maps. It must be created by a process (or
 thread) inside the host's network namespace, since attaching goes by interface name.
 
-Two facts shape this file (see ../shared/KERNEL_NOTES.md):
+Two facts shape this file (docs/kernel.md, "Loading with BCC"):
 - BCC rewrites ``map.lookup()`` only in the main source file, so a map call in an
   included header compiles into an indirect call the kernel refuses ("unknown opcode
   8d", BCC 0.26, kernel 6.18). We therefore inline the project's own ``#include "..."``
