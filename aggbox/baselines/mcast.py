@@ -28,29 +28,20 @@ group's ``options["mcast_ip"]`` overrides it.
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import socket
 
 from aggbox.baselines.udp import UdpBroadcaster, UdpReceiver
-from aggbox.collectives.group import Group
+from aggbox.collectives.group import Group, multicast_address
 from aggbox.errors import AggBoxError
 
 PROMISE = "app"  # send returns once every member's application has the message
 
-MCAST_PREFIX = "239.213"  # administratively scoped; 213 as the testbeds' 10.213.0.0/16
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux; Python may lack it
 
 
 def group_address(group: Group) -> str:
     """The job's multicast group: ``options["mcast_ip"]`` or 239.213.x.y from the job."""
-    explicit = group.options.get("mcast_ip")
-    if explicit:
-        if not ipaddress.IPv4Address(explicit).is_multicast:
-            raise AggBoxError(f"mcast_ip {explicit} is not an IPv4 multicast address")
-        return str(explicit)
-    h = hashlib.sha256(f"{group.job_id}:{group.token}:{group.port}".encode()).digest()
-    return f"{MCAST_PREFIX}.{h[0]}.{h[1]}"
+    return multicast_address(group, "mcast_ip")
 
 
 class McastBroadcaster(UdpBroadcaster):

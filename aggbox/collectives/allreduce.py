@@ -24,7 +24,6 @@ or with a status naming the workers it still waits for. A call that makes no pro
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import ipaddress
 import select
 import socket
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aggbox import quant
-from aggbox.collectives.group import Group, Member
+from aggbox.collectives.group import Group, Member, multicast_address
 from aggbox.errors import AggBoxError, CollectiveTimeout
 from aggbox.protocol import (
     HEADER,
@@ -96,16 +95,9 @@ def result_delivery(group: Group) -> str:
 
 
 def result_group(group: Group) -> str:
-    """The job's multicast group for results: ``group.options["result_ip"]`` or an
-    administratively scoped 239.213.x.y derived from the job (aggbox/baselines/mcast.py's
-    range, another hash), so that two jobs on one bridge do not share a group."""
-    explicit = group.options.get("result_ip")
-    if explicit:
-        if not ipaddress.IPv4Address(explicit).is_multicast:
-            raise AggBoxError(f"result_ip {explicit} is not an IPv4 multicast address")
-        return str(explicit)
-    h = hashlib.sha256(f"allreduce:{group.job_id}:{group.token}:{group.port}".encode()).digest()
-    return f"239.213.{h[0]}.{h[1]}"
+    """The job's multicast group for results: ``group.options["result_ip"]`` or
+    239.213.x.y derived from the job (another hash than the broadcast baseline's)."""
+    return multicast_address(group, "result_ip", purpose="allreduce:")
 
 
 def multicast_mac(ip: str) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import secrets
 from dataclasses import asdict, dataclass, field
@@ -77,3 +79,23 @@ class Group:
     @classmethod
     def from_json(cls, text: str) -> Group:
         return cls.from_dict(json.loads(text))
+
+
+#: Administratively scoped multicast (239/8); 213 as the testbeds' 10.213.0.0/16.
+MCAST_PREFIX = "239.213"
+
+
+def multicast_address(group: Group, option: str, purpose: str = "") -> str:
+    """A job's IPv4 multicast group: ``group.options[option]`` if given, else
+    239.213.x.y hashed from the job (and ``purpose``), so that two jobs, or two uses of
+    one job, on one bridge do not share a group."""
+    from aggbox.errors import AggBoxError
+
+    explicit = group.options.get(option)
+    if explicit:
+        if not ipaddress.IPv4Address(explicit).is_multicast:
+            raise AggBoxError(f"{option} {explicit} is not an IPv4 multicast address")
+        return str(explicit)
+    key = f"{purpose}{group.job_id}:{group.token}:{group.port}"
+    h = hashlib.sha256(key.encode()).digest()
+    return f"{MCAST_PREFIX}.{h[0]}.{h[1]}"
