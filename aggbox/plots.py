@@ -410,6 +410,16 @@ def _no_cpu(cells: Cells) -> bool:
         cells.table["cpu_us_per_op_p50"].astype(float)).any()
 
 
+def _cpu_panel(ax, run: Run, part: pd.DataFrame, x: str, key: Key, **series) -> None:
+    """One panel of a workload's CPU figure: every system's CPU per operation against
+    ``x`` on a log axis (``series``: what _series takes beyond the defaults)."""
+    for system in run.systems:
+        _series(ax, part[part["system"] == system], x, "cpu_us_per_op", system, key, **series)
+    ax.set_yscale("log")
+    if key.counts:
+        _readable_log(ax, "y")
+
+
 # ----------------------------------------------------------------------------- broadcast
 
 BROADCAST_METRICS = ("completion_us", "delivery_us", "cpu_us_per_op")
@@ -590,12 +600,8 @@ def broadcast_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
         for (i, rv), (j, cv) in itertools.product(enumerate(rows), enumerate(cols)):
             ax = axes[i][j]
             sub = _select(cells.table, {**fixed, row: rv, col: cv})
-            for system in run.systems:
-                _series(ax, sub[sub["system"] == system], x, "cpu_us_per_op", system, key)
+            _cpu_panel(ax, run, sub, x, key)
             _log2_x(ax, hosts)
-            ax.set_yscale("log")
-            if key.counts:
-                _readable_log(ax, "y")
             ax.set_title(_panel_title(_shown(rows)[rows.index(rv)], cv))
             if i == len(rows) - 1:
                 ax.set_xlabel("group size (hosts)")
@@ -727,12 +733,7 @@ def allreduce_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     key = Key(run)
     for ax, w in zip(axes, workers, strict=True):
         part = _select(t, {"workers": w})
-        for system in run.systems:
-            _series(ax, part[part["system"] == system], "floats", "cpu_us_per_op", system, key,
-                    xvalues=_bytes, scale=1e-3)
-        ax.set_yscale("log")
-        if key.counts:
-            _readable_log(ax, "y")
+        _cpu_panel(ax, run, part, "floats", key, xvalues=_bytes, scale=1e-3)
         _bytes_axis(ax, floats)
         ax.set_title(f"{w} workers")
         ax.set_xlabel("gradient size per worker")
@@ -954,12 +955,7 @@ def mapreduce_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     key = Key(run)
     for ax, (axis, label) in zip(axes, axes_, strict=False):
         sub_title, part = slices[axis]
-        for system in run.systems:
-            _series(ax, part[part["system"] == system], axis, "cpu_us_per_op", system, key,
-                    scale=1e-3)
-        ax.set_yscale("log")
-        if key.counts:
-            _readable_log(ax, "y")
+        _cpu_panel(ax, run, part, axis, key, scale=1e-3)
         _mr_x_axis(ax, axis, sorted(part[axis].unique()))
         ax.set_xlabel(label)
         ax.set_title(sub_title, fontsize=7.5)
@@ -1088,12 +1084,7 @@ def training_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     key = Key(run)
     for ax, task in zip(axes, tasks, strict=True):
         part = t[t["task"] == task]
-        for system in run.systems:
-            _series(ax, part[part["system"] == system], "workers", "cpu_us_per_op", system,
-                    key, scale=1e-3, band=False)
-        ax.set_yscale("log")
-        if key.counts:
-            _readable_log(ax, "y")
+        _cpu_panel(ax, run, part, "workers", key, scale=1e-3, band=False)
         _log2_x(ax, sorted(part["workers"].unique()))
         ax.set_title(task)
         ax.set_xlabel("DDP ranks")
