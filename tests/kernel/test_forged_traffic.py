@@ -8,11 +8,11 @@ Every test installs its own job (id, token, port) on the shared node processes.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 import pytest
 from broadcast_node import NodeProcess, digest, payload
+from raw_frames import frame, send_frame
 
 from aggbox.collectives.group import Group, Member
 from aggbox.protocol import Flags, Header, MsgType
@@ -89,44 +89,6 @@ def settle(node: NodeProcess, name: str, target: int, wait: float = 5.0) -> None
     while counters(node)[name] < target and time.monotonic() < end:
         time.sleep(0.02)
     time.sleep(0.05)
-
-
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def mac_of(text: str) -> bytes:
-    return bytes(int(x, 16) for x in text.split(":"))
-
-
-def frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, port: int,
-          data: bytes, break_ip: bool = False, break_udp: bool = False) -> bytes:
-    """Ethernet / IPv4 / UDP with correct checksums (unless broken on purpose): what a
-    forger on the bridge sends, or what a corrupting link delivers."""
-    sip, dip = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
-    ulen = 8 + len(data)
-    pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
-    udp = struct.pack("!HHHH", port, port, ulen, 0) + data
-    ucs = (csum(pseudo + udp) or 0xFFFF) ^ (0x0100 if break_udp else 0)
-    udp = udp[:6] + struct.pack("!H", ucs) + udp[8:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, socket.IPPROTO_UDP, 0,
-                     sip, dip)
-    ip = ip[:10] + struct.pack("!H", csum(ip) ^ (0x0010 if break_ip else 0)) + ip[12:]
-    return mac_of(dst_mac) + mac_of(src_mac) + b"\x08\x00" + ip + udp
-
-
-def send_frame(host: NetnsHost, raw: bytes) -> None:
-    def go() -> None:
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-            s.bind((host.ifname, 0))
-            s.send(raw)
-
-    host.call(go)
 
 
 def send_udp(host: NetnsHost, dst_ip: str, port: int, data: bytes) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import select
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -22,6 +21,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from raw_frames import frame as raw_frame
+from raw_frames import send_frame
 
 from aggbox.collectives import reduce as kv
 from aggbox.collectives.group import Group, Member
@@ -360,40 +361,6 @@ def test_traffic_that_is_not_reduce_by_key_is_left_alone(reducer):
 
 
 # ------------------------------------------------------------ issue 11: forged traffic --
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def raw_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, port: int,
-              data: bytes, break_ip: bool = False, break_udp: bool = False) -> bytes:
-    """Ethernet / IPv4 / UDP with correct checksums, as a forger on the bridge makes it."""
-    sip, dip = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
-    ulen = 8 + len(data)
-    udp = struct.pack("!HHHH", port, port, ulen, 0) + data
-    pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
-    ucs = (_csum(pseudo + udp) or 0xFFFF) ^ (0x0100 if break_udp else 0)
-    udp = udp[:6] + struct.pack("!H", ucs) + udp[8:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, socket.IPPROTO_UDP, 0,
-                     sip, dip)
-    ip = ip[:10] + struct.pack("!H", _csum(ip) ^ (0x0010 if break_ip else 0)) + ip[12:]
-    mac = lambda m: bytes(int(x, 16) for x in m.split(":"))  # noqa: E731
-    return mac(dst_mac) + mac(src_mac) + b"\x08\x00" + ip + udp
-
-
-def send_frame(host: NetnsHost, raw: bytes) -> None:
-    def go() -> None:
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-            s.bind((host.ifname, 0))
-            s.send(raw)
-
-    host.call(go)
 
 
 @pytest.mark.parametrize("data", [b"\x12\x34 a plain datagram, not AggBox, longer than 32 B",
