@@ -468,6 +468,44 @@ def _label(cells: Cells, config: tuple, skip: Sequence[str] = (),
 BROADCAST_TARGET = 1 - 0.845
 
 
+def against_strongest(cells: Cells, order: Sequence[str], fmt, metric: str, target: float,
+                      also: Sequence[str] = (), skip: Sequence[str] = (),
+                      keep: Callable[[dict], bool] | None = None,
+                      ) -> tuple[list[Comparison], dict[str, list[Comparison]]]:
+    """AggBox against the strongest baseline with its promise in every configuration
+    (the headline comparisons), and against each system named in ``also`` where it ran.
+    ``keep`` filters configurations by their parameter dict."""
+    comps: list[Comparison] = []
+    by_base: dict[str, list[Comparison]] = {b: [] for b in also}
+    for config, rows in cells.configs(order):
+        if "aggbox" not in rows.index or (keep and not keep(cells.config_dict(config))):
+            continue
+        label = _label(cells, config, skip=skip, fmt=fmt)
+        base = strongest(rows, "aggbox", metric, promise=rows.loc["aggbox", "promise"])
+        if base is not None:
+            comps.append(compare(cells, config, rows, "aggbox", base, metric, target, label))
+        for b in also:
+            if b in rows.index:
+                by_base[b].append(compare(cells, config, rows, "aggbox", b, metric, target,
+                                          label))
+    return comps, by_base
+
+
+def every_system(cells: Cells, order: Sequence[str], fmt, metric: str,
+                 extra: Callable[[pd.Series], list[str]]) -> list[list[str]]:
+    """One row per (configuration, system): label, system (marked when overcommitted),
+    the metric's p50 with its CI, the ``extra`` columns, n."""
+    rows_out = []
+    for config, rows in cells.configs(order):
+        label = _label(cells, config, fmt=fmt)
+        for system, r in rows.iterrows():
+            rows_out.append([label, mark(system, r["overcommitted"]),
+                             with_ci(r[f"{metric}_p50"], r[f"{metric}_ci_low"],
+                                     r[f"{metric}_ci_high"]),
+                             *extra(r), str(int(r[f"{metric}_n"]))])
+    return rows_out
+
+
 def _broadcast_fmt(p: str, v) -> str:
     if p == "hosts":
         return f"{v} hosts"
@@ -692,19 +730,9 @@ def _ar_fmt(p: str, v) -> str:
 def allreduce_section(run: Run) -> Section:
     metric = "time_ms"
     cells = cells_of(run, ["time_ms", "max_abs_err", "err_bound"])
-    comps: list[Comparison] = []
-    gloo: dict[str, Comparison] = {}
-    for config, rows in cells.configs(("workers", "floats")):
-        if "aggbox" not in rows.index:
-            continue
-        label = _label(cells, config, fmt=_ar_fmt)
-        base = strongest(rows, "aggbox", metric, promise=rows.loc["aggbox", "promise"])
-        if base is not None:
-            comps.append(compare(cells, config, rows, "aggbox", base, metric,
-                                 ALLREDUCE_TARGET, label))
-        if "gloo" in rows.index and base != "gloo":
-            gloo[label] = compare(cells, config, rows, "aggbox", "gloo", metric,
-                                  ALLREDUCE_TARGET, label)
+    comps, by_base = against_strongest(cells, ("workers", "floats"), _ar_fmt, metric,
+                                       ALLREDUCE_TARGET, also=("gloo",))
+    gloo = {g.label: g for g in by_base["gloo"]}
 
     def how(c: Comparison) -> str:
         return change(c.ratio, c.low, c.high)
@@ -717,7 +745,7 @@ def allreduce_section(run: Run) -> Section:
         "(56.1% faster). CPU per call is the whole machine's.", ""]
     rows_out = []
     for c in comps:
-        g = gloo.get(c.label)
+        g = gloo.get(c.label) if c.base != "gloo" else None
         rows_out.append([mark(c.label, c.overcommitted), c.base, num(c.ours_p50),
                          num(c.base_p50), how(c), cpu_ratio(c.ours_cpu, c.base_cpu),
                          "yes" if c.meets else "no",
@@ -731,15 +759,8 @@ def allreduce_section(run: Run) -> Section:
         lines += ["", OVERCOMMIT_LEGEND]
     lines += ["", "Every system: p50 with its 95% bootstrap CI (ms), CPU per call (µs), "
               "busy processes per CPU.", ""]
-    rows_out = []
-    for config, rows in cells.configs(("workers", "floats")):
-        label = _label(cells, config, fmt=_ar_fmt)
-        for system, r in rows.iterrows():
-            rows_out.append([label, mark(system, r["overcommitted"]),
-                             with_ci(r["time_ms_p50"], r["time_ms_ci_low"],
-                                     r["time_ms_ci_high"]),
-                             num(r["cpu_us_per_op"]), num(r["procs_per_cpu"], 2),
-                             str(int(r["time_ms_n"]))])
+    rows_out = every_system(cells, ("workers", "floats"), _ar_fmt, metric,
+                            lambda r: [num(r["cpu_us_per_op"]), num(r["procs_per_cpu"], 2)])
     lines += md_table(["configuration", "system", "time p50 (ms)", "CPU/call (µs)",
                        "procs/CPU", "n"], rows_out)
     lines += where_time_goes(cells, "allreduce", ("workers", "floats"), _ar_fmt, scale=1e3,
@@ -805,21 +826,10 @@ def training_section(run: Run) -> Section:
     cells = cells_of(run, ["iter_ms", "comm_ms"])
     s = samples_of(run)
     heavy_tasks = {"comm-heavy"} if "task" in s else set()
-    comps: list[Comparison] = []
-    by_base: dict[str, list[Comparison]] = {"gloo": [], "gloo_fp16": []}
-    for config, rows in cells.configs(("task", "workers")):
-        d = cells.config_dict(config)
-        if "aggbox" not in rows.index or (heavy_tasks and d.get("task") not in heavy_tasks):
-            continue
-        label = _label(cells, config, fmt=_tr_fmt, skip=("task",))
-        base = strongest(rows, "aggbox", metric, promise=rows.loc["aggbox", "promise"])
-        if base is not None:
-            comps.append(compare(cells, config, rows, "aggbox", base, metric,
-                                 ALLREDUCE_TARGET, label))
-        for b in by_base:
-            if b in rows.index:
-                by_base[b].append(compare(cells, config, rows, "aggbox", b, metric,
-                                          ALLREDUCE_TARGET, label))
+    comps, by_base = against_strongest(
+        cells, ("task", "workers"), _tr_fmt, metric, ALLREDUCE_TARGET,
+        also=("gloo", "gloo_fp16"), skip=("task",),
+        keep=lambda d: not heavy_tasks or d.get("task") in heavy_tasks)
 
     def how(c: Comparison) -> str:
         return change(c.ratio, c.low, c.high)
@@ -846,15 +856,9 @@ def training_section(run: Run) -> Section:
         lines += ["", OVERCOMMIT_LEGEND]
     lines += ["", "Every system: time per iteration p50 with its 95% bootstrap CI (ms), the "
               "part in the gradient hook (p50, ms), CPU per iteration (µs).", ""]
-    rows_out = []
-    for config, rows in cells.configs(("task", "workers")):
-        label = _label(cells, config, fmt=_tr_fmt)
-        for system, r in rows.iterrows():
-            rows_out.append([label, mark(system, r["overcommitted"]),
-                             with_ci(r["iter_ms_p50"], r["iter_ms_ci_low"],
-                                     r["iter_ms_ci_high"]),
-                             num(r.get("comm_ms_p50", math.nan)), num(r["cpu_us_per_op"]),
-                             str(int(r["iter_ms_n"]))])
+    rows_out = every_system(cells, ("task", "workers"), _tr_fmt, metric,
+                            lambda r: [num(r.get("comm_ms_p50", math.nan)),
+                                       num(r["cpu_us_per_op"])])
     lines += md_table(["configuration", "system", "iteration p50 (ms)", "in hook (ms)",
                        "CPU/iteration (µs)", "n"], rows_out)
     # accuracy parity (digits)
