@@ -9,6 +9,13 @@
  * each host's switch-side veth, so both directions of every link are impaired.
  *
  * - loss: drop with probability loss_ppm / 1e6;
+ * - burst loss (Gilbert-Elliott): each link and direction is in a GOOD or BAD state; before
+ *   each packet a GOOD link turns BAD with probability burst_enter_ppm / 1e6 and a BAD one
+ *   turns GOOD with burst_leave_ppm / 1e6; in the BAD state a packet is dropped with
+ *   burst_loss_ppm / 1e6. Losses then come in runs (mean BAD sojourn 1 / leave packets),
+ *   which uniform loss never produces: a protocol whose repair assumes independent losses
+ *   (one NACK, one retransmission round) is caught by it. Independent of `loss`, which
+ *   still applies in both states;
  * - duplicate: send an extra copy (clone_redirect to the same hook, marked so the copy is
  *   not impaired again);
  * - reorder: hold one UDP packet back and release it right AFTER the next UDP packet on the
@@ -31,8 +38,10 @@ struct impair_cfg {
 	__u32 loss_ppm;
 	__u32 duplicate_ppm;
 	__u32 reorder_ppm;
-	__u32 pad;
+	__u32 burst_enter_ppm; /* Gilbert-Elliott: GOOD -> BAD per packet; 0 = no burst loss */
 	__u64 seed;
+	__u32 burst_leave_ppm; /* BAD -> GOOD per packet */
+	__u32 burst_loss_ppm;  /* drop probability in the BAD state */
 };
 BPF_ARRAY(impair_config, struct impair_cfg, 1);
 
@@ -42,13 +51,18 @@ struct link_state {
 	__u64 rng;
 	__u64 stash_state; /* enum stash_state, changed with compare-and-swap */
 	__u32 stash_len;
-	__u32 pad;
+	__u32 bad; /* Gilbert-Elliott state: 1 = BAD */
 	__u8 stash[STASH_MAX];
 };
 /* key: ifindex * 2 + (1 for egress, 0 for ingress) */
 BPF_HASH(links, __u32, struct link_state, 1024);
 
-enum impair_counter { IMP_LOST = 0, IMP_DUPLICATED, IMP_HELD, IMP_RELEASED, IMP_MAX };
+/* IMP_BURST_LOST: dropped in the BAD state; IMP_BURSTS: GOOD -> BAD transitions;
+ * IMP_BAD_SEEN: packets that met a BAD link (lost or not). */
+enum impair_counter {
+	IMP_LOST = 0, IMP_DUPLICATED, IMP_HELD, IMP_RELEASED,
+	IMP_BURST_LOST, IMP_BURSTS, IMP_BAD_SEEN, IMP_MAX
+};
 BPF_PERCPU_ARRAY(impair_counters, __u64, IMP_MAX);
 
 static __always_inline void bump(__u32 idx)
@@ -71,6 +85,27 @@ static __always_inline __u32 next_random(struct link_state *st)
 static __always_inline int chance(struct link_state *st, __u32 ppm)
 {
 	return ppm && (next_random(st) % 1000000u) < ppm;
+}
+
+/* One Gilbert-Elliott step for this packet: move the link's state, then decide the loss.
+ * Two CPUs may handle one link direction at once; as with `rng`, a racing update only
+ * perturbs the random sequence (no lock on the per-packet path), never safety. */
+static __always_inline int burst_lost(struct link_state *st, struct impair_cfg *cfg)
+{
+	if (!cfg->burst_enter_ppm)
+		return 0;
+	if (!st->bad) {
+		if (chance(st, cfg->burst_enter_ppm)) {
+			st->bad = 1;
+			bump(IMP_BURSTS);
+		}
+	} else if (chance(st, cfg->burst_leave_ppm)) {
+		st->bad = 0;
+	}
+	if (!st->bad)
+		return 0;
+	bump(IMP_BAD_SEEN);
+	return chance(st, cfg->burst_loss_ppm);
 }
 
 static __always_inline int is_udp(struct __sk_buff *skb)
@@ -140,6 +175,10 @@ static __always_inline int impair(struct __sk_buff *skb, __u32 direction, __u64 
 		return TC_ACT_OK;
 	if (chance(st, cfg->loss_ppm)) {
 		bump(IMP_LOST);
+		return TC_ACT_SHOT;
+	}
+	if (burst_lost(st, cfg)) {
+		bump(IMP_BURST_LOST);
 		return TC_ACT_SHOT;
 	}
 	if (chance(st, cfg->duplicate_ppm)) {

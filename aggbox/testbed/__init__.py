@@ -24,11 +24,15 @@ def testbed_hosts(params: dict) -> int:
 def make_testbed(backend: str, params: dict, run_id: str = "",
                  options: dict | None = None) -> Testbed:
     """The testbed an experiment cell asks for: ``params["hosts"]`` hosts, with the link
-    impairments ``loss`` / ``duplicate`` / ``reorder`` (percent) and ``delay`` (ms).
+    impairments ``loss`` / ``duplicate`` / ``reorder`` (percent), ``delay`` (ms) and
+    ``burst_loss`` ("enter,leave,loss" percent, Gilbert-Elliott).
     ``options`` are the backend's own settings (ansible: ``inventory``)."""
     from aggbox.errors import TestbedError
+    from aggbox.testbed.impair import parse_burst_loss
 
+    enter, leave, burst_loss = parse_burst_loss(str(params.get("burst_loss", "")))
     netem = Netem(loss_pct=float(params.get("loss", 0)),
+                  burst_enter_pct=enter, burst_leave_pct=leave, burst_loss_pct=burst_loss,
                   duplicate_pct=float(params.get("duplicate", 0)),
                   reorder_pct=float(params.get("reorder", 0)),
                   delay_ms=float(params.get("delay", 0)),

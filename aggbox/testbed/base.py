@@ -23,9 +23,22 @@ class Netem:
     duplicate_pct: float = 0.0
     reorder_pct: float = 0.0  # needs delay_ms > 0 to have any effect (netem's rule)
     seed: int = 1
+    # Gilbert-Elliott burst loss (bpf/impair.c), percent per packet: good -> bad, bad ->
+    # good, loss in the bad state; off while enter or loss is 0. E.g. 1, 10, 70.
+    burst_enter_pct: float = 0.0
+    burst_leave_pct: float = 0.0
+    burst_loss_pct: float = 0.0
+
+    @property
+    def burst(self) -> tuple[float, float, float]:
+        """(enter, leave, loss) percent; all zero without burst loss."""
+        if not (self.burst_enter_pct and self.burst_loss_pct):
+            return (0.0, 0.0, 0.0)
+        return (self.burst_enter_pct, self.burst_leave_pct, self.burst_loss_pct)
 
     def is_noop(self) -> bool:
-        return not (self.delay_ms or self.loss_pct or self.duplicate_pct or self.reorder_pct)
+        return not (self.delay_ms or self.loss_pct or self.duplicate_pct or self.reorder_pct
+                    or any(self.burst))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Seeded loss / duplication / reordering on testbed links, with bpf/impair.c.
+"""Seeded loss / burst loss / duplication / reordering on testbed links, with bpf/impair.c.
 
 This kernel has no sch_netem (see bpf/impair.c), so impairments are an eBPF program on
 both TC hooks of each host's switch-side veth. ``apply_impairment`` runs this module as a
@@ -6,6 +6,13 @@ short-lived process inside the switch namespace: it compiles, attaches and exits
 attached filters keep the program and its maps alive until the links are deleted.
 
     python -m aggbox.testbed.impair --links h0,h1 --loss 5 --duplicate 5 --reorder 5 --seed 7
+    python -m aggbox.testbed.impair --links h0,h1 --burst-loss 1,10,70
+
+Burst loss is a Gilbert-Elliott model per link and direction, given as three percentages
+``enter,leave,loss``: per packet a good link turns bad with ``enter``, a bad one turns
+good with ``leave``, and a packet on a bad link is lost with ``loss`` (1,10,70: bursts of
+~10 packets, ~6.4% of packets lost per link). ``Netem(burst_enter_pct=, burst_leave_pct=,
+burst_loss_pct=)`` carries it; :func:`parse_burst_loss` reads the CLI form.
 """
 
 from __future__ import annotations
@@ -26,6 +33,36 @@ def _percent_to_ppm(pct: float) -> int:
     return round(pct * PPM / 100)
 
 
+BURST_DEFAULT = (1.0, 10.0, 70.0)  # the issue's example: 1% enter, 10% leave, 70% loss
+
+
+def parse_burst_loss(text: str) -> tuple[float, float, float]:
+    """``"enter,leave,loss"`` (percent each) -> a tuple; ``""`` or ``"0"`` -> no burst loss,
+    ``"default"`` -> :data:`BURST_DEFAULT`."""
+    text = text.strip()
+    if text in ("", "0", "off"):
+        return (0.0, 0.0, 0.0)
+    if text == "default":
+        return BURST_DEFAULT
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise TestbedError(f"burst loss is 'enter,leave,loss' in percent (e.g. 1,10,70), "
+                           f"got {text!r}")
+    for pct in parts:
+        _percent_to_ppm(pct)  # refuses values outside 0..100
+    if parts[0] and not parts[1]:
+        raise TestbedError("burst loss with leave 0 never leaves the bad state: a dead link")
+    return parts  # type: ignore[return-value]
+
+
+def burst_text(burst: tuple[float, float, float]) -> str:
+    """The inverse of :func:`parse_burst_loss` (what the command line takes)."""
+    return ",".join(f"{x:g}" for x in burst)
+
+
 def _clear(links: list[str]) -> None:
     """Remove earlier impairment filters (the clsact qdisc carries them)."""
     from pyroute2 import IPRoute
@@ -38,7 +75,8 @@ def _clear(links: list[str]) -> None:
                     ipr.tc("del", "clsact", idx[0])
 
 
-def _attach(links: list[str], loss: float, duplicate: float, reorder: float, seed: int) -> None:
+def _attach(links: list[str], loss: float, duplicate: float, reorder: float, seed: int,
+            burst: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
     from pyroute2 import IPRoute
 
     from aggbox.bpf import ProgramFamily
@@ -49,6 +87,10 @@ def _attach(links: list[str], loss: float, duplicate: float, reorder: float, see
     value.loss_ppm = _percent_to_ppm(loss)
     value.duplicate_ppm = _percent_to_ppm(duplicate)
     value.reorder_ppm = _percent_to_ppm(reorder)
+    if burst[0] and burst[2]:
+        value.burst_enter_ppm = _percent_to_ppm(burst[0])
+        value.burst_leave_ppm = _percent_to_ppm(burst[1])
+        value.burst_loss_ppm = _percent_to_ppm(burst[2])
     value.seed = seed
     cfg[cfg.Key(0)] = value
     states = family["links"]
@@ -70,21 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss", type=float, default=0.0, help="percent")
     parser.add_argument("--duplicate", type=float, default=0.0, help="percent")
     parser.add_argument("--reorder", type=float, default=0.0, help="percent")
+    parser.add_argument("--burst-loss", default="", metavar="ENTER,LEAVE,LOSS",
+                        help="Gilbert-Elliott burst loss, percent each (e.g. 1,10,70)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     links = [name for name in args.links.split(",") if name]
+    burst = parse_burst_loss(args.burst_loss)
     _clear(links)
-    if args.loss or args.duplicate or args.reorder:
-        _attach(links, args.loss, args.duplicate, args.reorder, args.seed)
+    if args.loss or args.duplicate or args.reorder or (burst[0] and burst[2]):
+        _attach(links, args.loss, args.duplicate, args.reorder, args.seed, burst)
     return 0
 
 
 def apply_impairment(switch_netns: str, links: list[str], loss: float = 0.0,
-                     duplicate: float = 0.0, reorder: float = 0.0, seed: int = 1) -> None:
-    """Impair (or, with all zero, clear) ``links`` inside ``switch_netns``."""
+                     duplicate: float = 0.0, reorder: float = 0.0, seed: int = 1,
+                     burst: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
+    """Impair (or, with all zero, clear) ``links`` inside ``switch_netns``. ``burst`` is
+    Gilbert-Elliott burst loss, ``(enter, leave, loss)`` in percent."""
     argv = ["nsenter", f"--net=/run/netns/{switch_netns}", "--", sys.executable, "-m",
             "aggbox.testbed.impair", "--links", ",".join(links), "--loss", str(loss),
-            "--duplicate", str(duplicate), "--reorder", str(reorder), "--seed", str(seed)]
+            "--duplicate", str(duplicate), "--reorder", str(reorder), "--seed", str(seed),
+            "--burst-loss", burst_text(burst)]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])

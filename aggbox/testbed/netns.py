@@ -154,12 +154,15 @@ def switch_port_mac(run_id: str, index: int) -> str:
 
 def check_impairment(netem: Netem) -> None:
     """Refuse impossible impairments with a line that says which value is wrong."""
-    for name in ("loss_pct", "duplicate_pct", "reorder_pct"):
+    for name in ("loss_pct", "duplicate_pct", "reorder_pct", "burst_enter_pct",
+                 "burst_leave_pct", "burst_loss_pct"):
         value = getattr(netem, name)
         if not 0 <= value <= 100:
             raise TestbedError(f"{name} must be a percentage within 0..100, got {value:g}")
     if netem.delay_ms < 0 or netem.jitter_ms < 0:
         raise TestbedError("delay and jitter must not be negative")
+    if netem.burst_enter_pct and netem.burst_loss_pct and not netem.burst_leave_pct:
+        raise TestbedError("burst loss with leave 0 never leaves the bad state: a dead link")
 
 
 def netem_args(netem: Netem, with_seed: bool = True) -> list[str]:
@@ -541,7 +544,8 @@ class NetnsTestbed(Testbed):
                          loss=netem.loss_pct if netem else 0.0,
                          duplicate=netem.duplicate_pct if netem else 0.0,
                          reorder=netem.reorder_pct if netem else 0.0,
-                         seed=netem.seed if netem else 1)
+                         seed=netem.seed if netem else 1,
+                         burst=netem.burst if netem else (0.0, 0.0, 0.0))
         self.netem = netem
         self._rewrite_state()
 
