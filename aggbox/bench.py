@@ -135,13 +135,22 @@ def _print_broadcast_table(result: dict) -> None:
         print(f"{name}: {ratio} [{lo}, {hi}] ({r['promises']}){star}")
 
 
+def _netem(args: argparse.Namespace, **extra: float) -> Netem:
+    """The links' impairment from --loss, --burst-loss and --seed."""
+    from aggbox.testbed.impair import parse_burst_loss
+
+    enter, leave, loss = parse_burst_loss(args.burst_loss)
+    return Netem(loss_pct=args.loss, burst_enter_pct=enter, burst_leave_pct=leave,
+                 burst_loss_pct=loss, seed=args.seed, **extra)
+
+
 def bench_broadcast(args: argparse.Namespace) -> int:
     from aggbox.workloads.broadcast import run_broadcast
 
     systems = args.systems.split(",")
     params = {"size": args.size, "receivers": args.receivers, "gap_us": args.gap_us,
               "gap_jitter_us": args.gap_jitter_us, "placement": args.placement}
-    netem = Netem(loss_pct=args.loss, seed=args.seed)
+    netem = _netem(args)
     with NetnsTestbed(args.hosts, netem=None if netem.is_noop() else netem) as tb:
         run = run_broadcast(tb, params, systems, args.iters, args.warmup, args.seed)
     per_system = summarize_broadcast(run.samples, systems)
@@ -303,7 +312,7 @@ def bench_allreduce(args: argparse.Namespace) -> int:
     from aggbox.workloads.allreduce import run_allreduce
 
     systems = args.systems.split(",")
-    netem = Netem(loss_pct=args.loss, seed=args.seed)
+    netem = _netem(args)
     results = []
     with NetnsTestbed(args.workers + 1, mtu=args.mtu,
                       netem=None if netem.is_noop() else netem) as tb:
@@ -461,7 +470,7 @@ def bench_mapreduce(args: argparse.Namespace) -> int:
               "vocab": args.vocab, "skew": args.skew, "files": args.files,
               "corpus": args.corpus or "", "map_entries": args.map_entries,
               "window": args.window, "placement": args.placement}
-    netem = Netem(loss_pct=args.loss, duplicate_pct=args.duplicate, seed=args.seed)
+    netem = _netem(args, duplicate_pct=args.duplicate)
     with NetnsTestbed(args.mappers + args.reducers,
                       netem=None if netem.is_noop() else netem) as tb:
         run = run_mapreduce(tb, params, systems, args.iters, args.warmup, args.seed)
@@ -613,6 +622,8 @@ def register(subparsers) -> None:
                    help="CPUs on this one machine: the root alone on CPU 0 (default) or "
                    "every host on every CPU")
     b.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
+    b.add_argument("--burst-loss", default="", metavar="ENTER,LEAVE,LOSS",
+                   help="Gilbert-Elliott burst loss on every link, percent each (1,10,70)")
     b.add_argument("--systems", default="aggbox,tcp_kack,tcp,udp,mcast")
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--counters", action="store_true", help="include node stats and counters")
@@ -632,6 +643,8 @@ def register(subparsers) -> None:
     a.add_argument("--distribution", default="gaussian",
                    choices=("gaussian", "uniform", "heavy", "zeros"))
     a.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
+    a.add_argument("--burst-loss", default="", metavar="ENTER,LEAVE,LOSS",
+                   help="Gilbert-Elliott burst loss on every link, percent each (1,10,70)")
     a.add_argument("--systems", default="aggbox,gloo,tcp_ps")
     a.add_argument("--seed", type=int, default=1)
     a.add_argument("--counters", action="store_true")
@@ -659,6 +672,8 @@ def register(subparsers) -> None:
                    help="CPUs: every host on every CPU (default), or the reducers alone on "
                    "CPU 0")
     m.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
+    m.add_argument("--burst-loss", default="", metavar="ENTER,LEAVE,LOSS",
+                   help="Gilbert-Elliott burst loss on every link, percent each (1,10,70)")
     m.add_argument("--duplicate", type=float, default=0.0, help="duplication, percent")
     m.add_argument("--systems", default="aggbox,aggbox_nocombiner,tcp,tcp_combiner")
     m.add_argument("--seed", type=int, default=1)
