@@ -25,6 +25,7 @@ import itertools
 import os
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -40,6 +41,7 @@ from aggbox.report import Cells, cells_of, samples_of
 from aggbox.results import Run, bootstrap_ratio_ci, load_run, temp_beside
 
 FigureFn = Callable[..., list[Path]]
+DrawFn = Callable[["Run"], list[tuple[str, "Figure"]]]
 
 #: figure name -> function(run, out_dir=None) -> written paths.
 FIGURES: dict[str, FigureFn] = {}
@@ -98,11 +100,15 @@ METRIC_LABELS = {
 }
 
 
-def figure(name: str) -> Callable[[FigureFn], FigureFn]:
-    """Register a figure function under ``name`` (the name experiment files use)."""
+def figure(name: str) -> Callable[[DrawFn], DrawFn]:
+    """Register ``fn`` (run -> [(file stem, Figure)]) under ``name``, the name experiment
+    files use; ``FIGURES[name](run, out_dir=None)`` draws and saves it."""
 
-    def add(fn: FigureFn) -> FigureFn:
-        FIGURES[name] = fn
+    def add(fn: DrawFn) -> DrawFn:
+        def save_all(run: Run, out_dir: Path | None = None) -> list[Path]:
+            return _save_all(run, fn(run), out_dir)
+
+        FIGURES[name] = save_all
         return fn
 
     return add
@@ -419,6 +425,39 @@ def _cpu_panel(ax, run: Run, part: pd.DataFrame, x: str, key: Key, **series) -> 
     if key.counts:
         _readable_log(ax, "y")
 
+@dataclass
+class CpuPanel:
+    """One panel of a row of CPU figures: its title, the cells it draws, the x column,
+    how to dress the x axis, its label, and what _series takes beyond the defaults."""
+
+    title: str
+    part: pd.DataFrame
+    x: str
+    x_axis: Callable[[object], None]
+    xlabel: str
+    series: dict
+    title_size: float | None = None
+
+
+def _cpu_row_figure(run: Run, stem: str, title: str, panels: list[CpuPanel], op: str,
+                    width: float, sharey: bool = False, note: str = "",
+                    ) -> list[tuple[str, Figure]]:
+    """A row of CPU panels in ms per ``op`` (the whole machine's, background subtracted)."""
+    fig = _new_figure(1, max(1, len(panels)), width=width)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), sharey=sharey, squeeze=False)[0])
+    key = Key(run)
+    for ax, panel in zip(axes, panels, strict=False):
+        _cpu_panel(ax, run, panel.part, panel.x, key, scale=1e-3, **panel.series)
+        panel.x_axis(ax)
+        ax.set_title(panel.title, **({"fontsize": panel.title_size} if panel.title_size else {}))
+        ax.set_xlabel(panel.xlabel)
+    axes[0].set_ylabel(f"CPU per {op}, whole machine (ms)")
+    _finish_figure(fig, title, _caption(
+        run, f"Whole machine's busy CPU over the measured {op}s / their number, idle "
+        f"background subtracted{note}"), key)
+    return [(stem, fig)]
+
+
 
 # ----------------------------------------------------------------------------- broadcast
 
@@ -478,6 +517,7 @@ def _reduction_note(ax, sub: pd.DataFrame, metric: str, x: str) -> None:
     )
 
 
+@figure("broadcast_latency")
 @_styled
 def broadcast_latency_figures(run: Run, metric: str | None = None) -> list[tuple[str, Figure]]:
     """Completion and delivery latency vs group size per system (p50 line, CI band, p99
@@ -531,6 +571,7 @@ def broadcast_latency_figures(run: Run, metric: str | None = None) -> list[tuple
     return out
 
 
+@figure("broadcast_cdf")
 @_styled
 def broadcast_cdf_figures(run: Run, metric: str | None = None) -> list[tuple[str, Figure]]:
     """CDF of the primary metric per system at the largest group; a panel per receiver model."""
@@ -581,6 +622,7 @@ def broadcast_cdf_figures(run: Run, metric: str | None = None) -> list[tuple[str
     return out
 
 
+@figure("broadcast_cpu")
 @_styled
 def broadcast_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     """The whole machine's CPU per broadcast vs group size, per system (p50 over the
@@ -615,21 +657,6 @@ def broadcast_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     return out
 
 
-@figure("broadcast_latency")
-def broadcast_latency(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, broadcast_latency_figures(run), out_dir)
-
-
-@figure("broadcast_cdf")
-def broadcast_cdf(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, broadcast_cdf_figures(run), out_dir)
-
-
-@figure("broadcast_cpu")
-def broadcast_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, broadcast_cpu_figures(run), out_dir)
-
-
 # ----------------------------------------------------------------------------- allreduce
 
 ALLREDUCE_METRICS = ("time_ms", "cpu_us_per_op")
@@ -645,6 +672,7 @@ def _bytes_axis(ax, floats: list) -> None:
     ax.tick_params(axis="x", labelrotation=30)
 
 
+@figure("allreduce_time")
 @_styled
 def allreduce_time_figures(run: Run) -> list[tuple[str, Figure]]:
     """Time per call vs tensor size in bytes, a column per worker count: p50 line, CI
@@ -717,6 +745,7 @@ def allreduce_time_figures(run: Run) -> list[tuple[str, Figure]]:
     return [("allreduce_time", fig)]
 
 
+@figure("allreduce_cpu")
 @_styled
 def allreduce_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     """The whole machine's CPU per allreduce call vs gradient size, a panel per worker
@@ -725,33 +754,13 @@ def allreduce_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     title = "Allreduce CPU per call vs gradient size"
     if _no_cpu(cells):
         return _missing_figure(run, "allreduce_cpu", title, "cpu_us_per_op (CPU per call)")
-    t = cells.table
-    workers = _values(run, "workers")
     floats = _values(run, "floats")
-    fig = _new_figure(1, len(workers), width=3.3)
-    axes = fig.subplots(1, len(workers), sharey=True, squeeze=False)[0]
-    key = Key(run)
-    for ax, w in zip(axes, workers, strict=True):
-        part = _select(t, {"workers": w})
-        _cpu_panel(ax, run, part, "floats", key, xvalues=_bytes, scale=1e-3)
-        _bytes_axis(ax, floats)
-        ax.set_title(f"{w} workers")
-        ax.set_xlabel("gradient size per worker")
-    axes[0].set_ylabel("CPU per call, whole machine (ms)")
-    _finish_figure(fig, title, _caption(
-        run, "Whole machine's busy CPU over the measured calls / their number, idle "
-        "background subtracted"), key)
-    return [("allreduce_cpu", fig)]
-
-
-@figure("allreduce_time")
-def allreduce_time(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, allreduce_time_figures(run), out_dir)
-
-
-@figure("allreduce_cpu")
-def allreduce_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, allreduce_cpu_figures(run), out_dir)
+    panels = [CpuPanel(f"{w} workers", _select(cells.table, {"workers": w}), "floats",
+                       lambda ax: _bytes_axis(ax, floats), "gradient size per worker",
+                       {"xvalues": _bytes})
+              for w in _values(run, "workers")]
+    return _cpu_row_figure(run, "allreduce_cpu", title, panels, "call", width=3.3,
+                           sharey=True)
 
 
 # ----------------------------------------------------------------------------- mapreduce
@@ -808,6 +817,7 @@ def _mr_x_axis(ax, axis: str, values: list) -> None:
             ax.set_xlim(values[0] * 0.8, values[0] * 1.2)
 
 
+@figure("mapreduce_speedup")
 @_styled
 def mapreduce_speedup_figures(run: Run) -> list[tuple[str, Figure]]:
     """Whole-job speed-up, like for like (baseline p50 / AggBox p50, both with a combiner
@@ -878,6 +888,7 @@ def _slice_fixed(part: pd.DataFrame, axis: str) -> dict:
             if k in part and k != axis and part[k].nunique() == 1 and len(part)}
 
 
+@figure("mapreduce_times")
 @_styled
 def mapreduce_times_figures(run: Run) -> list[tuple[str, Figure]]:
     """Whole-job time and the time after the last send per system at the reference point:
@@ -940,6 +951,7 @@ def _seconds(v: float) -> str:
     return f"{v:.2f} s" if v >= 1 else f"{v * 1e3:.3g} ms"
 
 
+@figure("mapreduce_cpu")
 @_styled
 def mapreduce_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     """The whole machine's CPU per job (ms) per system vs corpus size, mappers and skew
@@ -949,36 +961,15 @@ def mapreduce_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     if _no_cpu(cells):
         return _missing_figure(run, "mapreduce_cpu", title, "cpu_us_per_op (CPU per job)")
     slices = mapreduce_slices(run)
-    axes_ = [a for a in MAPREDUCE_AXES if a[0] in slices]
-    fig = _new_figure(1, max(1, len(axes_)), width=3.2)
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(axes_))))
-    key = Key(run)
-    for ax, (axis, label) in zip(axes, axes_, strict=False):
+    panels = []
+    for axis, label in (a for a in MAPREDUCE_AXES if a[0] in slices):
         sub_title, part = slices[axis]
-        _cpu_panel(ax, run, part, axis, key, scale=1e-3)
-        _mr_x_axis(ax, axis, sorted(part[axis].unique()))
-        ax.set_xlabel(label)
-        ax.set_title(sub_title, fontsize=7.5)
-    axes[0].set_ylabel("CPU per job, whole machine (ms)")
-    _finish_figure(fig, title, _caption(
-        run, "Whole machine's busy CPU over the measured jobs / their number, idle "
-        "background subtracted; n: jobs per point"), key)
-    return [("mapreduce_cpu", fig)]
-
-
-@figure("mapreduce_speedup")
-def mapreduce_speedup(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, mapreduce_speedup_figures(run), out_dir)
-
-
-@figure("mapreduce_times")
-def mapreduce_times(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, mapreduce_times_figures(run), out_dir)
-
-
-@figure("mapreduce_cpu")
-def mapreduce_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, mapreduce_cpu_figures(run), out_dir)
+        values = sorted(part[axis].unique())
+        panels.append(CpuPanel(sub_title, part, axis,
+                               lambda ax, axis=axis, values=values: _mr_x_axis(ax, axis, values),
+                               label, {}, title_size=7.5))
+    return _cpu_row_figure(run, "mapreduce_cpu", title, panels, "job", width=3.2,
+                           note="; n: jobs per point")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -994,6 +985,7 @@ def _task_cells(run: Run, task: str) -> pd.DataFrame:
     return t[t["task"] == task] if "task" in t else t.iloc[:0]
 
 
+@figure("training_loss")
 @_styled
 def training_loss_figures(run: Run) -> list[tuple[str, Figure]]:
     """Rank 0's training loss per step on the digits, a panel per rank count: per
@@ -1037,6 +1029,7 @@ def training_loss_figures(run: Run) -> list[tuple[str, Figure]]:
     return [("training_loss", fig)]
 
 
+@figure("training_time")
 @_styled
 def training_time_figures(run: Run) -> list[tuple[str, Figure]]:
     """Time per iteration of the communication-heavy model vs the number of ranks: p50
@@ -1070,6 +1063,7 @@ def training_time_figures(run: Run) -> list[tuple[str, Figure]]:
     return [("training_time", fig)]
 
 
+@figure("training_cpu")
 @_styled
 def training_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     """The whole machine's CPU per iteration vs ranks, a panel per task."""
@@ -1078,36 +1072,14 @@ def training_cpu_figures(run: Run) -> list[tuple[str, Figure]]:
     if _no_cpu(cells) or "task" not in cells.table:
         return _missing_figure(run, "training_cpu", title, "cpu_us_per_op (CPU per iteration)")
     t = cells.table
-    tasks = [x for x in ("digits", "comm-heavy") if x in set(t["task"])]
-    fig = _new_figure(1, len(tasks), width=3.4)
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
-    key = Key(run)
-    for ax, task in zip(axes, tasks, strict=True):
+    panels = []
+    for task in (x for x in ("digits", "comm-heavy") if x in set(t["task"])):
         part = t[t["task"] == task]
-        _cpu_panel(ax, run, part, "workers", key, scale=1e-3, band=False)
-        _log2_x(ax, sorted(part["workers"].unique()))
-        ax.set_title(task)
-        ax.set_xlabel("DDP ranks")
-    axes[0].set_ylabel("CPU per iteration, whole machine (ms)")
-    _finish_figure(fig, title, _caption(
-        run, "Whole machine's busy CPU over the measured iterations / their number, idle "
-        "background subtracted"), key)
-    return [("training_cpu", fig)]
-
-
-@figure("training_loss")
-def training_loss(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, training_loss_figures(run), out_dir)
-
-
-@figure("training_time")
-def training_time(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, training_time_figures(run), out_dir)
-
-
-@figure("training_cpu")
-def training_cpu(run: Run, out_dir: Path | None = None) -> list[Path]:
-    return _save_all(run, training_cpu_figures(run), out_dir)
+        ranks = sorted(part["workers"].unique())
+        panels.append(CpuPanel(task, part, "workers",
+                               lambda ax, ranks=ranks: _log2_x(ax, ranks), "DDP ranks",
+                               {"band": False}))
+    return _cpu_row_figure(run, "training_cpu", title, panels, "iteration", width=3.4)
 
 
 def register(subparsers) -> None:
