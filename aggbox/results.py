@@ -2,9 +2,9 @@
 
 A run is a folder ``results/<experiment>/<run-id>/`` holding ``samples.parquet`` (one row
 per sample), ``summary.csv`` (one row per system and configuration), ``meta.json`` and the
-figures (see DESIGN.md section 7). ``meta.json`` carries ``format_version``; a run written
-by an older AggBox is brought up to date on load by the functions in :data:`UPGRADERS`,
-so an old result re-plots without a re-run.
+figures (docs/design.md, README.md "Results"). ``meta.json`` carries ``format_version``;
+a run written by an older AggBox is brought up to date on load by the functions in
+:data:`UPGRADERS`, so an old result re-plots without a re-run.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ class SshStandIns:
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
             "UsePAM no",
-            "StrictModes no",  # keys under /tmp: see KERNEL_NOTES.md
+            "StrictModes no",  # keys under /tmp: see docs/kernel.md, "Containers and SSH hosts"
             "AcceptEnv LANG LC_*",
             "MaxStartups 100:30:200",
             "MaxSessions 100",
