@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "aggbox.experiment",  # aggbox run
     "aggbox.plots",  # aggbox plot
     "aggbox.report",  # aggbox report
+    "aggbox.chaos",  # aggbox chaos
 ]
 
 
