@@ -136,11 +136,25 @@ def block_exponents(x: np.ndarray, block: int) -> np.ndarray:
     return exponents_of(block_peaks(x, block))
 
 
-def _pow2(exponents: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """2**exponents as ``dtype``, clipped to its finite range."""
+def _scales(exponents: np.ndarray, bits: int, dtype: np.dtype,
+            inverse: bool = False) -> np.ndarray:
+    """Per block, the quantization scale ``2**(B - e)`` (``inverse``: ``2**(e - B)``) as
+    ``dtype``, or as float64 when one of them is outside ``dtype``'s normal range.
+
+    A float32 tensor's block below about 2**-97 needs a scale above float32's largest
+    power of two (2**127) to quantize and one below its smallest normal (2**-126) to
+    dequantize; clipping it there would scale the values by the wrong power of two. In
+    float64 the product is still exact (x times a power of two) and the float64 to
+    float32 cast at the end is the one rounding, which the bound covers. All-zero blocks
+    (ZERO_BLOCK_EXPONENT) do not count: their values are 0 whatever the scale."""
+    e = exponents.astype(np.int64)
+    k = e - bits if inverse else bits - e
     info = np.finfo(dtype)
-    e = np.clip(exponents.astype(np.int64), info.minexp, info.maxexp - 1)
-    return np.ldexp(np.ones(e.shape, dtype=dtype), e.astype(np.int32))
+    live = e > ZERO_BLOCK_EXPONENT
+    if (live & ((k < info.minexp) | (k > info.maxexp - 1))).any():
+        dtype, info = FLOAT64, np.finfo(FLOAT64)
+    k = np.clip(k, info.minexp, info.maxexp - 1)
+    return np.ldexp(np.ones(k.shape, dtype=dtype), k.astype(np.int32))
 
 
 #: values quantize works through at a time: 1 MiB of float32 scratch, which stays in a
@@ -166,6 +180,8 @@ def _scale_rint(flat: np.ndarray, scales: np.ndarray, block: int, out: np.ndarra
     full, tail = _split(flat, block)
     nf = full.shape[0]
     qfull, qtail = _split(out, block)
+    if scratch.dtype != scales.dtype:  # tiny blocks of a float32 tensor: float64 scales
+        scratch = np.empty(flat.size, dtype=scales.dtype)
     if nf:
         sfull = scratch[: nf * block].reshape(nf, block)
         np.multiply(full, scales[:nf, None], out=sfull)
@@ -189,7 +205,7 @@ def quantize_into(x: np.ndarray, exponents: np.ndarray, block: int, n_workers: i
     bits = headroom_bits(n_workers)
     dtype = _work_dtype(x)
     flat = _flat(x, dtype)
-    scales = _pow2(bits - exponents.astype(np.int64), dtype)
+    scales = _scales(exponents, bits, dtype)
     # max|rint(x * s)| is rint(max|x| * s): rint and the power-of-two scale are monotone
     # and odd, so the block's peak alone tells whether any value exceeds 2**B.
     if (np.rint(peaks.astype(dtype) * scales) > float(2**bits)).any():
@@ -226,27 +242,57 @@ def quantize_own_into(x: np.ndarray, block: int, n_workers: int, out: np.ndarray
         if not np.isfinite(peaks).all():
             check_finite(x)  # names how many; raises
         e = exps[lo // block: lo // block + peaks.size] = exponents_of(peaks)
-        _scale_rint(flat[lo:hi], _pow2(bits - e.astype(np.int64), dtype), block, out[lo:hi],
-                    scratch)
+        _scale_rint(flat[lo:hi], _scales(e, bits, dtype), block, out[lo:hi], scratch)
     return exps
 
 
 def dequantize_into(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_workers: int,
-                    out: np.ndarray) -> np.ndarray:
+                    out: np.ndarray, mean: bool = False) -> np.ndarray:
     """The int32 sums as ``out.dtype`` values written into ``out`` (flat, its size is the
-    tensor's): per block one ufunc that casts int to float (one rounding) and multiplies
-    by a power of two (exact) in ``out.dtype``."""
-    bits = headroom_bits(n_workers)
-    dtype = out.dtype
-    scales = _pow2(exponents.astype(np.int64) - bits, dtype)
+    tensor's); ``mean``: divided by ``n_workers`` before the cast to ``out.dtype``.
+
+    float32 and float64: per block one ufunc that casts int to float (one rounding) and
+    multiplies by a power of two (exact) in ``out.dtype``; in float64, then one cast, for a
+    call with a block outside ``out.dtype``'s normal range (see :func:`_scales`).
+    Narrower floats (float16): an int32 sum does not fit float16 (2**28 is inf there), so
+    the sums are dequantized (and averaged) in float32 and cast once; a result beyond
+    ``out.dtype``'s range raises QuantizationError instead of returning inf."""
+    if out.dtype.itemsize < 4:
+        wide = dequantize_into(q_sum, exponents, block, n_workers,
+                               np.empty(out.size, dtype=FLOAT32), mean)
+        _cast_into(wide, out, mean)
+        return out
+    scales = _scales(exponents, headroom_bits(n_workers), out.dtype, inverse=True)
+    target = out if scales.dtype == out.dtype else np.empty(out.size, dtype=scales.dtype)
     qfull, qtail = _split(q_sum[: out.size], block)
-    ofull, otail = _split(out, block)
+    ofull, otail = _split(target, block)
     nf = qfull.shape[0]
+    dtype = target.dtype
     if nf:
         np.multiply(qfull, scales[:nf, None], out=ofull, dtype=dtype, casting="unsafe")
     if qtail.size:
         np.multiply(qtail, scales[nf], out=otail, dtype=dtype, casting="unsafe")
+    if mean:
+        target /= n_workers
+    if target is not out:
+        out[...] = target  # the one rounding to out.dtype (subnormals included)
     return out
+
+
+def _cast_into(wide: np.ndarray, out: np.ndarray, mean: bool) -> None:
+    """``out[...] = wide`` for a narrower float dtype, refusing values it cannot hold."""
+    limit = float(np.finfo(out.dtype).max)
+    # values within half an ulp above max still round to max; from there on the cast is inf
+    inf_from = limit * (1 + float(np.finfo(out.dtype).eps) / 4)
+    peak = float(np.abs(wide).max()) if wide.size else 0.0
+    if peak >= inf_from:
+        over = int(np.count_nonzero(np.abs(wide) >= inf_from))
+        what = "mean" if mean else "sum"
+        raise QuantizationError(
+            f"the {what} does not fit {out.dtype}: {over} value(s) up to {peak:.6g} exceed "
+            f"its largest finite value {limit:g}; allreduce a float32 copy (or use "
+            f"op='mean') to get it")
+    out[...] = wide
 
 
 def dequantize(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_workers: int,
@@ -265,5 +311,11 @@ def error_bound(result: np.ndarray, exponents: np.ndarray, block: int, n_workers
     step = np.ldexp(1.0, (exponents.astype(np.int64) - bits).clip(-1074, 1023))
     per_step = n_workers if aligned else n_workers / 2
     quant = np.repeat(per_step * step, block)[:size]
-    cast = np.abs(np.asarray(result, dtype=np.float64)) * float(np.finfo(dtype).eps) / 2
+    info = np.finfo(dtype)
+    # the cast to dtype: half an ulp relative, and half the smallest subnormal absolute
+    # (a result in dtype's subnormal range is rounded to a multiple of that); a float16
+    # result went through float32 first (dequantize_into): one more float32 rounding
+    rel = float(info.eps) / 2 + (2.0**-24 if info.bits < 32 else 0.0)
+    cast = (np.abs(np.asarray(result, dtype=np.float64)) * rel
+            + float(info.smallest_subnormal) / 2)
     return quant + cast
