@@ -313,10 +313,10 @@ class Allreducer:
             own = quant.quantize_own_into(flat, self.block, n, q, scratch)
             _, exponents = self._reduce(q, F_ALIGN, own, out=sums)
         total = np.empty(x.shape, dtype=x.dtype) if out is None else out
-        quant.dequantize_into(sums, exponents, self.block, n, total.reshape(-1))
-        if op == "mean":
-            total /= n
+        # the mean is divided before the cast: a float16 sum may overflow where its mean fits
         self.last_exponents = exponents
+        quant.dequantize_into(sums, exponents, self.block, n, total.reshape(-1),
+                              mean=op == "mean")
         return total
 
     def _buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
