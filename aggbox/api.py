@@ -680,7 +680,8 @@ def init(rank: int | None = None, world: int | None = None, rendezvous: str = "e
             server.server_close()
         raise
     me = {"ip": ip, "mac": mac, "mtu": interface_mtu(iface), "prefixlen": prefixlen,
-          "world": world, "aggregator_rank": aggregator_rank, "operations": operations}
+          "world": world, "aggregator_rank": aggregator_rank,
+          "operations": list(operations)}
     ctx = Context(rank, world, aggregator_rank, (), iface, 0, operations, timeout, {},
                   store, server)
     try:
