@@ -33,12 +33,14 @@ other rank's call fail within ``timeout`` seconds, naming it.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import fcntl
 import json
 import secrets
 import socket
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -115,8 +117,11 @@ class AggBoxState:
     last_error_bound: torch.Tensor | None = None  # per element, of the last bucket
     last_error_bound_max: float = float("nan")
     bucket_bounds: dict[int, float] = field(default_factory=dict)  # bucket -> max bound
-    comm_ns: int = 0  # time inside the hook, summed (what DDP waits for besides compute)
+    comm_ns: int = 0  # time the worker thread spent on buckets, summed
     calls: int = 0
+    failed: BaseException | None = None  # the first bucket that failed: later ones refused
+    _worker: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_process_group(cls, pg: dist.ProcessGroup | None, aggregator: str,
@@ -181,7 +186,22 @@ class AggBoxState:
             reducer.timeout = timeout
         return state
 
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on this state's one worker thread, after the buckets queued
+        before it (one thread: the ranks must send their buckets in the same order, and
+        the reducer's socket is not shared)."""
+        with self._lock:
+            if self._worker is None:
+                self._worker = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"aggbox-hook-r{self.group.rank}")
+            return self._worker.submit(fn, *args)
+
     def close(self) -> None:
+        """Wait for the buckets in flight, stop the worker thread, close the socket."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True, cancel_futures=True)
         self.reducer.close()
 
 
@@ -190,8 +210,10 @@ def _mean_bound(state: AggBoxState, total: np.ndarray, mean: np.ndarray,
     """Per element, |mean returned - exact mean of the ranks' bucket values|."""
     n = state.group.size
     absmean = np.abs(mean, dtype=np.float64)
-    # the sum's bound, the float32 division, then the rounding to the bucket's dtype
-    bound = state.reducer.error_bound(total) / n + absmean * 2.0**-24
+    # the sum's bound, the float32 division (relative, or absolute for a subnormal mean),
+    # then the rounding to the bucket's dtype
+    bound = (state.reducer.error_bound(total) / n + absmean * 2.0**-24
+             + ABS_FLOOR[torch.float32])
     if dtype != torch.float32:
         bound = bound + (absmean + bound) * HALF_ULP[dtype] + ABS_FLOOR[dtype]
     return bound
@@ -201,20 +223,50 @@ def allreduce_hook(state: AggBoxState, bucket: dist.GradBucket
                    ) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the mean of the bucket over the group, in the kernel.
 
-    Register with ``ddp.register_comm_hook(state, allreduce_hook)``. The future is
-    complete when returned (the call is synchronous); errors are raised, so DDP's
-    backward fails with them instead of taking a wrong step.
+    Register with ``ddp.register_comm_hook(state, allreduce_hook)``. Returns at once: the
+    bucket is averaged on the state's worker thread (buckets in the order DDP hands them
+    over) while backward goes on computing the next buckets' gradients; the future is
+    completed with the mean, or with the error (naming the bucket and the rank), which
+    DDP raises from ``backward()`` instead of taking a wrong step. After a failed bucket
+    the state refuses the next ones at once (the ranks' buckets are out of step).
     """
-    t0 = time.perf_counter_ns()
     buf = bucket.buffer()
     index = bucket.index()
-    dtype = buf.dtype
-    if dtype not in HALF_ULP:
-        raise AggBoxError(f"gradient bucket {index}: dtype {dtype} is not supported "
+    if buf.dtype not in HALF_ULP:
+        raise AggBoxError(f"gradient bucket {index}: dtype {buf.dtype} is not supported "
                           "(float32, float16, bfloat16)")
     if buf.device.type != "cpu":
         raise AggBoxError(f"gradient bucket {index} is on {buf.device}: AggBox aggregates "
                           "CPU tensors; train on CPU or copy the bucket")
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    state.submit(_average_into_future, state, buf, index, fut)
+    return fut
+
+
+def _average_into_future(state: AggBoxState, buf: torch.Tensor, index: int,
+                         fut: torch.futures.Future) -> None:
+    """The worker thread's part: the bucket's mean, or its error, into ``fut``."""
+    try:
+        if state.failed is not None:
+            raise AggBoxError(f"gradient bucket {index} was not sent on rank "
+                              f"{state.group.rank}: an earlier bucket failed "
+                              f"({state.failed}); build a new AggBoxState")
+        out = _average(state, buf, index)
+    except BaseException as exc:  # noqa: BLE001 - every failure goes to DDP via the future
+        if state.failed is None:
+            state.failed = exc
+        if not isinstance(exc, AggBoxError):  # a bug or an OSError: still name the bucket
+            exc = AggBoxError(f"AggBox allreduce of gradient bucket {index} failed on rank "
+                              f"{state.group.rank}: {type(exc).__name__}: {exc}")
+        fut.set_exception(exc)
+        return
+    fut.set_result(out)
+
+
+def _average(state: AggBoxState, buf: torch.Tensor, index: int) -> torch.Tensor:
+    """The mean of one bucket over the group (on the worker thread), and its bound."""
+    t0 = time.perf_counter_ns()
+    dtype = buf.dtype
     if not bool(torch.isfinite(buf).all()):
         bad = int(buf.numel() - torch.isfinite(buf).sum())
         raise AggBoxError(f"gradient bucket {index} holds {bad} NaN/Inf value(s) on rank "
@@ -238,11 +290,9 @@ def allreduce_hook(state: AggBoxState, bucket: dist.GradBucket
     state.last_error_bound_max = float(bound.max()) if bound.size else 0.0
     state.bucket_bounds[index] = max(state.bucket_bounds.get(index, 0.0),
                                      state.last_error_bound_max)
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(out.reshape(buf.shape))
     state.comm_ns += time.perf_counter_ns() - t0
     state.calls += 1
-    return fut
+    return out.reshape(buf.shape)
 
 
 # DDP checks the hook's annotations against the objects themselves; postponed annotations

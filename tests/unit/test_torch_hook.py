@@ -72,7 +72,7 @@ def test_non_finite_bucket_is_refused_naming_it(bad):
     buf = torch.zeros(10)
     buf[3] = bad
     with pytest.raises(AggBoxError, match="gradient bucket 7 holds 1 NaN/Inf"):
-        allreduce_hook(s, Bucket(buf, 7))
+        allreduce_hook(s, Bucket(buf, 7)).wait()  # the future carries the error
     assert s.reducer.seen == [], "nothing was sent"
 
 
