@@ -716,6 +716,8 @@ def _agree(store: StoreClient, rank: int, world: int, me: dict, timeout: float,
                               f"{store.where}")
         members = [json.loads(answer["values"][k]) for k in keys]
         _check_members(members, me)
+        if broadcast_ip is not None:
+            _check_group_ip(broadcast_ip, members)
         job = {"job_id": 1 + secrets.randbelow(2**31 - 1 - JOB_SPAN),
                "token": 1 + secrets.randbelow(2**32 - 1),
                "port_offset": secrets.randbelow(PORT_SPAN),
@@ -746,6 +748,17 @@ def _check_members(members: list[dict], me: dict) -> None:
             raise AggBoxError(f"ranks {seen[m['ip']]} and {r} are both on {m['ip']}: "
                               "AggBox needs one rank per host (network namespace)")
         seen[m["ip"]] = r
+
+
+def _check_group_ip(group_ip: str, members: list[dict]) -> None:
+    try:
+        ipaddress.IPv4Address(group_ip)
+    except ValueError:
+        raise AggBoxError(f"broadcast_ip {group_ip!r} is not an IPv4 address") from None
+    for r, m in enumerate(members):
+        if m["ip"] == group_ip:
+            raise AggBoxError(f"broadcast_ip {group_ip} is rank {r}'s address: it must be "
+                              "an address no host uses")
 
 
 def _install(ctx: Context) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggbox.collectives.group import Group
+from aggbox.errors import AggBoxError
 from aggbox.testbed import NetnsTestbed
 
 pytestmark = pytest.mark.kernel
@@ -61,6 +63,19 @@ def run_ranks(tb: NetnsTestbed, argv_of, ranks=range(WORLD)) -> dict[int, tuple[
     return results
 
 
+GROUP_MAC = Group.group_mac
+
+
+def assert_nothing_installed(tb: NetnsTestbed) -> None:
+    """No TC filter, clsact qdisc or XDP program is left on any host's interface."""
+    for h in tb.hosts:
+        for hook in ("ingress", "egress"):
+            shown = h.run(["tc", "filter", "show", "dev", h.ifname, hook]).stdout
+            assert shown.strip() == "", f"{h.name} {hook}: {shown}"
+        assert "clsact" not in h.run(["tc", "qdisc", "show", "dev", h.ifname]).stdout
+        assert "xdp" not in h.run(["ip", "link", "show", h.ifname]).stdout, h.name
+
+
 def example(name: str, *extra: str):
     def argv(rank: int, rendezvous: str) -> list[str]:
         return [sys.executable, str(EXAMPLES / name), "--rank", str(rank), "--world",
@@ -86,6 +101,7 @@ def test_broadcast_example_delivers_the_exact_bytes_to_every_rank(tb, tmp_path):
     for r in range(WORLD):
         got = (tmp_path / f"out{r}.bin").read_bytes()
         assert len(got) == len(data) and got == data, f"rank {r} got other bytes"
+    assert_nothing_installed(tb)
 
 
 def expected_inputs(seed: int, rank: int, n: int) -> np.ndarray:
@@ -111,6 +127,7 @@ def test_allreduce_example_is_within_the_bound_of_the_float64_sum(tb, tmp_path):
         assert np.array_equal(got["int_total"], np.arange(1000) * (2 + 3))
     assert np.array_equal(np.load(tmp_path / "r1.npz")["total"],
                           np.load(tmp_path / "r2.npz")["total"]), "workers got one sum"
+    assert_nothing_installed(tb)
 
 
 def test_wordcount_example_counts_exactly(tb, tmp_path):
@@ -129,22 +146,36 @@ def test_wordcount_example_counts_exactly(tb, tmp_path):
         assert not merged.keys() & share.keys(), "a word reduced on two ranks"
         merged.update(share)
     assert merged == Counter(w for line in lines for w in line.split())
+    assert_nothing_installed(tb)
 
 
 # ------------------------------------------------------------ errors -------------------
 
-INIT = ("import sys, aggbox\n"
-        "try:\n"
-        "    with aggbox.init({rank}, 3, '{rv}', operations=['allreduce'], {kw}) as ctx:\n"
-        "        pass\n"
-        "except aggbox.api.AggBoxError as exc:\n"
-        "    print('ERROR', type(exc).__name__, exc)\n"
-        "    sys.exit(3)\n")
+INIT = """\
+import subprocess, sys, aggbox
+try:
+    with aggbox.init({rank}, 3, '{rv}', {kw}) as ctx:
+{body}
+except aggbox.api.AggBoxError as exc:
+    print('ERROR', type(exc).__name__, exc)
+    sys.exit(3)
+"""
 
 
-def snippet(**kw: str):
+def snippet(body: str = "pass", argv0: tuple[str, ...] = (), ranks_as: dict | None = None,
+            **kw: str):
+    """``aggbox.init(rank, 3, rendezvous, **kw)`` and ``body`` inside it, in ``python -c``;
+    an AggBoxError is printed as one ``ERROR`` line (exit status 3). ``ranks_as``: rank ->
+    argv prefix (e.g. to run it as another user)."""
+    kw.setdefault("operations", "['allreduce']")
     args = ", ".join(f"{k}={v}" for k, v in kw.items())
-    return lambda rank, rv: [sys.executable, "-c", INIT.format(rank=rank, rv=rv, kw=args)]
+    body = "\n".join("        " + line for line in body.splitlines())
+
+    def argv(rank: int, rv: str) -> list[str]:
+        prefix = list((ranks_as or {}).get(rank, argv0))
+        return [*prefix, sys.executable, "-c", INIT.format(rank=rank, rv=rv, kw=args,
+                                                           body=body)]
+    return argv
 
 
 def error_line(out: str) -> str:
@@ -178,3 +209,60 @@ def test_a_rank_started_twice_is_refused(tb):
              for h, rank in ((0, 0), (1, 1), (2, 1))]
     outs = [p.communicate(timeout=WAIT_S)[0] for p in procs]
     assert any("rank 1 joined twice" in o for o in outs), outs
+
+
+def test_a_rank_that_is_not_root_stops_every_rank_with_its_reason(tb):
+    """Rank 1 runs as nobody: it cannot load eBPF and says so in one line; ranks 0 and
+    2 (root, programs compiled) stop at once with rank 1's reason, not a timeout."""
+    nobody = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups")
+    results = run_ranks(tb, snippet(operations="['broadcast']", setup_timeout="120",
+                                    ranks_as={1: nobody}))
+    assert "run as root" in error_line(results[1][1])
+    for r in (0, 2):
+        status, out = results[r]
+        assert status == 3, out
+        line = error_line(out)
+        assert "rank 1 failed" in line and "run as root" in line, line
+    assert_nothing_installed(tb)
+
+
+def test_broadcast_adds_its_group_neighbour_and_removes_it(tb):
+    """An explicit group address the testbed never set up: rank 0 adds the permanent
+    neighbour its one send needs, and removes it on close."""
+    gip = "10.213.200.1"
+    body = ("got = ctx.broadcast(b'hi there' if ctx.rank == 0 else None)\n"
+            "print('GOT', got)\n"
+            f"print('NEIGH', subprocess.run(['ip', 'neigh', 'show', '{gip}'],"
+            " capture_output=True, text=True).stdout.strip())")
+    results = run_ranks(tb, snippet(body, operations="['broadcast']",
+                                    broadcast_ip=f"'{gip}'"))
+    for status, out in results.values():
+        assert status == 0 and "GOT b'hi there'" in out, out
+    assert f"{gip} dev eth0 lladdr {GROUP_MAC} PERMANENT" in results[0][1]
+    assert tb.hosts[0].run(["ip", "neigh", "show", gip]).stdout.strip() == ""
+    assert_nothing_installed(tb)
+
+
+def test_a_broadcast_address_a_rank_uses_is_refused(tb):
+    results = run_ranks(tb, snippet(operations="['broadcast']", setup_timeout="20",
+                                    broadcast_ip=f"'{tb.hosts[1].ip}'"))
+    for status, out in results.values():
+        assert status == 3, out
+        assert "is rank 1's address" in error_line(out)
+
+
+def test_env_rendezvous_reads_torchs_variables(monkeypatch):
+    from aggbox.api import parse_rendezvous
+
+    monkeypatch.setenv("MASTER_ADDR", "10.9.8.7")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert parse_rendezvous("env://", None, None) == ("10.9.8.7", 29500, 2, 4)
+    monkeypatch.setenv("AGGBOX_MASTER_PORT", "29501")  # torch's store keeps MASTER_PORT
+    assert parse_rendezvous("env://", None, None) == ("10.9.8.7", 29501, 2, 4)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(AggBoxError, match="RANK"):
+        parse_rendezvous("env://", None, None)
+    with pytest.raises(AggBoxError, match="rank must be 0..3"):
+        parse_rendezvous("tcp://10.9.8.7:1", 4, 4)
