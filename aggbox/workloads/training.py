@@ -24,11 +24,16 @@ Tasks:
 Per measured iteration (every task): ``iter_ms`` (rank 0, forward + backward + step: the
 ranks are in lockstep through the gradient exchange), ``comm_ms`` (rank 0's time between
 each bucket's hook call and its future's completion, summed over the step's buckets:
-gloo's allreduce overlaps backward, AggBox's call is synchronous). CPU per iteration
+both gloo's allreduce and AggBox's hook (its worker thread) overlap backward, so the sum
+can exceed the part of the step spent waiting). CPU per iteration
 (``cpu_us_per_op``): the whole machine's busy CPU (aggbox.cpu.MachineCpu) over each
 system's measured iterations, read by rank 0 between two barriers, background subtracted.
 Promise ``app`` for every system (each rank's optimizer holds the mean); every rank must
 run for a step to complete (AggBox's aggregator is kernel-only).
+
+Backends: netns, docker (the image carries torch and scikit-learn: docker/Dockerfile) and
+ansible (the hosts' ``aggbox_python`` must have them; a host whose Python lacks them
+fails at start with that message).
 """
 
 from __future__ import annotations
@@ -156,8 +161,25 @@ def _register(ddp, system: str, aggbox_state) -> Timed:
 # ----------------------------------------------------------------- node roles ---------
 
 
+def require_training_packages() -> None:
+    """torch and scikit-learn, or an error saying which Python on which host lacks them
+    (a docker image or an ansible host's ``aggbox_python`` without the training stack)."""
+    import importlib.util
+    import socket
+    import sys
+
+    missing = [m for m in ("torch", "sklearn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AggBoxError(
+            f"the training workload needs torch and scikit-learn on every host: "
+            f"{sys.executable} on {socket.gethostname()} lacks {', '.join(missing)} "
+            "(docker: rebuild the image, `make image`; ansible: point aggbox_python at a "
+            "Python that has them)")
+
+
 def aggregator_node(spec: dict, rank: int) -> int:
     """Holds AggBox's programs, installs the DDP job from rank 0's store, then sleeps."""
+    require_training_packages()
     from aggbox.collectives.allreduce import AggregatorPrograms
     from aggbox.node import emit
     from aggbox.torch import aggregator_store, install_from_store
@@ -246,6 +268,7 @@ def _train(task: str, system: str, seed: int, spec: dict, rank: int, world: int,
 
 
 def worker_node(spec: dict, rank: int) -> int:
+    require_training_packages()
     import torch
     import torch.distributed as dist
 
