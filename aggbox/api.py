@@ -6,7 +6,7 @@
         data = ctx.broadcast(b"hello" if ctx.rank == 0 else None)   # every rank: b"hello"
         if ctx.rank != ctx.aggregator_rank:
             total = ctx.allreduce(np.ones(1000, np.float32))      # sum over the workers
-        counts = ctx.reduce_by_key(Counter(my_words))             # this rank's keys' sums
+        counts = ctx.reduce_by_key(Counter(w.encode() for w in words))  # my keys' sums
 
 How a job is agreed (every call of :func:`init` runs the same steps):
 

@@ -266,3 +266,18 @@ def test_env_rendezvous_reads_torchs_variables(monkeypatch):
         parse_rendezvous("env://", None, None)
     with pytest.raises(AggBoxError, match="rank must be 0..3"):
         parse_rendezvous("tcp://10.9.8.7:1", 4, 4)
+
+
+def test_a_rank_that_fails_inside_the_block_stops_the_others_with_its_reason(tb):
+    """Rank 2 raises inside its ``with`` block: ranks 0 and 1, waiting for it at a
+    barrier, fail at once with its reason; nobody waits out a timeout."""
+    body = ("if ctx.rank == 2:\n"
+            "    raise aggbox.api.AggBoxError('boom on rank 2')\n"
+            "ctx.barrier('after-work', timeout=600)")
+    results = run_ranks(tb, snippet(body))
+    assert "boom on rank 2" in error_line(results[2][1])
+    for r in (0, 1):
+        status, out = results[r]
+        assert status == 3, out
+        assert "rank 2 failed: boom on rank 2" in error_line(out), out
+    assert_nothing_installed(tb)
