@@ -281,3 +281,31 @@ def test_a_rank_that_fails_inside_the_block_stops_the_others_with_its_reason(tb)
         assert status == 3, out
         assert "rank 2 failed: boom on rank 2" in error_line(out), out
     assert_nothing_installed(tb)
+
+
+ALL_THREE = """\
+import numpy as np
+from collections import Counter
+cfg = ctx.broadcast(b'lr=0.1' if ctx.rank == 0 else None)
+back = ctx.broadcast(b'from one' if ctx.rank == 1 else None, root=1)
+total = None if ctx.is_aggregator else ctx.allreduce(np.arange(10, dtype=np.int32) + ctx.rank)
+counts = ctx.reduce_by_key(Counter({b'all': 1, b'rank%d' % ctx.rank: ctx.rank + 10}))
+print('RESULT', cfg, back, None if total is None else total.tolist(), sorted(counts.items()))
+"""
+
+
+def test_all_three_operations_in_one_context(tb):
+    """The default init: the three program families side by side on each host (the
+    aggregator's too), two broadcast roots, an allreduce and a reduce-by-key."""
+    results = run_ranks(tb, snippet(ALL_THREE, operations="aggbox.api.OPERATIONS"))
+    from aggbox.collectives.reduce import reducer_of
+
+    keys = {b"all": 3, b"rank0": 10, b"rank1": 11, b"rank2": 12}
+    for r, (status, out) in results.items():
+        assert status == 0, out
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        assert line, out
+        total = "None" if r == 0 else str([2 * i + 3 for i in range(10)])  # ranks 1 + 2
+        mine = sorted((k, v) for k, v in keys.items() if reducer_of(k, WORLD) == r)
+        assert line[0] == f"RESULT b'lr=0.1' b'from one' {total} {mine}", out
+    assert_nothing_installed(tb)
