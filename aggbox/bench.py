@@ -42,6 +42,30 @@ def _ci(values: list[float]) -> list[float | None]:
     return [_num(lo), _num(hi)]
 
 
+def _cell(value, width: int, spec: str = ".1f", scale: float = 1.0) -> str:
+    """A table cell: ``value`` (times ``scale``) right-aligned in ``width``, "-" if None."""
+    if value is None:
+        return f"{'-':>{width}}"
+    return f"{value if scale == 1.0 else value * scale:>{width}{spec}}"
+
+
+def _ci_cell(ci, spec: str) -> str:
+    """A bootstrap CI as "[lo, hi]", "-" where either end is unknown."""
+    lo, hi = ci or (None, None)
+    return f"[{lo:{spec}}, {hi:{spec}}]" if lo is not None and hi is not None else "-"
+
+
+def _procs_per_cpu_cell(entry: dict) -> str:
+    """Processes a call needs per CPU, "!" when that overcommits the CPUs."""
+    ppc = entry.get("procs_per_cpu")
+    return "-" if ppc is None else f"{ppc:g}" + ("!" if entry.get("overcommitted") else "")
+
+
+def _print_head(head: str) -> None:
+    print(head)
+    print("-" * len(head))
+
+
 def summarize_broadcast(samples: list[dict], systems: list[str]) -> dict[str, dict]:
     """Per system: completion and delivery p50 (with a bootstrap 95% CI of the median)
     and p99 (only where n >= 100), the CPU per broadcast (whole machine and per role), the
@@ -110,20 +134,16 @@ def _print_broadcast_table(result: dict) -> None:
           f"{result['size']} B, receivers {result['receivers']}, loss {result['loss']}%, "
           f"placement {result['placement']}")
 
-    def us(v, w=8):
-        return f"{v:>{w}.1f}" if v is not None else f"{'-':>{w}}"
-
     head = (f"{'system':<8} {'promise':<7} {'compl50':>8} {'compl99':>8} {'deliv50':>8} "
             f"{'deliv99':>8} {'cpu/op':>7} {'root':>6} {'members':>7} {'p/cpu':>5} "
             f"{'over':>4} {'n':>4} {'ok':>3}")
-    print(head)
-    print("-" * len(head))
+    _print_head(head)
     for name, s in systems.items():
         ppc = f"{s['procs_per_cpu']:>5.1f}" if s["procs_per_cpu"] is not None else f"{'-':>5}"
-        print(f"{name:<8} {s['promise'] or '-':<7} {us(s['completion_p50_us'])} "
-              f"{us(s['completion_p99_us'])} {us(s['delivery_p50_us'])} "
-              f"{us(s['delivery_p99_us'])} {us(s['cpu_us_per_op'], 7)} "
-              f"{us(s['root_cpu_us_per_op'], 6)} {us(s['members_cpu_us_per_op'], 7)} {ppc} "
+        print(f"{name:<8} {s['promise'] or '-':<7} {_cell(s['completion_p50_us'], 8)} "
+              f"{_cell(s['completion_p99_us'], 8)} {_cell(s['delivery_p50_us'], 8)} "
+              f"{_cell(s['delivery_p99_us'], 8)} {_cell(s['cpu_us_per_op'], 7)} "
+              f"{_cell(s['root_cpu_us_per_op'], 6)} {_cell(s['members_cpu_us_per_op'], 7)} {ppc} "
               f"{'yes' if s['overcommitted'] else 'no':>4} {s['n']:>4} "
               f"{'yes' if s['all_delivered'] else 'NO':>3}")
     print("us; cpu/op, root, members: CPU per broadcast; over: the processes a completion "
@@ -195,12 +215,6 @@ ALLREDUCE_CPU = ("cpu_us_per_op", "workers_cpu_us_per_op", "aggregator_cpu_us_pe
 P99_MIN_SAMPLES = 100  # below this a "p99" is the maximum of a few calls: none is given
 
 
-def _allreduce_number(value, digits: int) -> float | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return round(float(value), digits)
-
-
 def summarize_allreduce(samples: list[dict], systems: list[str], floats: int) -> dict:
     """Per system: time p50 with a bootstrap 95% CI of the median, p99 only from
     :data:`P99_MIN_SAMPLES` calls on (else None), the worst error over every rank's
@@ -215,9 +229,9 @@ def summarize_allreduce(samples: list[dict], systems: list[str], floats: int) ->
         times = [r["time_ms"] for r in rows]
         t = _stats(times)
         entry = {"promise": first.get("promise", "app"),
-                 "p50_ms": _allreduce_number(t["p50"], 3),
-                 "time_ms_p50_ci": [_allreduce_number(v, 3) for v in bootstrap_median_ci(times)],
-                 "p99_ms": _allreduce_number(t["p99"], 3) if t["n"] >= P99_MIN_SAMPLES else None,
+                 "p50_ms": _num(t["p50"], 3),
+                 "time_ms_p50_ci": [_num(v, 3) for v in bootstrap_median_ci(times)],
+                 "p99_ms": _num(t["p99"], 3) if t["n"] >= P99_MIN_SAMPLES else None,
                  "algbw_gbps": round(floats * 4 / (t["p50"] * 1e6), 4) if t["n"] else None,
                  "max_abs_err": max((r["max_abs_err"] for r in rows), default=None),
                  "ranks_checked": min((r.get("ranks_checked", 1) for r in rows), default=0),
@@ -226,7 +240,7 @@ def summarize_allreduce(samples: list[dict], systems: list[str], floats: int) ->
             entry["err_bound"] = max((r["err_bound"] for r in rows), default=None)
             entry["within_bound"] = all(r["within_bound"] for r in rows)
         for key in ALLREDUCE_CPU:
-            entry[key] = _allreduce_number(first.get(key), 1)
+            entry[key] = _num(first.get(key), 1)
         for key in ("procs_per_cpu", "overcommitted", "cpu_source", "cpu_background",
                     "worker_cpus", "aggregator_cpus"):
             entry[key] = first.get(key)
@@ -252,7 +266,7 @@ def allreduce_ratios(samples: list[dict], per_system: dict[str, dict]) -> dict:
         if not math.isnan(ratio):
             ratios[f"aggbox/{base} time p50"] = {
                 "ratio": round(ratio, 4),
-                "ci95": [_allreduce_number(low, 4), _allreduce_number(high, 4)]}
+                "ci95": [_num(low, 4), _num(high, 4)]}
         a, b = per_system["aggbox"]["cpu_us_per_op"], per_system[base]["cpu_us_per_op"]
         if a is not None and b:
             ratios[f"aggbox/{base} cpu_us_per_op"] = {"ratio": round(a / b, 4), "ci95": None}
@@ -268,9 +282,6 @@ def allreduce_ratios(samples: list[dict], per_system: dict[str, dict]) -> dict:
 
 
 def _print_allreduce_table(results: list[dict]) -> None:
-    def f(v, w, spec):
-        return f"{v:>{w}{spec}}" if v is not None else f"{'-':>{w}}"
-
     first = next(iter(results[0]["systems"].values()), {}) if results else {}
     print(f"allreduce: {results[0]['workers'] if results else '?'} workers + the aggregator "
           "host; promise app (every worker's application holds the sum)\n"
@@ -285,21 +296,16 @@ def _print_allreduce_table(results: list[dict]) -> None:
     head = (f"{'bytes':>9} {'system':<7} {'p50':>8} {'95% CI':>15} {'p99':>8} {'GB/s':>6} "
             f"{'max err':>8} {'bound':>8} {'cpu/op':>7} {'workers':>7} {'aggr':>7} "
             f"{'p/cpu':>5}")
-    print(head)
-    print("-" * len(head))
+    _print_head(head)
     for res in results:
         for name, s in res["systems"].items():
-            lo, hi = s.get("time_ms_p50_ci") or (None, None)
-            ci = f"[{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else "-"
+            ci = _ci_cell(s.get("time_ms_p50_ci"), ".3g")
             cpu = [None if s.get(k) is None else s[k] / 1e3 for k in ALLREDUCE_CPU]
-            ppc = s.get("procs_per_cpu")
-            ppc_text = "-" if ppc is None else f"{ppc:g}" + ("!" if s.get("overcommitted")
-                                                          else "")
-            print(f"{res['floats'] * 4:>9} {name:<7} {f(s['p50_ms'], 8, '.3f')} {ci:>15} "
-                  f"{f(s['p99_ms'], 8, '.3f')} {f(s['algbw_gbps'], 6, '.3f')} "
-                  f"{f(s['max_abs_err'], 8, '.1e')} {f(s.get('err_bound'), 8, '.1e')} "
-                  f"{f(cpu[0], 7, '.2f')} {f(cpu[1], 7, '.2f')} {f(cpu[2], 7, '.2f')} "
-                  f"{ppc_text:>5}")
+            print(f"{res['floats'] * 4:>9} {name:<7} {_cell(s['p50_ms'], 8, '.3f')} {ci:>15} "
+                  f"{_cell(s['p99_ms'], 8, '.3f')} {_cell(s['algbw_gbps'], 6, '.3f')} "
+                  f"{_cell(s['max_abs_err'], 8, '.1e')} {_cell(s.get('err_bound'), 8, '.1e')} "
+                  f"{_cell(cpu[0], 7, '.2f')} {_cell(cpu[1], 7, '.2f')} "
+                  f"{_cell(cpu[2], 7, '.2f')} {_procs_per_cpu_cell(s):>5}")
         for name, r in res.get("ratios", {}).items():
             ci = r.get("ci95")
             ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
@@ -347,12 +353,6 @@ MAPREDUCE_PAIRS = (("tcp_combiner", "aggbox", "both with combiner"),
                    ("tcp", "aggbox_nocombiner", "both without combiner"))
 
 
-def _finite_or_none(value, digits: int) -> float | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return round(float(value), digits)
-
-
 def summarize_mapreduce(samples: list[dict], systems: list[str]) -> dict[str, dict]:
     """Per system: medians over the measured jobs (min and max beside them; job_s with a
     bootstrap 95% CI of the median), the CPU per job (whole machine and per role, the same
@@ -379,9 +379,9 @@ def summarize_mapreduce(samples: list[dict], systems: list[str]) -> dict[str, di
                 entry[f"{metric}_max"] = round(float(x.max()), 5)
             if metric == "job_s":
                 # With 3 jobs the percentile interval is about (min, max): read it so.
-                entry["job_s_p50_ci"] = [_finite_or_none(v, 5) for v in bootstrap_median_ci(x)]
+                entry["job_s_p50_ci"] = [_num(v, 5) for v in bootstrap_median_ci(x)]
         for us, ms in MAPREDUCE_CPU.items():
-            entry[us] = _finite_or_none(first.get(us), 1)
+            entry[us] = _num(first.get(us), 1)
             entry[ms] = None if entry[us] is None else round(entry[us] / 1e3, 2)
         entry["procs_per_cpu"] = first.get("procs_per_cpu")
         entry["overcommitted"] = first.get("overcommitted")
@@ -411,8 +411,8 @@ def mapreduce_ratios(samples: list[dict], per_system: dict[str, dict]) -> dict[s
             if math.isnan(ratio):
                 continue
             ratios[f"{metric} {base}/{ours}"] = {
-                "ratio": round(ratio, 3), "ci95": [_finite_or_none(low, 3),
-                                                   _finite_or_none(high, 3)],
+                "ratio": round(ratio, 3), "ci95": [_num(low, 3),
+                                                   _num(high, 3)],
                 "pair": alike, "headline": headline}
         a, b = per_system[base].get("cpu_us_per_op"), per_system[ours].get("cpu_us_per_op")
         if a and b:
@@ -440,19 +440,14 @@ def _print_mapreduce_table(result: dict) -> None:
     head = (f"{'system':<17} {'job_s':>6} {'95% CI':>15} {'after':>7} {'cpu/job':>7} "
             f"{'mappers':>7} {'reducers':>8} {'Mpair/s':>7} {'shuffled':>8} {'rtx':>4} "
             f"{'n':>3} exact")
-    print(head)
-    print("-" * len(head))
-
-    def f(v, w, d, scale=1.0):
-        return f"{v * scale:>{w}.{d}f}" if v is not None else f"{'-':>{w}}"
-
+    _print_head(head)
     for name, s in systems.items():
-        lo, hi = s.get("job_s_p50_ci") or (None, None)
-        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "-"
-        print(f"{name:<17} {f(s['job_s'], 6, 3)} {ci:>15} "
-              f"{f(s['after_last_send_s'], 7, 1, 1e3)} {f(s['cpu_ms_per_job'], 7, 1)} "
-              f"{f(s['mappers_cpu_ms_per_job'], 7, 1)} {f(s['reducers_cpu_ms_per_job'], 8, 1)} "
-              f"{f(s['pairs_per_s'], 7, 2, 1e-6)} {s['shuffled_pairs']:>8} "
+        ci = _ci_cell(s.get("job_s_p50_ci"), ".3f")
+        print(f"{name:<17} {_cell(s['job_s'], 6, '.3f')} {ci:>15} "
+              f"{_cell(s['after_last_send_s'], 7, '.1f', 1e3)} "
+              f"{_cell(s['cpu_ms_per_job'], 7)} {_cell(s['mappers_cpu_ms_per_job'], 7)} "
+              f"{_cell(s['reducers_cpu_ms_per_job'], 8)} "
+              f"{_cell(s['pairs_per_s'], 7, '.2f', 1e-6)} {s['shuffled_pairs']:>8} "
               f"{s['retransmits']:>4} {s['n']:>3} {s['exact']}")
     print("baseline / AggBox, like for like (> 1: AggBox takes less):")
     for name, r in result.get("ratios", {}).items():
@@ -546,27 +541,21 @@ def bench_quant(args: argparse.Namespace) -> int:
 
 
 def _print_training_table(result: dict) -> None:
-    def f(v, w, spec):
-        return f"{v:>{w}{spec}}" if v is not None else f"{'-':>{w}}"
-
     print(f"training ({result['task']}, {result['parameters']} parameters): "
           f"{result['workers']} DDP ranks + the aggregator host; promise app; times per "
           "iteration in ms (p50, 95% CI), comm: time in the gradient hook; CPU per iteration "
           "in ms (whole machine)")
     head = (f"{'system':<10} {'p50':>9} {'95% CI':>19} {'comm':>8} {'cpu/it':>8} "
             f"{'p/cpu':>5} {'accuracy':>16}")
-    print(head)
-    print("-" * len(head))
+    _print_head(head)
     for name, s in result["systems"].items():
-        lo, hi = s.get("iter_ms_p50_ci") or (None, None)
-        ci = f"[{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else "-"
+        ci = _ci_cell(s.get("iter_ms_p50_ci"), ".4g")
         cpu = None if s.get("cpu_us_per_op") is None else s["cpu_us_per_op"] / 1e3
         acc = (f"{100 * s['test_accuracy_mean']:.2f}+-{100 * s['test_accuracy_std']:.2f}%"
                if s.get("test_accuracy_mean") is not None else "-")
-        ppc = s.get("procs_per_cpu")
-        ppc_text = "-" if ppc is None else f"{ppc:g}" + ("!" if s.get("overcommitted") else "")
-        print(f"{name:<10} {f(s['iter_ms_p50'], 9, '.3f')} {ci:>19} "
-              f"{f(s['comm_ms_p50'], 8, '.3f')} {f(cpu, 8, '.2f')} {ppc_text:>5} {acc:>16}")
+        print(f"{name:<10} {_cell(s['iter_ms_p50'], 9, '.3f')} {ci:>19} "
+              f"{_cell(s['comm_ms_p50'], 8, '.3f')} {_cell(cpu, 8, '.2f')} "
+              f"{_procs_per_cpu_cell(s):>5} {acc:>16}")
     for name, r in result.get("ratios", {}).items():
         extra = "".join(f", {k} {v}" for k, v in r.items() if k not in ("iter_ms_ratio",
                                                                         "ci95"))
@@ -598,13 +587,62 @@ def bench_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def _systems_type(workload: str):
+    """``--systems`` of ``workload``: comma-separated names it knows (registry.SYSTEMS),
+    refused at parse time otherwise; the value stays the string the bench splits."""
+    from aggbox.workloads.registry import SYSTEMS
+
+    known = SYSTEMS[workload]
+
+    def systems(text: str) -> str:
+        unknown = [name for name in text.split(",") if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown system(s) {', '.join(unknown)}; {workload} has: {', '.join(known)}")
+        return text
+
+    return systems
+
+
+def _add_link_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
+    p.add_argument("--burst-loss", default="", metavar="ENTER,LEAVE,LOSS",
+                   help="Gilbert-Elliott burst loss on every link, percent each, e.g. "
+                   "1,10,70 (default: none)")
+
+
+def _add_run_options(p: argparse.ArgumentParser, workload: str, systems: str,
+                     counters: str) -> None:
+    """The options every testbed bench has: systems, seed, counters, JSON."""
+    from aggbox.workloads.registry import SYSTEMS
+
+    p.add_argument("--systems", type=_systems_type(workload), default=systems,
+                   help="comma-separated systems to compare, from: "
+                   + ", ".join(SYSTEMS[workload]))
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the workload's random choices and of the links' loss")
+    p.add_argument("--counters", action="store_true", help=counters)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+
+
 def register(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="measure one point: AggBox vs its baselines")
+    from aggbox.cli import examples
+
+    bench = subparsers.add_parser(
+        "bench", help="measure one point: AggBox vs its baselines",
+        description="One measurement point per run, every system side by side on one "
+        "testbed, interleaved, after a warm-up; aggbox bench WORKLOAD --help for its options.",
+        epilog=examples("aggbox bench broadcast --hosts 8 --receivers busy",
+                        "aggbox bench allreduce --floats 1Ki:1Mi --json"))
     workloads = bench.add_subparsers(dest="workload", metavar="WORKLOAD")
     workloads.required = True
 
-    b = workloads.add_parser("broadcast", help="broadcast latency and CPU, AggBox vs TCP "
-                             "(kernel ACKs and app ACKs), UDP and IP multicast")
+    b = workloads.add_parser(
+        "broadcast", help="broadcast latency and CPU, AggBox vs TCP (kernel ACKs and app "
+        "ACKs), UDP and IP multicast",
+        epilog=examples("aggbox bench broadcast --hosts 8 --size 1024 --iters 100",
+                        "aggbox bench broadcast --receivers busy --systems aggbox,tcp_kack "
+                        "--json"))
     b.add_argument("--hosts", type=int, default=16, help="testbed hosts: 1 root + N-1 members")
     b.add_argument("--size", type=int, default=64, help="payload bytes per broadcast")
     b.add_argument("--iters", type=int, default=300, help="measured broadcasts per system")
@@ -619,49 +657,50 @@ def register(subparsers) -> None:
                    help="the pause is uniform in [gap, gap + jitter] (seeded), so sends "
                    "cannot phase-lock with the busy members' 1 ms unit")
     b.add_argument("--placement", choices=("root-alone", "shared"), default="root-alone",
-                   help="CPUs on this one machine: the root alone on CPU 0 (default) or "
-                   "every host on every CPU")
-    b.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
-    b.add_argument("--burst-loss", default="", metavar="ENTER,LEAVE,LOSS",
-                   help="Gilbert-Elliott burst loss on every link, percent each (1,10,70)")
-    b.add_argument("--systems", default="aggbox,tcp_kack,tcp,udp,mcast")
-    b.add_argument("--seed", type=int, default=1)
-    b.add_argument("--counters", action="store_true", help="include node stats and counters")
-    b.add_argument("--json", action="store_true", help="last line: one JSON object")
+                   help="CPUs on this one machine: the root alone on CPU 0 (root-alone) or "
+                   "every host on every CPU (shared)")
+    _add_link_options(b)
+    _add_run_options(b, "broadcast", "aggbox,tcp_kack,tcp,udp,mcast",
+                     "include node stats and counters")
     b.set_defaults(func=bench_broadcast)
 
-    a = workloads.add_parser("allreduce", help="float32 allreduce, AggBox vs gloo and TCP PS")
-    a.add_argument("--workers", type=int, default=8)
+    a = workloads.add_parser(
+        "allreduce", help="float32 allreduce, AggBox vs gloo and TCP PS",
+        epilog=examples("aggbox bench allreduce --workers 4 --floats 262144 --iters 50",
+                        "aggbox bench allreduce --floats 1Ki:64Mi --systems aggbox,tcp_ps "
+                        "--json"))
+    a.add_argument("--workers", type=int, default=8,
+                   help="worker hosts (the testbed has one more: the aggregator)")
     a.add_argument("--floats", default="262144",
                    help="floats per tensor: N, a list N,M or a doubling range 1Ki:64Mi")
     a.add_argument("--iters", type=int, default=20, help="measured calls per system")
-    a.add_argument("--warmup", type=int, default=5)
+    a.add_argument("--warmup", type=int, default=5, help="unmeasured calls per system")
     a.add_argument("--block", type=int, default=0,
                    help="int32 values per packet (0: the largest the MTU allows)")
     a.add_argument("--mtu", type=int, default=65000,
                    help="testbed MTU, for every system (65000: 16 Ki-value AggBox blocks)")
     a.add_argument("--distribution", default="gaussian",
-                   choices=("gaussian", "uniform", "heavy", "zeros"))
-    a.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
-    a.add_argument("--burst-loss", default="", metavar="ENTER,LEAVE,LOSS",
-                   help="Gilbert-Elliott burst loss on every link, percent each (1,10,70)")
-    a.add_argument("--systems", default="aggbox,gloo,tcp_ps")
-    a.add_argument("--seed", type=int, default=1)
-    a.add_argument("--counters", action="store_true")
-    a.add_argument("--json", action="store_true", help="last line: one JSON object")
+                   choices=("gaussian", "uniform", "heavy", "zeros"),
+                   help="how the tensors' values are drawn")
+    _add_link_options(a)
+    _add_run_options(a, "allreduce", "aggbox,gloo,tcp_ps", "include node records")
     a.set_defaults(func=bench_allreduce)
 
-    m = workloads.add_parser("mapreduce", help="word count: in-kernel reduce-by-key vs TCP "
-                             "shuffles", description="One MapReduce word count per system and "
-                             "repetition, systems interleaved; each job is checked against "
-                             "collections.Counter over the corpus.")
-    m.add_argument("--mappers", type=int, default=4)
-    m.add_argument("--reducers", type=int, default=1)
+    m = workloads.add_parser(
+        "mapreduce", help="word count: in-kernel reduce-by-key vs TCP shuffles",
+        description="One MapReduce word count per system and repetition, systems "
+        "interleaved; each job is checked against collections.Counter over the corpus.",
+        epilog=examples("aggbox bench mapreduce --mappers 4 --reducers 2 --words 500000",
+                        "aggbox bench mapreduce --corpus docs/ --systems aggbox,tcp_combiner "
+                        "--json"))
+    m.add_argument("--mappers", type=int, default=4, help="mapper hosts")
+    m.add_argument("--reducers", type=int, default=1, help="reducer hosts")
     m.add_argument("--words", type=int, default=2_000_000, help="Zipf corpus: total words")
     m.add_argument("--vocab", type=int, default=50_000, help="Zipf corpus: distinct words")
     m.add_argument("--skew", type=float, default=1.0, help="Zipf exponent (0: uniform)")
     m.add_argument("--files", type=int, default=4, help="Zipf corpus: files")
-    m.add_argument("--corpus", help="a text file or folder to count instead of a Zipf corpus")
+    m.add_argument("--corpus", help="a text file or folder to count instead of a Zipf corpus "
+                   "(default: a Zipf corpus)")
     m.add_argument("--iters", type=int, default=5,
                    help="measured jobs per system (5: a bootstrap CI worth reading)")
     m.add_argument("--warmup", type=int, default=1, help="unmeasured jobs per system")
@@ -669,25 +708,25 @@ def register(subparsers) -> None:
                    help="distinct keys the reducer's kernel holds (a multiple of 128)")
     m.add_argument("--window", type=int, default=64, help="AggBox packets in flight")
     m.add_argument("--placement", choices=("shared", "reducers-alone"), default="shared",
-                   help="CPUs: every host on every CPU (default), or the reducers alone on "
-                   "CPU 0")
-    m.add_argument("--loss", type=float, default=0.0, help="loss on every link, percent")
-    m.add_argument("--burst-loss", default="", metavar="ENTER,LEAVE,LOSS",
-                   help="Gilbert-Elliott burst loss on every link, percent each (1,10,70)")
+                   help="CPUs: every host on every CPU (shared), or the reducers alone on "
+                   "CPU 0 (reducers-alone)")
+    _add_link_options(m)
     m.add_argument("--duplicate", type=float, default=0.0, help="duplication, percent")
-    m.add_argument("--systems", default="aggbox,aggbox_nocombiner,tcp,tcp_combiner")
-    m.add_argument("--seed", type=int, default=1)
-    m.add_argument("--counters", action="store_true", help="include kernel counters")
-    m.add_argument("--json", action="store_true", help="last line: one JSON object")
+    _add_run_options(m, "mapreduce", "aggbox,aggbox_nocombiner,tcp,tcp_combiner",
+                     "include kernel counters")
     m.set_defaults(func=bench_mapreduce)
 
-    t = workloads.add_parser("training", help="DDP training: gloo's allreduce, gloo with "
-                             "fp16 compression and AggBox's hook", description="Every rank "
-                             "trains one model per system and seed, from the same weights "
-                             "on the same data order; digits: accuracy, comm-heavy: time "
-                             "per iteration.")
+    t = workloads.add_parser(
+        "training", help="DDP training: gloo's allreduce, gloo with fp16 compression and "
+        "AggBox's hook",
+        description="Every rank trains one model per system and seed, from the same weights "
+        "on the same data order; digits: accuracy, comm-heavy: time per iteration.",
+        epilog=examples("aggbox bench training --task digits --seeds 3",
+                        "aggbox bench training --task comm-heavy --iters 20 --json"))
     t.add_argument("--workers", type=int, default=4, help="DDP ranks")
-    t.add_argument("--task", choices=("digits", "comm-heavy"), default="digits")
+    t.add_argument("--task", choices=("digits", "comm-heavy"), default="digits",
+                   help="digits: a small classifier to convergence (accuracy); comm-heavy: "
+                   "3.2 M parameters (time per iteration)")
     t.add_argument("--seeds", type=int, default=1, help="seeds (seed, seed+1, ...)")
     t.add_argument("--iters", type=int, default=None,
                    help="measured steps per system and seed (default: digits 300, "
@@ -695,21 +734,21 @@ def register(subparsers) -> None:
     t.add_argument("--warmup", type=int, default=3, help="comm-heavy: unmeasured steps")
     t.add_argument("--mtu", type=int, default=65000, help="testbed MTU, every system")
     t.add_argument("--timeout", type=float, default=30.0, help="AggBox call timeout, s")
-    t.add_argument("--systems", default="gloo,gloo_fp16,aggbox")
-    t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--counters", action="store_true", help="include node records")
-    t.add_argument("--json", action="store_true", help="last line: one JSON object")
+    _add_run_options(t, "training", "gloo,gloo_fp16,aggbox", "include node records")
     t.set_defaults(func=bench_training)
 
-    q = workloads.add_parser("quant", help="the allreduce edge alone: quantize and dequantize "
-                             "throughput per core (one process, no testbed)")
+    q = workloads.add_parser(
+        "quant", help="the allreduce edge alone: quantize and dequantize throughput per core "
+        "(one process, no testbed)",
+        epilog=examples("aggbox bench quant --floats 1Ki:64Mi",
+                        "aggbox bench quant --floats 262144 --workers 16 --json"))
     q.add_argument("--floats", default="262144",
                    help="float32 values per tensor: N, a list N,M or a doubling range")
     q.add_argument("--workers", type=int, default=8, help="group size (sets the headroom B)")
     q.add_argument("--block", type=int, default=0, help="values per block (0: the MTU's)")
     q.add_argument("--mtu", type=int, default=65000, help="as the allreduce bench's default")
-    q.add_argument("--iters", type=int, default=200)
-    q.add_argument("--warmup", type=int, default=20)
-    q.add_argument("--seed", type=int, default=1)
+    q.add_argument("--iters", type=int, default=200, help="measured calls of each step")
+    q.add_argument("--warmup", type=int, default=20, help="unmeasured calls of each step")
+    q.add_argument("--seed", type=int, default=1, help="seed of the tensor's values")
     q.add_argument("--json", action="store_true", help="last line: one JSON object")
     q.set_defaults(func=bench_quant)

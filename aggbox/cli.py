@@ -2,13 +2,17 @@
 
 A module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its
 parser(s) and sets ``func`` to a callable taking the parsed args and returning an exit code.
+Every parser below ``aggbox`` is a :class:`Parser`: its help shows each option's default
+(:class:`HelpFormatter`) and keeps the epilog's examples as written.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
+import textwrap
 
 from aggbox.errors import AggBoxError
 
@@ -24,11 +28,75 @@ COMMAND_MODULES = [
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; descriptions and epilogs keep the lines
+    that are indented (examples, to copy as they are) and wrap the others.
+
+    An option whose help already says its default ("(default: ...)", e.g. one computed
+    at run time) is left alone, and so is a flag (no value: present or not)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default" in help_text or action.nargs == 0:
+            return help_text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        prose: list[str] = []
+
+        def flush() -> None:
+            if prose:
+                out.append(textwrap.fill(" ".join(prose), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+                prose.clear()
+
+        for line in text.strip("\n").splitlines():
+            if line.startswith((" ", "\t")):  # an example line: as written
+                flush()
+                out.append(indent + line)
+            elif not line.strip():
+                flush()
+                out.append("")
+            else:
+                prose.extend(line.split())
+        flush()
+        return "\n".join(out)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser with :class:`HelpFormatter`; its subparsers are Parsers too
+    (``add_subparsers`` makes children of the parent's class), so every subcommand's
+    help shows its defaults without each module asking for it."""
+
+    def __init__(self, *args, formatter_class: type = HelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def examples(*lines: str) -> str:
+    """An epilog of example command lines (kept as written by :class:`HelpFormatter`)."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def package_version() -> str:
+    """The installed distribution's version; the package's ``__version__`` when aggbox
+    runs from a tree that was never installed."""
+    try:
+        return importlib.metadata.version("aggbox")
+    except importlib.metadata.PackageNotFoundError:
+        import aggbox
+
+        return getattr(aggbox, "__version__", "unknown")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="aggbox",
         description="In-kernel broadcast and aggregation with eBPF: testbed, benchmarks.",
+        epilog=examples("aggbox doctor", "aggbox bench allreduce --workers 4 --iters 50"),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
