@@ -20,23 +20,38 @@ from aggbox.experiment.schema import (
 
 
 def register(subparsers) -> None:
+    from aggbox.cli import examples
+
     p = subparsers.add_parser(
         "run",
         help="run an experiment file into results/",
         description="Run the cells of an experiment (quick mode unless --full) and store "
         "samples, summary, metadata and figures in results/<experiment>/<run-id>/.",
+        epilog=examples(
+            "aggbox run broadcast --dry-run",
+            "aggbox run experiments/allreduce.yaml --full --resume RUN_ID",
+        ),
     )
     p.add_argument("experiment", help="experiments/<name>.yaml, or just <name>")
     p.add_argument(
         "--full", action="store_true", default=None, help="the full grid (default: quick)"
     )
     p.add_argument("--dry-run", action="store_true", help="print the cells and an estimated time")
-    p.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run")
-    p.add_argument("--testbed", choices=TESTBEDS, help="override the experiment's testbed")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="finish an interrupted run (default: start a new run)",
+    )
+    p.add_argument(
+        "--testbed",
+        choices=TESTBEDS,
+        help="override the experiment's testbed (default: the file's testbed:, else netns)",
+    )
     p.add_argument(
         "--inventory",
         type=Path,
-        help="Ansible inventory of the hosts (--testbed ansible; see playbooks/README.md)",
+        help="Ansible inventory of the hosts (--testbed ansible; see playbooks/README.md) "
+        "(default: none)",
     )
     p.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help="results folder (default: results/)"
