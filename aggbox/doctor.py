@@ -435,7 +435,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "doctor", help="check kernel features, privileges, BCC and headers",
-        description="Check that this machine can run AggBox; every failure names its fix.")
+        description="Check that this machine can run AggBox; every failure names its fix.",
+        epilog="examples:\n  aggbox doctor\n  aggbox doctor --json")
     add_arguments(p)
     p.set_defaults(func=cmd_doctor)
 
