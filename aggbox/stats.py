@@ -69,8 +69,9 @@ def show_stats(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("stats", help="kernel counters (accepted, drops by reason, ...)")
-    p.add_argument("tag", nargs="?", help="a host tag (<testbed id>-h<i>); default: all")
+    p = subparsers.add_parser("stats", help="kernel counters (accepted, drops by reason, ...)",
+                              epilog="examples:\n  aggbox stats\n  aggbox stats --all --json")
+    p.add_argument("tag", nargs="?", help="a host tag (<testbed id>-h<i>) (default: every host)")
     p.add_argument("--all", action="store_true", help="show zero counters too")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the counters as JSON")
     p.set_defaults(func=show_stats)
