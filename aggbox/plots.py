@@ -1088,13 +1088,15 @@ def register(subparsers) -> None:
         help="redraw a run's figures from its stored results",
         description="Redraw figures from results/<experiment>/<run-id>/ without re-running: "
         "the figures its meta.json lists, or the ones named with --figure.",
+        epilog="examples:\n  aggbox plot results/broadcast/latest\n"
+        "  aggbox plot results/allreduce/latest --figure allreduce_time --out /tmp/figures",
     )
     p.add_argument("run_dir", type=Path, help="a run folder (or results/<experiment>/latest)")
     p.add_argument(
         "--figure",
         action="append",
         choices=sorted(FIGURES),
-        help="draw only this figure (repeatable)",
+        help="draw only this figure (repeatable) (default: the figures meta.json lists)",
     )
     p.add_argument("--out", type=Path, help="write the figures here (default: the run folder)")
     p.set_defaults(func=cmd_plot)
