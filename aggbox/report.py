@@ -1066,8 +1066,12 @@ def write_report(results_dir: Path = RESULTS_DIR) -> Path:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="write results/REPORT.md from the latest runs")
-    p.add_argument("--results", type=Path, default=RESULTS_DIR)
+    p = subparsers.add_parser("report", help="write results/REPORT.md from the latest runs",
+                              epilog="examples:\n  aggbox report\n"
+                              "  aggbox report --results /tmp/results-copy")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR,
+                   help="the results folder whose latest runs are read and where REPORT.md "
+                   "is written (default: results/, or $AGGBOX_RESULTS)")
     p.set_defaults(func=_cmd)
 
 
