@@ -114,6 +114,8 @@ def _run_jobs(spec: dict, fn: Callable[[int, dict], dict]) -> None:
 
     if spec.get("sequential"):
         for j, job in enumerate(spec["jobs"]):
+            if j and sys.stdin.readline().strip() != "next":
+                return  # the controller gave up on the cell
             one(j, job)
         return
     threads = [threading.Thread(target=one, args=(j, job), daemon=True)
@@ -125,7 +127,7 @@ def _run_jobs(spec: dict, fn: Callable[[int, dict], dict]) -> None:
 
 
 def _node_programs(role: str, spec: dict, ifname: str):
-    tag = spec.get("pin_tag", "")
+    tag = spec.get("node_tag", "")
     if role in ("bc-root", "bc-member"):
         from aggbox.collectives.broadcast import BroadcastPrograms
 
@@ -153,6 +155,7 @@ def _bc_root(spec: dict, programs, stats: dict) -> Callable[[int, dict], dict]:
                        timeout=spec["timeout_s"])
                 if j == 0:
                     _emit({"event": "op", "i": i})
+                time.sleep(spec.get("gap_s", 0))
             return {"ops": spec["iters"], "exact": True}
         finally:
             stats[j] = dict(b.stats)
@@ -211,6 +214,7 @@ def _ar_worker(spec: dict, stats: dict, rank: int) -> Callable[[int, dict], dict
                             f"call {i}: max error {float(err.max()):.3g} beyond its bound"}
                 if j == 0:
                     _emit({"event": "op", "i": i})
+                time.sleep(spec.get("gap_s", 0))
             return {"ops": spec["iters"], "exact": True, "max_abs_err": worst}
         finally:
             stats[j] = dict(a.stats)
@@ -250,16 +254,20 @@ def _kv_node(spec: dict, programs, stats: dict, rank: int) -> Callable[[int, dic
     return fn
 
 
-def node_main(role: str, spec_path: str, rank: int) -> int:
+def node_main(role: str, spec_path: str, rank: int, pin_host: str = "h0") -> int:
     """One host of a cell (see the module docstring)."""
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("pin_tag"):  # one folder per host, as the workloads pin: <run>-h<i>
+        spec["node_tag"] = f"{spec['pin_tag']}-{pin_host}"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     programs = None
     stats: dict[int, dict] = {}
     try:
         programs = _node_programs(role, spec, spec.get("ifname", "eth0"))
         if role == "ar-agg":
-            for job in spec["jobs"]:
+            # One after the other (a reused job id): each next job once told "next".
+            jobs = spec["jobs"][:1] if spec.get("sequential") else spec["jobs"]
+            for job in jobs:
                 programs.install_job(_group(job, 0))
         fn = {
             "bc-root": lambda: _bc_root(spec, programs, stats),
@@ -275,7 +283,14 @@ def node_main(role: str, spec_path: str, rank: int) -> int:
             _run_jobs(spec, fn)
             _emit({"event": "done", "counters": _counters(programs), "stats": stats})
             line = sys.stdin.readline().strip()
-        # ar-agg: "quit" (or EOF) ends it; its counters come last
+        if role == "ar-agg" and spec.get("sequential"):
+            for job in spec["jobs"][1:]:
+                if line != "next":
+                    break
+                programs.install_job(_group(job, 0))
+                _emit({"event": "installed", "job": job["id"]})
+                line = sys.stdin.readline().strip()
+        # "quit" (or EOF) ends every node; its counters come last
         _emit({"event": "done", "counters": _counters(programs), "stats": stats,
                "final": True})
     finally:
@@ -336,15 +351,19 @@ class NodeProc:
                  where: Callable[[dict], bool] = lambda r: True) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            if sum(1 for r in self.records if r.get("event") == event and where(r)) >= count:
+            if self.count(event, where) >= count:
                 return True
-            if self.proc.poll() is not None and self.lines.empty():
+            if self.proc.poll() is not None:
                 time.sleep(0.05)  # the reader may still hold the last lines
-                return sum(1 for r in self.records
-                           if r.get("event") == event and where(r)) >= count
+                return self.count(event, where) >= count
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
+
+    def count(self, event: str, where: Callable[[dict], bool]) -> int:
+        """Records of ``event`` (any, if empty) for which ``where`` holds."""
+        return sum(1 for r in list(self.records)
+                   if (not event or r.get("event") == event) and where(r))
 
     def stderr_tail(self, n: int = 6) -> str:
         with contextlib.suppress(OSError):
@@ -427,7 +446,8 @@ class Cell:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(err, "wb") as f:
             proc = host.popen([sys.executable, "-m", "aggbox.chaos", "--node", role,
-                               "--spec", str(spec_path), "--rank", str(rank)],
+                               "--spec", str(spec_path), "--rank", str(rank),
+                               "--host", host.name],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=f,
                               text=True, env=env)
         node = NodeProc(role, rank, host, proc, err)
@@ -532,6 +552,8 @@ class Cell:
             victim.kill()
         if s.restart:
             self.restart(tb, spec_path)
+        if s.sequential:
+            self.step_jobs(spec)
         deadline = time.monotonic() + 3 * spec["timeout_s"] + 10
         for node in self.nodes:
             if node.killed or node.role == "ar-agg":
@@ -540,6 +562,27 @@ class Cell:
         if fuzzer is not None:
             fuzzer.join(20)
         return {}
+
+    def step_jobs(self, spec: dict) -> None:
+        """Sequential jobs (a reused job id): job j+1 starts once every node ended job j;
+        the aggregator installs it first, then the listeners open it, then the senders."""
+        listeners = ("bc-member", "kv-reducer")
+        runners = [n for n in self.nodes if n.role != "ar-agg" and not n.killed]
+        for j in range(1, len(spec["jobs"])):
+            for node in runners:
+                def ended(r: dict, j: int = j) -> bool:
+                    return r.get("event") in ("result", "error") and r.get("job") == j - 1
+
+                if not node.wait_for("", 3 * spec["timeout_s"], where=ended):
+                    self.notes.append(f"{node.label} did not end job {j - 1}")
+                    return
+            for agg in (n for n in self.nodes if n.role == "ar-agg"):
+                agg.send("next")
+                agg.wait_for("installed", 10, count=j)
+            for node in sorted(runners, key=lambda n: n.role not in listeners):
+                node.send("next")
+                if node.role in listeners:
+                    time.sleep(0.05)  # its endpoint is open before a sender starts
 
     def restart(self, tb, spec_path: Path) -> None:
         role = self.spec.restart
@@ -724,10 +767,12 @@ def forge(cell: CellSpec, tb, spec: dict) -> dict:
             return m["mac"], m["ip"]
 
         def both(target, body: bytes) -> list[bytes]:
-            """``body`` from the forger's own address, and from a member's MAC and IP."""
-            mac, ip = as_member(target)
+            """``body`` from the forger's own address, and from a member's IP (the
+            forger's own MAC: a MAC spoofed on the bridge moves the member's forwarding
+            entry to the forger's port, an L2 attack the testbed's bridge must stop)."""
+            _mac_, ip = as_member(target)
             return [raw_frame(me.mac, target.mac, me.ip, target.ip, port, body),
-                    raw_frame(mac, target.mac, ip, target.ip, port, body)]
+                    raw_frame(me.mac, target.mac, ip, target.ip, port, body)]
 
         def hdr(mtype: int, **kw) -> bytes:
             f = dict(type=mtype, job_id=job["job_id"], token=job["token"], seq=1, rank=0,
@@ -843,8 +888,10 @@ def non_aggbox_delivery(workload: str, tb) -> dict:
             got[f"{host.name}:{port}"] = box.get("n", 0)
     delivered = sum(got.values())
     _ = me
+    missing = [k for k, v in got.items() if v < 5]
     return {"delivered": wanted > 0 and delivered == wanted, "received": delivered,
-            "expected": wanted, "sent": wanted}
+            "expected": wanted, "sent": wanted,
+            "missing_at": " ".join(missing) or "-"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -935,8 +982,9 @@ def matrix(quick: bool = True) -> list[CellSpec]:
                               expect=("accepted",)))
         for kind in FUZZ:
             cells.append(CellSpec(w, f"fuzz-{kind}", fuzz=kind, expect=FUZZ_EXPECT[kind],
-                                  params={"iters": 20} if w != "reduce-by-key" else
-                                  {"pairs": 20000}))
+                                  params={"iters": 12, "gap_s": 0.1, "fuzz_s": 1.2}
+                                  if w != "reduce-by-key" else
+                                  {"pairs": 20000, "fuzz_s": 1.2}))
     if not quick:
         for c in list(cells):
             if c.netem:
@@ -1041,8 +1089,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", required=True, help="a cell's node role (internal)")
     parser.add_argument("--spec", required=True)
     parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--host", default="h0", help="the testbed host (names its pins)")
     args = parser.parse_args(argv)
-    return node_main(args.node, args.spec, args.rank)
+    return node_main(args.node, args.spec, args.rank, args.host)
 
 
 if __name__ == "__main__":

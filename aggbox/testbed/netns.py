@@ -682,8 +682,32 @@ def down_run(run_id: str, prefix: str | None = None) -> list[str]:
         prefix = prefix or default_prefix()
         namespaces = [ns for ns in list_namespaces(prefix) if ns.startswith(f"{prefix}-{run_id}-")]
     deleted = _delete_namespaces(namespaces)
+    _remove_run_pins([run_id])
     path.unlink(missing_ok=True)
     return deleted
+
+
+def run_ids_of(netns: str, prefix: str) -> list[str]:
+    """Possible run ids in a namespace name ``{prefix}-{run}-sw`` / ``{prefix}-{run}-h3``.
+    A longer prefix under ``prefix`` (a test session's ``abx-t1f2e``) hides where the run
+    id starts, so every dash-separated tail is a candidate: ``t1f2e-ab12cd``, ``ab12cd``."""
+    if not netns.startswith(f"{prefix}-"):
+        return []
+    middle, sep, _role = netns[len(prefix) + 1:].rpartition("-")
+    if not sep or not middle:
+        return []
+    parts = middle.split("-")
+    return ["-".join(parts[k:]) for k in range(len(parts))]
+
+
+def _remove_run_pins(run_ids: Sequence[str]) -> None:
+    """Pins a killed run's nodes left under /sys/fs/bpf/aggbox/<run>[-*] (e.g.
+    ``<run>-agg``, ``<run>-h3``): deleting namespaces does not remove bpffs files, and
+    a pinned map lives (kernel memory) until its pin goes."""
+    from aggbox.bpf import remove_pins
+
+    for run_id in sorted(set(run_ids)):
+        remove_pins(run_id)
 
 
 def down_all(prefix: str = DEFAULT_PREFIX) -> list[str]:
@@ -691,14 +715,18 @@ def down_all(prefix: str = DEFAULT_PREFIX) -> list[str]:
     prefix; returns the namespaces deleted."""
     require_root()
     validate_name("prefix", prefix, MAX_PREFIX_LEN)
-    deleted = _delete_namespaces(list_namespaces(prefix))
+    present = list_namespaces(prefix)
+    run_ids = [r for ns in present for r in run_ids_of(ns, prefix)]
+    deleted = _delete_namespaces(present)
     for path in state_dir().glob("*.json"):
         try:
             run_prefix = json.loads(path.read_text()).get("prefix", "")
         except (OSError, ValueError):
             run_prefix = prefix  # unreadable: nothing can use it any more
         if run_prefix == prefix or run_prefix.startswith(f"{prefix}-"):
+            run_ids.append(path.stem)
             path.unlink(missing_ok=True)
+    _remove_run_pins(run_ids)
     return deleted
 
 
