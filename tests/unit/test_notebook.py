@@ -1,8 +1,10 @@
 """results/analysis.ipynb runs top to bottom on the committed reference results.
 
-The notebook executes in a fresh ipykernel (this venv's Python) with ``AGGBOX_RESULTS``
-pointing at a temporary copy of the reference runs: any cell error fails the test, every
-figure must come out as an inline image, and neither the copy nor results/ may change.
+The notebook is committed with its outputs (a reader sees the figures without running
+it). The test clears them and executes it in a fresh ipykernel (this venv's Python) with
+``AGGBOX_RESULTS`` pointing at a temporary copy of the reference runs: any cell error fails
+the test, every figure must come out as an inline image, each cell draws as many figures
+as its committed outputs show, and neither the copy nor results/ may change.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from aggbox.results import META_FILE, list_runs
 RESULTS = ROOT / "results"
 NOTEBOOK = RESULTS / "analysis.ipynb"
 # The figures the notebook draws for the reference runs (one image each).
-EXPECTED_FIGURES = 3  # broadcast_latency, broadcast_cdf, allreduce_time
-EXPERIMENTS = {"broadcast", "allreduce"}
+EXPECTED_FIGURES = 5  # broadcast_latency, broadcast_cdf, allreduce_time, mapreduce_speedup/times
+EXPERIMENTS = {"broadcast", "allreduce", "mapreduce"}
+# PNG outputs of a handful of figures; more means an image format or size gone wrong.
+MAX_NOTEBOOK_BYTES = 1_500_000
 
 
 def reference_runs() -> list[Path]:
@@ -91,11 +95,28 @@ def outputs(nb, kind: str) -> list[dict]:
     ]
 
 
+def images_per_cell(nb) -> list[int]:
+    return [sum(o.output_type == "display_data" and "image/png" in o.data for o in cell.outputs)
+            for cell in nb.cells if cell.cell_type == "code"]
+
+
+def test_the_notebook_is_committed_with_its_figures_and_a_mapreduce_section():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    images = [o for o in outputs(nb, "display_data") if "image/png" in o.data]
+    assert len(images) >= EXPECTED_FIGURES, "commit the notebook executed (make it readable)"
+    assert not [o for o in outputs(nb, "display_data") if "image/svg+xml" in o.data]
+    assert NOTEBOOK.stat().st_size <= MAX_NOTEBOOK_BYTES, NOTEBOOK.stat().st_size
+    assert not outputs(nb, "error")
+    headings = [c.source.splitlines()[0] for c in nb.cells if c.cell_type == "markdown"]
+    assert any(h.startswith("## MapReduce") for h in headings), headings
+
+
 def test_the_notebook_runs_on_the_reference_results_and_writes_nothing(results_copy, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert not outputs(nb, "display_data") and not outputs(nb, "execute_result"), (
-        "commit the notebook without outputs (they would go stale and bloat the repo)"
-    )
+    committed = images_per_cell(nb)
+    for cell in nb.cells:  # what the test sees must come from this run, not the commit
+        if cell.cell_type == "code":
+            cell.outputs = []
     before_copy = snapshot(results_copy)
     watched = [NOTEBOOK, *reference_runs()]
     before_results = {str(p): snapshot(p) if p.is_dir() else p.stat().st_mtime_ns for p in watched}
@@ -115,6 +136,8 @@ def test_the_notebook_runs_on_the_reference_results_and_writes_nothing(results_c
 
     images = [o for o in outputs(nb, "display_data") if "image/png" in o.data]
     assert len(images) >= EXPECTED_FIGURES, f"{len(images)} inline figures"
+    # The appended kernel cell drew nothing; the others as many figures as committed.
+    assert images_per_cell(nb)[:-1] == committed, "re-execute and commit the notebook"
     tables = [o for o in outputs(nb, "execute_result") if "text/html" in o.data]
     assert len(tables) >= len(EXPERIMENTS), "a summary table per experiment"
     for table in tables:
