@@ -23,34 +23,46 @@ __all__ = ["register", "load_testbed"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("testbed", help="bring a netns testbed up, list it, remove it")
+    parser = subparsers.add_parser("testbed", help="bring a netns testbed up, list it, remove it",
+                                   epilog="examples:\n  aggbox testbed up --hosts 3\n"
+                                   "  aggbox testbed down --all")
     sub = parser.add_subparsers(dest="testbed_command", metavar="ACTION")
     sub.required = True
 
-    up = sub.add_parser("up", help="create a testbed and leave it up")
+    up = sub.add_parser("up", help="create a testbed and leave it up",
+                        epilog="examples:\n  aggbox testbed up --hosts 3\n"
+                        "  aggbox testbed up --hosts 4 --id demo01 --loss 1 --delay 0.5")
     up.add_argument("--hosts", type=int, required=True, help="number of hosts")
     up.add_argument("--id", dest="run_id", help="run id (default: random 6 hex digits)")
-    up.add_argument("--subnet", default="10.213.0.0/16")
-    up.add_argument("--mtu", type=int, default=1500)
+    up.add_argument("--subnet", default="10.213.0.0/16", help="the hosts' addresses")
+    up.add_argument("--mtu", type=int, default=1500, help="MTU of every link")
     up.add_argument("--group-ips", type=int, default=4, help="virtual group addresses")
     up.add_argument("--no-tx-offload", dest="tx_offload", action="store_false",
                     help="turn tx checksum offload off (wrong checksums are then dropped)")
     netem = up.add_argument_group("impairments per link (tc netem, both ends of each link)")
-    netem.add_argument("--delay", type=float, default=0.0, metavar="MS")
-    netem.add_argument("--jitter", type=float, default=0.0, metavar="MS")
-    netem.add_argument("--loss", type=float, default=0.0, metavar="PCT")
-    netem.add_argument("--duplicate", type=float, default=0.0, metavar="PCT")
-    netem.add_argument("--reorder", type=float, default=0.0, metavar="PCT")
+    netem.add_argument("--delay", type=float, default=0.0, metavar="MS", help="delay, ms")
+    netem.add_argument("--jitter", type=float, default=0.0, metavar="MS", help="jitter, ms")
+    netem.add_argument("--loss", type=float, default=0.0, metavar="PCT", help="loss, percent")
+    netem.add_argument("--duplicate", type=float, default=0.0, metavar="PCT",
+                       help="duplication, percent")
+    netem.add_argument("--reorder", type=float, default=0.0, metavar="PCT",
+                       help="reordering, percent")
     netem.add_argument("--seed", type=int, default=1, help="netem's random seed")
     up.set_defaults(func=cmd_up)
 
-    status = sub.add_parser("status", help="list testbeds and their hosts")
-    status.add_argument("--id", dest="run_id", help="show this run's hosts")
+    status = sub.add_parser("status", help="list testbeds and their hosts",
+                            epilog="examples:\n  aggbox testbed status\n"
+                            "  aggbox testbed status --id demo01")
+    status.add_argument("--id", dest="run_id",
+                        help="show this run's hosts (default: list every testbed)")
     status.set_defaults(func=cmd_status)
 
-    down = sub.add_parser("down", help="remove a testbed, or every leftover")
+    down = sub.add_parser("down", help="remove a testbed, or every leftover",
+                          epilog="examples:\n  aggbox testbed down --id demo01\n"
+                          "  aggbox testbed down --all")
     which = down.add_mutually_exclusive_group(required=True)
-    which.add_argument("--id", dest="run_id")
+    which.add_argument("--id", dest="run_id", help="the run id of the testbed to remove "
+                       "(default: none; give --id or --all)")
     which.add_argument("--all", action="store_true",
                        help=f"every '{default_prefix()}-*' namespace and state file")
     down.set_defaults(func=cmd_down)
