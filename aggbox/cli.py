@@ -33,11 +33,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     that are indented (examples, to copy as they are) and wrap the others.
 
     An option whose help already says its default ("(default: ...)", e.g. one computed
-    at run time) is left alone, and so is a flag (no value: present or not)."""
+    at run time) is left alone, and so are a flag (no value: present or not) and a
+    required option (it has no default)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if "(default" in help_text or action.nargs == 0:
+        if "(default" in help_text or action.nargs == 0 or action.required:
             return help_text
         return super()._get_help_string(action)
 
