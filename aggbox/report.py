@@ -12,6 +12,7 @@ lacks is replaced by a line saying what is missing.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -1056,7 +1057,47 @@ def build_report(results_dir: Path = RESULTS_DIR) -> str:
     ]
     head += md_table(["claim", "paper", "measured (like for like)", "verdict"], summary_rows)
     head.append("")
-    return "\n".join([*head, *_caveats(runs, sections), *body])
+    return "\n".join([*head, *_caveats(runs, sections), *body,
+                      *reliability_section(results_dir)])
+
+
+def latest_chaos(results_dir: Path) -> Path | None:
+    """The newest ``results/chaos/<run>/cells.json`` (``aggbox chaos``), if any."""
+    runs = sorted((results_dir / "chaos").glob("*/cells.json"),
+                  key=lambda p: p.parent.name)
+    return runs[-1] if runs else None
+
+
+def reliability_section(results_dir: Path = RESULTS_DIR) -> list[str]:
+    """"Reliability": the fault campaign's verdicts per workload and the failed cells."""
+    out = ["## Reliability: the fault campaign", ""]
+    path = latest_chaos(results_dir)
+    if path is None:
+        return out + ["Not run yet: `sudo .venv/bin/aggbox chaos --quick` (or without "
+                      "`--quick` for larger cells) writes results/chaos/<run>/cells.json and "
+                      "table.md; what a cell and its verdict mean: docs/reliability.md.", ""]
+    campaign = json.loads(path.read_text())
+    cells = campaign.get("cells", [])
+    rel = os.path.relpath(path.parent, results_dir)
+    out += [f"{campaign.get('n_ok', 0)} of {len(cells)} cells ok "
+            f"({'quick' if campaign.get('quick') else 'full'} campaign, "
+            f"{campaign.get('seconds', '?')} s, git {campaign.get('git', '?')}, kernel "
+            f"{campaign.get('kernel', '?')}); every cell: [{rel}/table.md]({rel}/table.md). "
+            "A cell is ok when every result is exact (allreduce: within its quantization "
+            "bound) or the first error names the failed host, the expected kernel counter "
+            "moved, dmesg shows no new warning and nothing is left behind "
+            "(docs/reliability.md).", ""]
+    rows = []
+    for w in sorted({c["workload"] for c in cells}):
+        mine = [c for c in cells if c["workload"] == w]
+        rows.append([w, str(len(mine)), str(sum(c["verdict"] == "ok" for c in mine)),
+                     ", ".join(c["fault"] for c in mine if c["verdict"] != "ok") or "-"])
+    out += md_table(["workload", "cells", "ok", "failed cells"], rows)
+    failed = [c for c in cells if c["verdict"] != "ok"]
+    if failed:
+        out += ["", "Failed cells:", ""]
+        out += [f"- {c['workload']}/{c['fault']}: {c['detail'][:400]}" for c in failed]
+    return out + [""]
 
 
 def write_report(results_dir: Path = RESULTS_DIR) -> Path:
