@@ -1,8 +1,8 @@
 """``aggbox bench <workload>``: one measurement point, every system side by side.
 
 All systems run on the same testbed in one run, interleaved, after a warm-up. The human
-output is a table; with ``--json`` the LAST line is one JSON object (the contract in
-DESIGN.md section 7).
+output is a table; with ``--json`` the LAST line is one JSON object (docs/design.md,
+"From experiment file to figure").
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ def _procs_per_cpu_cell(entry: dict) -> str:
     """Processes a call needs per CPU, "!" when that overcommits the CPUs."""
     ppc = entry.get("procs_per_cpu")
     return "-" if ppc is None else f"{ppc:g}" + ("!" if entry.get("overcommitted") else "")
+
+
+def _emit(result: dict, print_table, as_json: bool) -> None:
+    """The table, then (``--json``) the result as the output's last line."""
+    print_table(result)
+    if as_json:
+        print(json.dumps(result))
+    sys.stdout.flush()
 
 
 def _print_head(head: str) -> None:
@@ -184,10 +192,7 @@ def bench_broadcast(args: argparse.Namespace) -> int:
         result["ratios"], result["headline"] = ratios, headline
     if args.counters:
         result["nodes"] = run.events
-    _print_broadcast_table(result)
-    if args.json:
-        print(json.dumps(result))
-    sys.stdout.flush()
+    _emit(result, _print_broadcast_table, args.json)
     return 0 if all(s["all_delivered"] for s in per_system.values()) else 1
 
 
@@ -478,10 +483,7 @@ def bench_mapreduce(args: argparse.Namespace) -> int:
               "ratios": mapreduce_ratios(run.samples, per_system)}
     if args.counters:
         result["nodes"] = run.events
-    _print_mapreduce_table(result)
-    if args.json:
-        print(json.dumps(result))
-    sys.stdout.flush()
+    _emit(result, _print_mapreduce_table, args.json)
     return 0 if all(s["exact"] for s in per_system.values()) else 1
 
 
@@ -578,10 +580,7 @@ def bench_training(args: argparse.Namespace) -> int:
     result["ratios"] = ratios(run.samples, result["systems"])
     if args.counters:
         result["nodes"] = run.events
-    _print_training_table(result)
-    if args.json:
-        print(json.dumps(result))
-    sys.stdout.flush()
+    _emit(result, _print_training_table, args.json)
     if args.task == "digits":
         return 0 if all(s.get("converged") for s in result["systems"].values()) else 1
     return 0
