@@ -41,11 +41,16 @@ class MsgType(IntEnum):
 
 
 class Flags(IntFlag):
+    """aggbox_hdr.flags: bpf/aggbox.h's AGGBOX_F_<name>."""
+
     NONE = 0
     LAST_FRAG = 0x0001
     RETRANSMIT = 0x0002
     KV_DONE = 0x0004
     KV_LONG = 0x0008
+    OP_MAX = 0x0100  # AGG: element-wise max instead of sum (scale agreement)
+    STATUS = 0x0200  # AGG_RESULT: a status, the bitmap of the workers whose block is in
+    ALIGN = 0x0400  # AGG: each worker's own exponent; the kernel aligns them
 
 
 # (name, struct code, offset, size) in wire order; little-endian, no padding.
@@ -116,6 +121,7 @@ COUNTERS: tuple[str, ...] = (
     "kv_out_of_window",
     "kv_busy_reclaimed",
     "drop_bad_csum",
+    "agg_chain_broken",
 )
 
 

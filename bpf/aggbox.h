@@ -36,6 +36,13 @@ enum aggbox_type {
                                     * 1..aux), which the reducer's kernel counts       */
 #define AGGBOX_F_KV_LONG    0x0008 /* KV: variable-length pairs for the reducer's application
                                     * (keys longer than AGGBOX_KV_KEY_WIDTH), see below    */
+#define AGGBOX_F_OP_MAX     0x0100 /* AGG: element-wise max instead of sum (scale agreement) */
+#define AGGBOX_F_STATUS     0x0200 /* AGG_RESULT that is a status: its payload is the 64-bit
+                                    * bitmap of the workers whose block is in (aux: its
+                                    * low half)                                          */
+#define AGGBOX_F_ALIGN      0x0400 /* AGG: values quantized with each worker's own exponent
+                                    * (hdr.scale_exp): the kernel aligns them to the
+                                    * largest before it sums                             */
 
 /* The fixed header after UDP. 32 bytes, no implicit padding. */
 struct aggbox_hdr {
@@ -77,7 +84,10 @@ _Static_assert(sizeof(struct aggbox_kv_pair) == 24, "a pair is 24 bytes");
 #ifndef AGGBOX_MAX_MEMBERS
 #define AGGBOX_MAX_MEMBERS 64
 #endif
-/* Concurrent jobs per host (slots in the per-job state arrays). */
+/* Concurrent jobs per host and family: job slots in the per-job state arrays. The most
+ * any family holds; broadcast holds this many. Aggregation and reduce-by-key hold fewer
+ * by default (AGG_MAX_JOBS, KV_MAX_JOBS: 4), since a job slot there is megabytes of
+ * chunks or entries; lib/check.h asserts that no family exceeds this. */
 #ifndef AGGBOX_MAX_JOBS
 #define AGGBOX_MAX_JOBS 16
 #endif
@@ -138,6 +148,8 @@ enum aggbox_counter {
 	CNT_KV_OUT_OF_WINDOW,  /* KV seqs beyond what the sender's window allows (ring poison)  */
 	CNT_KV_BUSY_RECLAIMED, /* ring slots left BUSY by a chain that died, taken over by a copy */
 	CNT_DROP_BAD_CSUM,     /* an IPv4 header or UDP checksum that does not add up          */
+	CNT_AGG_CHAIN_BROKEN,  /* failed tail calls of a block's chain (dropped; its
+	                        * retransmission completes it)                                */
 	CNT_MAX,
 };
 

@@ -1,13 +1,13 @@
 /* SPDX-License-Identifier: Apache-2.0
  *
  * aggregate.c: in-kernel aggregation ("the box"): workers' int32 blocks summed in a pool
- * of slots, the result sent to every worker from the kernel.
+ * of pool slots, the result sent to every worker from the kernel.
  *
  * The packet's path, on the aggregator's TC ingress:
  *
  *   agg_ingress  parse, check (magic, version, job, token, member, both lengths, scale
- *                exponent), find the block's slot (seq mod pool) and copy (round
- *                parity); under the copy's lock: a block already counted in is answered
+ *                exponent), find the block's pool slot (seq mod pool) and copy
+ *                (round parity); under the copy's lock: a block already counted in is answered
  *                by agg_reply, never added twice; nothing is claimed here
  *   agg_add      x N   one chunk (AGG_CHUNK values) per program under the CHUNK's lock,
  *                then tail-calls itself for the next: a chain of ceil(count / AGG_CHUNK)
@@ -15,7 +15,7 @@
  *                values it holds, so an add is idempotent per worker: the first writer
  *                of a round stores, the others add (or max), a retransmission skips
  *   agg_finish   counts the worker in (its bit in `done`, once); the LAST one starts the
- *                slot's other copy on the next round, turns its own packet into the
+ *                pool slot's other copy on the next round, turns its own packet into the
  *                result and sends it once to the job's multicast group (or, per job,
  *                clones it to every worker: see AGG_RESULTS_*)
  *   agg_reply    a duplicate of a finished block gets the finished copy's result (the
@@ -23,11 +23,16 @@
  *                either by unicast, to the worker that asked only
  *
  * A chain that breaks anywhere (a drop, a failed tail call) leaves only chunks holding
- * the worker's values, no claim: its retransmission adds the rest and completes the slot.
+ * the worker's values, no claim: its retransmission adds the rest and completes the pool
+ * slot.
  *
- * Two copies per slot (SwitchML's shadow copy): round r of a slot uses copy r & 1. A
- * worker sends round r + 1 of a slot only after it has the result of round r, so when
- * round r completes every worker already has round r - 1's result and its copy can be
+ * Words: a job's "job slot" is its part of the per-job arrays (as in every family); a
+ * "pool slot" is one of the job's AGG_POOL places a block is summed in (block seq mod
+ * AGG_POOL), with two copies each.
+ *
+ * Two copies per pool slot (SwitchML's shadow copy): round r of a pool slot uses copy
+ * r & 1. A worker sends round r + 1 of a pool slot only after it has the result of round
+ * r, so when round r completes every worker already has round r - 1's result and its copy can be
  * restarted (under its lock, metadata only: its chunks are blank by their older round);
  * the finished copy of round r stays intact until round r + 1 completes, which is
  * what answers late retransmissions. Only one user-space process per worker is involved;
@@ -40,10 +45,6 @@
 #include <linux/ip.h>
 #include <linux/udp.h>
 
-#include "aggbox.h"
-#include "lib/parse.h"
-#include "lib/maps.h"
-
 #ifndef AGG_MAX_VALUES
 #define AGG_MAX_VALUES 16384 /* largest block, in int32 values; a power of two */
 #endif
@@ -51,37 +52,37 @@
 #define AGG_CHUNK 1024 /* values one program of the chain walks */
 #endif
 #ifndef AGG_POOL_SHIFT
-#define AGG_POOL_SHIFT 6 /* 64 slots per job: a worker's window */
+#define AGG_POOL_SHIFT 6 /* 64 pool slots per job: a worker's window */
 #endif
 #ifndef AGG_MAX_JOBS
-#define AGG_MAX_JOBS 4
+#define AGG_MAX_JOBS 4 /* < AGGBOX_MAX_JOBS: each job slot holds 8 MiB of chunks */
 #endif
+#define JOB_SLOTS AGG_MAX_JOBS
 #define AGG_POOL (1u << AGG_POOL_SHIFT)
+#define AGG_MAX_CHUNKS (AGG_MAX_VALUES / AGG_CHUNK)
+
+#include "aggbox.h"
+#include "lib/parse.h"
+#include "lib/maps.h"
+#include "lib/check.h"
+#include "lib/reply.h"
 
 _Static_assert((AGG_MAX_VALUES & (AGG_MAX_VALUES - 1)) == 0, "AGG_MAX_VALUES: power of 2");
 _Static_assert(AGG_MAX_VALUES / AGG_CHUNK <= 30, "the chain would exceed the tail-call limit");
 
-#define AGG_F_OP_MAX 0x0100 /* element-wise max instead of sum (scale agreement) */
-#define AGG_F_ALIGN  0x0400 /* sum of values quantized with each worker's own exponent
-			     * (hdr.scale_exp): the kernel aligns them to the largest */
-#define AGG_MAX_CHUNKS (AGG_MAX_VALUES / AGG_CHUNK)
-#define AGG_F_STATUS 0x0200 /* AGG_RESULT that is a status: its payload is the 64-bit
-			     * bitmap of the workers whose block is in (aux: its low half) */
 /* The exponents aggbox/quant.py can produce (float64 frexp of 2^-1074 .. < 2^1024, and
  * ZERO_BLOCK_EXPONENT): anything else is refused (it would shift a whole chunk out). */
 #define AGG_EXP_MIN (-1074)
 #define AGG_EXP_MAX 1024
 
+/* ---------------------------------------------------------------- maps -------------- */
+
+/* `config` (ports) and `members` (the workers; key: job slot * AGGBOX_MAX_MEMBERS +
+ * rank): lib/check.h */
+
 enum chain_index { CHAIN_ADD = 0, CHAIN_FINISH = 1, CHAIN_REPLY = 2, CHAIN_LEN };
 /* user space fills `chain` with agg_add, agg_finish, agg_reply in this order */
 BPF_PROG_ARRAY(chain, CHAIN_LEN);
-
-struct agg_config {
-	__u16 port_lo;
-	__u16 port_hi;
-	__u32 pad;
-};
-BPF_ARRAY(config, struct agg_config, 1);
 
 /* How a finished block reaches the workers (struct agg_job.results, chosen per job at
  * install time). MULTICAST: the result is sent ONCE, to the job's IP multicast group
@@ -94,9 +95,7 @@ BPF_ARRAY(config, struct agg_config, 1);
 #define AGG_RESULTS_MULTICAST 1
 
 struct agg_job {
-	__u32 token;
-	__u32 index;     /* this job's part of the slot and worker arrays */
-	__u32 n_workers; /* ranks 0 .. n_workers - 1 */
+	AGGBOX_JOB_PREFIX; /* n_members: the workers; my_rank: unused (no worker) */
 	__u32 my_ip;     /* the aggregator's address (network order) */
 	__u8 my_mac[6];
 	__u16 results;   /* AGG_RESULTS_* */
@@ -104,58 +103,49 @@ struct agg_job {
 	__u8 result_mac[6];
 	__u16 pad;
 };
-BPF_HASH(jobs, __u32, struct agg_job, AGG_MAX_JOBS);
+BPF_HASH(jobs, __u32, struct agg_job, JOB_SLOTS);
 
-struct agg_worker {
-	__u32 ip; /* network order */
-	__u8 mac[6];
-	__u16 pad;
-};
-/* key: job index * AGGBOX_MAX_MEMBERS + rank */
-BPF_ARRAY(workers, struct agg_worker, AGG_MAX_JOBS * AGGBOX_MAX_MEMBERS);
-
-/* Who is in one copy of a slot. A worker's bit in `done` is set only by agg_finish, once
- * every chunk of its block is in: a chain that breaks half-way (a drop, a failed tail
- * call) leaves no claim behind, and the worker's retransmission finishes the job. */
+/* Who is in one copy of a pool slot. A worker's bit in `done` is set only by agg_finish,
+ * once every chunk of its block is in: a chain that breaks half-way (a drop, a failed
+ * tail call) leaves no claim behind, and the worker's retransmission finishes the job. */
 struct agg_copy {
 	struct bpf_spin_lock lock;
 	__u32 round;  /* the round this copy holds */
 	__u64 done;   /* bit r: worker r's block is fully added */
 	__u32 arrived;/* popcount(done) */
 	__u32 count;  /* values in the block (set by the round's first accepted block) */
-	__u32 flags;  /* that block's AGG_F_OP_MAX / AGG_F_ALIGN */
+	__u32 flags;  /* that block's AGGBOX_F_OP_MAX / AGGBOX_F_ALIGN */
 	__u32 shaped; /* count and flags are set */
 };
-/* key: (job index * AGG_POOL + slot) * 2 + copy */
-BPF_ARRAY(slots, struct agg_copy, AGG_MAX_JOBS * AGG_POOL * 2);
+/* key: (job slot * AGG_POOL + pool slot) * 2 + copy */
+BPF_ARRAY(slots, struct agg_copy, JOB_SLOTS * AGG_POOL * 2);
 
-/* One chunk of a slot copy, with its own lock: two CPUs add different chunks of one slot
- * at once. Initialised lazily: a chunk whose round is older than the block's is blank,
- * and the first writer of a round STORES its values (no zeroed copy, and a MAX of
+/* One chunk of a pool slot copy, with its own lock: two CPUs add different chunks of one
+ * block at once. Initialised lazily: a chunk whose round is older than the block's is
+ * blank, and the first writer of a round STORES its values (no zeroed copy, and a MAX of
  * negative values is right). `added` makes the adds idempotent per worker: a
  * retransmission re-walks the chain and adds only the chunks that are not in yet. */
 struct agg_chunk_state {
 	struct bpf_spin_lock lock;
 	__u32 round;  /* the round the values belong to */
 	__u64 added;  /* bit r: worker r's values of this chunk are in */
-	__s32 exp;    /* AGG_F_ALIGN: the exponent the values are at */
+	__s32 exp;    /* AGGBOX_F_ALIGN: the exponent the values are at */
 	__u32 pad;
 	__s32 values[AGG_CHUNK];
 };
-/* key: slot copy key * AGG_MAX_CHUNKS + chunk */
-BPF_ARRAY(chunks, struct agg_chunk_state, AGG_MAX_JOBS * AGG_POOL * 2 * AGG_MAX_CHUNKS);
+/* key: copy key * AGG_MAX_CHUNKS + chunk */
+BPF_ARRAY(chunks, struct agg_chunk_state, JOB_SLOTS * AGG_POOL * 2 * AGG_MAX_CHUNKS);
 
-/* What one packet's chain carries from program to program (per CPU: a chain runs on one
- * CPU without interruption). */
+/* What one packet's chain carries from program to program (lib/chain.h). */
 struct agg_progress {
 	__u32 job_id;
-	__u32 key;       /* the slot copy */
+	__u32 key;       /* the pool slot copy */
 	__u32 next;      /* the next value to add */
 	__u32 count;
 	__u32 flags;
-	__u32 n_workers;
+	__u32 n_members;
 	__u32 complete;  /* agg_reply: the copy is finished (else: send a status) */
-	__s32 exp;       /* AGG_F_ALIGN: the contribution's exponent */
+	__s32 exp;       /* AGGBOX_F_ALIGN: the contribution's exponent */
 	__u32 round;
 	__u32 pad;
 	__u64 bit;       /* the sender's rank bit */
@@ -168,52 +158,27 @@ struct agg_chunk {
 };
 BPF_PERCPU_ARRAY(chunk_buf, struct agg_chunk, 1);
 
-static __always_inline struct agg_progress *get_progress(void)
-{
-	__u32 zero = 0;
-	return progress.lookup(&zero);
-}
+/* lib/chain.h reads `progress` and `chunk_buf`: included after them */
+#include "lib/chain.h"
 
-/* The header's and the job's checks. Returns the job, or NULL with *reason set. */
+/* ---------------------------------------------------------------- parse and check --- */
+
+/* The sender's checks (lib/check.h), then the block's: both lengths and the exponent.
+ * Returns the job, or NULL with *reason set. */
 static __always_inline struct agg_job *check_block(struct __sk_buff *skb, struct pkt *p,
 						   int *reason)
 {
-	int bad = check_hdr(p->hdr);
-	if (bad >= 0) {
-		*reason = bad;
-		return NULL;
-	}
 	__u32 job_id = p->hdr->job_id;
-	struct agg_job *job = jobs.lookup(&job_id);
-	if (!job) {
-		*reason = CNT_DROP_UNKNOWN_JOB;
+	struct agg_job *job = (void *)check_sender(p, jobs.lookup(&job_id), ANY_TYPE,
+						   SELF_MAY_SEND, reason);
+	if (!job)
 		return NULL;
-	}
-	if (p->hdr->token != job->token) {
-		*reason = CNT_DROP_BAD_TOKEN;
-		return NULL;
-	}
-	__u32 rank = p->hdr->rank;
-	if (rank >= job->n_workers || rank >= AGGBOX_MAX_MEMBERS) {
-		*reason = CNT_DROP_NON_MEMBER;
-		return NULL;
-	}
-	__u32 key = job->index * AGGBOX_MAX_MEMBERS + rank;
-	struct agg_worker *w = workers.lookup(&key);
-	if (!w || w->ip != p->ip->saddr) {
-		*reason = CNT_DROP_NON_MEMBER;
-		return NULL;
-	}
-	/* Both lengths: the skb's and the one UDP claims (a datagram shorter than its
-	 * count, padded at the link layer, must not pass). */
 	__u32 count = p->hdr->count;
-	__u32 need = PAYLOAD_OFF + count * 4;
-	if (count == 0 || count > AGG_MAX_VALUES || skb->len < need ||
-	    bpf_ntohs(p->udp->len) < need - UDP_OFF) {
+	if (count == 0 || count > AGG_MAX_VALUES || !payload_fits(skb->len, p, count * 4)) {
 		*reason = CNT_DROP_TRUNCATED;
 		return NULL;
 	}
-	if ((p->hdr->flags & AGG_F_ALIGN) &&
+	if ((p->hdr->flags & AGGBOX_F_ALIGN) &&
 	    (p->hdr->scale_exp < AGG_EXP_MIN || p->hdr->scale_exp > AGG_EXP_MAX)) {
 		*reason = CNT_AGG_BAD_SCALE;
 		return NULL;
@@ -221,92 +186,38 @@ static __always_inline struct agg_job *check_block(struct __sk_buff *skb, struct
 	return job;
 }
 
-int agg_ingress(struct __sk_buff *skb)
-{
-	__u32 zero = 0;
-	struct agg_config *cfg = config.lookup(&zero);
-	if (!cfg)
-		return TC_ACT_UNSPEC;
-	/* A large block may arrive with only its network headers in the linear part of
-	 * the skb: pull the AggBox header in (payload reads go through bpf_skb_load_bytes,
-	 * which handles the rest wherever it lies). */
-	if (skb->len >= PAYLOAD_OFF &&
-	    (void *)(long)skb->data + PAYLOAD_OFF > (void *)(long)skb->data_end)
-		bpf_skb_pull_data(skb, PAYLOAD_OFF);
-	struct pkt p = {};
-	int r = parse_aggbox((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
-			     cfg->port_lo, cfg->port_hi);
-	if (r == PARSE_NOT_OURS || skb->pkt_type != PACKET_HOST)
-		return TC_ACT_UNSPEC;
-	if (r != PARSE_OK) {
-		count(r == PARSE_TRUNCATED ? CNT_DROP_TRUNCATED : CNT_DROP_IP_OPTIONS);
-		return TC_ACT_SHOT;
-	}
-	if (skb->gso_segs > 1) {
-		count(CNT_DROP_GSO); /* several blocks in one skb: the sender must segment */
-		return TC_ACT_SHOT;
-	}
-	int reason = 0;
-	struct agg_job *job = check_block(skb, &p, &reason);
-	if (!job) {
-		count(reason);
-		return TC_ACT_SHOT;
-	}
-	if (p.hdr->type != AGGBOX_AGG) {
-		count(CNT_DROP_BAD_TYPE); /* only workers' blocks come to an aggregator */
-		return TC_ACT_SHOT;
-	}
-	__u32 seq = p.hdr->seq;
-	__u32 round = seq >> AGG_POOL_SHIFT;
-	__u32 key = ((job->index * AGG_POOL) + (seq & (AGG_POOL - 1))) * 2 + (round & 1);
-	__u64 bit = 1ULL << (p.hdr->rank & 63);
-	__u32 n = p.hdr->count;
-	__u32 flags = p.hdr->flags & (AGG_F_OP_MAX | AGG_F_ALIGN);
-	struct agg_copy *cp = slots.lookup(&key);
-	struct agg_progress *pr = get_progress();
-	if (!cp || !pr)
-		return TC_ACT_SHOT;
+/* What agg_ingress found in the block's copy (under its lock). */
+enum copy_verdict {
+	COPY_ADD = 0,       /* not in yet: walk the chain */
+	COPY_STALE_ROUND,   /* the copy is at another round */
+	COPY_DUPLICATE,     /* this worker's block is counted in: answer it */
+	COPY_SHAPE_MISMATCH,/* its count or operation differs from the copy's other blocks */
+};
 
-	int verdict = 0; /* 0: add, 1: stale round, 2: duplicate, 3: shape mismatch */
+static __always_inline int copy_verdict(struct agg_copy *cp, struct agg_progress *pr,
+					__u32 round, __u64 bit, __u32 n, __u32 flags,
+					__u32 n_members)
+{
+	int verdict = COPY_ADD;
 	bpf_spin_lock(&cp->lock);
 	if (cp->round != round) {
-		verdict = 1;
+		verdict = COPY_STALE_ROUND;
 	} else if (cp->done & bit) {
-		verdict = 2;
-		pr->complete = cp->arrived == job->n_workers;
+		verdict = COPY_DUPLICATE;
+		pr->complete = cp->arrived == n_members;
 		pr->done = cp->done;
 	} else if (cp->shaped && (cp->count != n || cp->flags != flags)) {
-		verdict = 3;
+		verdict = COPY_SHAPE_MISMATCH;
 	} else if (!cp->shaped) {
 		cp->count = n;
 		cp->flags = flags;
 		cp->shaped = 1;
 	}
 	bpf_spin_unlock(&cp->lock);
-
-	pr->job_id = p.hdr->job_id;
-	pr->key = key;
-	pr->next = 0;
-	pr->count = n;
-	pr->flags = flags;
-	pr->n_workers = job->n_workers;
-	pr->exp = p.hdr->scale_exp;
-	pr->round = round;
-	pr->bit = bit;
-	if (verdict == 1 || verdict == 3) {
-		/* 3: its count or operation differs from the slot's other blocks */
-		count(verdict == 1 ? CNT_AGG_STALE_ROUND : CNT_AGG_SHAPE_MISMATCH);
-		return TC_ACT_SHOT;
-	}
-	if (verdict == 2) {
-		count(CNT_AGG_DUPLICATE);
-		chain.call(skb, CHAIN_REPLY);
-		return TC_ACT_SHOT;
-	}
-	count(CNT_ACCEPTED);
-	chain.call(skb, CHAIN_ADD);
-	return TC_ACT_SHOT; /* only if the chain is not installed */
+	return verdict;
 }
+
+/* ---------------------------------------------------------------- act --------------- */
 
 /* How agg_add combines one chunk, chosen once per chunk so that each loop is plain. */
 enum add_mode {
@@ -336,11 +247,11 @@ static __always_inline int chunk_mode(struct agg_chunk_state *ch, struct agg_pro
 		ch->exp = pr->exp;
 		return MODE_STORE;
 	}
-	if (pr->flags & AGG_F_OP_MAX)
+	if (pr->flags & AGGBOX_F_OP_MAX)
 		return MODE_MAX;
-	if (!(pr->flags & AGG_F_ALIGN))
+	if (!(pr->flags & AGGBOX_F_ALIGN))
 		return MODE_ADD;
-	/* AGG_F_ALIGN: bring the chunk and the contribution to the larger exponent
+	/* AGGBOX_F_ALIGN: bring the chunk and the contribution to the larger exponent
 	 * (rounding right shifts; see aggbox/quant.py for the error this adds). */
 	__s32 mine = pr->exp, cur = ch->exp;
 	if (mine > cur) {
@@ -394,36 +305,10 @@ struct agg_pairs {
 };
 _Static_assert(__builtin_offsetof(struct agg_chunk_state, values) % 8 == 0, "values 8-aligned");
 
-int agg_add(struct __sk_buff *skb)
+/* Combine n values of `buf` into the chunk, as `mode` says (under the chunk's lock). */
+static __always_inline void combine(struct agg_chunk_state *ch, struct agg_chunk *buf,
+				    __u32 n, int mode, __u32 d)
 {
-	__u32 zero = 0;
-	struct agg_progress *pr = get_progress();
-	struct agg_chunk *buf = chunk_buf.lookup(&zero);
-	if (!pr || !buf)
-		return TC_ACT_SHOT;
-	__u32 off = pr->next;
-	__u32 n = pr->count - off;
-	if (n > AGG_CHUNK)
-		n = AGG_CHUNK;
-	if (off >= AGG_MAX_VALUES || n == 0)
-		return TC_ACT_SHOT;
-	__u32 ckey = pr->key * AGG_MAX_CHUNKS + ((off / AGG_CHUNK) & (AGG_MAX_CHUNKS - 1));
-	struct agg_chunk_state *ch = chunks.lookup(&ckey);
-	if (!ch)
-		return TC_ACT_SHOT;
-	/* One helper call copies the chunk out of the packet (linear or not). The mask
-	 * only restates n <= AGG_CHUNK in a form the verifier tracks. */
-	__u32 len = n * 4;
-	barrier_var(len);
-	len &= AGG_CHUNK * 8 - 1;
-	if (len < 4 || len > AGG_CHUNK * 4)
-		return TC_ACT_SHOT;
-	if (bpf_skb_load_bytes(skb, PAYLOAD_OFF + off * 4, buf->v, len) != 0)
-		return TC_ACT_SHOT;
-	barrier_var(n);
-	__u32 d = 0;
-	bpf_spin_lock(&ch->lock);
-	int mode = chunk_mode(ch, pr, &d);
 	if (mode == MODE_STORE || mode == MODE_ADD) {
 		/* Two values per iteration; an odd last value on its own. */
 		struct agg_pairs *dst = (void *)ch->values, *src = (void *)buf->v;
@@ -449,19 +334,6 @@ int agg_add(struct __sk_buff *skb)
 			CHUNK_LOOP(ch->values[j] += (buf->v[j] + half) >> dd);
 		}
 	}
-	if (mode != MODE_STALE)
-		ch->added |= pr->bit;
-	bpf_spin_unlock(&ch->lock);
-	if (mode == MODE_STALE) {
-		count(CNT_AGG_STALE_ROUND);
-		return TC_ACT_SHOT;
-	}
-	pr->next = off + n;
-	if (pr->next < pr->count)
-		chain.call(skb, CHAIN_ADD);
-	else
-		chain.call(skb, CHAIN_FINISH);
-	return TC_ACT_SHOT;
 }
 
 /* Make the packet a result carrying the values of copy `key` (same length as the block
@@ -496,7 +368,7 @@ static __always_inline int write_result(struct __sk_buff *skb, __u32 key, __u32 
 	return 0;
 }
 
-/* The result's exponent (AGG_F_ALIGN): every chunk ends at the group's largest, since
+/* The result's exponent (AGGBOX_F_ALIGN): every chunk ends at the group's largest, since
  * every worker sends one exponent for its whole block. */
 static __always_inline void set_scale(struct __sk_buff *skb, __u32 key)
 {
@@ -514,12 +386,48 @@ static __always_inline void set_type(struct __sk_buff *skb, __u8 type, __u16 fla
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, flags), &flags, 2, 0);
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, aux), &aux, 4, 0);
 	__u16 no_csum = 0; /* IPv4 UDP without checksum: the payload was rewritten */
-	bpf_skb_store_bytes(skb, UDP_OFF + offsetof(struct udphdr, check), &no_csum, 2, 0);
+	bpf_skb_store_bytes(skb, UDP_CHECK_OFF, &no_csum, 2, 0);
 }
 
-/* Start the other copy of the slot on the round after this one (see the top comment):
- * all under its lock, so no packet ever sees a half-reset copy. Its chunks are blank
- * by their older round: nothing else to clear. */
+/* The packet becomes the finished result of copy `key`: values, type, exponent. */
+static __always_inline int make_result(struct __sk_buff *skb, struct agg_progress *pr)
+{
+	if (write_result(skb, pr->key, pr->count) != 0)
+		return -1;
+	set_type(skb, AGGBOX_AGG_RESULT, pr->flags, 0);
+	if (pr->flags & AGGBOX_F_ALIGN)
+		set_scale(skb, pr->key);
+	return 0;
+}
+
+/* The packet becomes a status: count 2, the payload the 64-bit bitmap of the workers
+ * whose block is in (little-endian), aux its low 32 bits. */
+static __always_inline int make_status(struct __sk_buff *skb, struct agg_progress *pr)
+{
+	__u32 plen = PAYLOAD_OFF + 8;
+	if (bpf_skb_change_tail(skb, plen, 0) != 0)
+		return -1;
+	__u16 tot = bpf_htons(plen - IP_OFF), ulen = bpf_htons(plen - UDP_OFF);
+	__u16 two = 2;
+	__u64 done = pr->done;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + IP_OFF;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	__u16 old_tot = ip->tot_len;
+	bpf_l3_csum_replace(skb, IP_CHECK_OFF, old_tot, tot, 2);
+	bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, tot_len), &tot, 2, 0);
+	bpf_skb_store_bytes(skb, UDP_OFF + offsetof(struct udphdr, len), &ulen, 2, 0);
+	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, count), &two, 2, 0);
+	bpf_skb_store_bytes(skb, PAYLOAD_OFF, &done, 8, 0);
+	set_type(skb, AGGBOX_AGG_RESULT, pr->flags | AGGBOX_F_STATUS, (__u32)done);
+	return 0;
+}
+
+/* Start the other copy of the pool slot on the round after this one (see the top
+ * comment): all under its lock, so no packet ever sees a half-reset copy. Its chunks are
+ * blank by their older round: nothing else to clear. */
 static __always_inline void reset_for_next_round(__u32 key, __u32 round)
 {
 	__u32 other_key = key ^ 1;
@@ -538,41 +446,31 @@ static __always_inline void reset_for_next_round(__u32 key, __u32 round)
 	bpf_spin_unlock(&other->lock);
 }
 
-/* Send the result (already in the packet) from the aggregator to every worker. */
-static __always_inline int fan_out_result(struct __sk_buff *skb, struct agg_job *job)
+/* The result leaves from the aggregator: its IP and MAC become the source. Returns 0 and
+ * the packet's destination in *dst, or -1 when the packet is too short. */
+static __always_inline int from_aggregator(struct __sk_buff *skb, struct agg_job *job,
+					   __u32 *dst)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + IP_OFF;
 	if ((void *)(ip + 1) > data_end)
-		return TC_ACT_SHOT;
-	__u32 old_src = ip->saddr, cur_dst = ip->daddr, my_ip = job->my_ip;
-	bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), old_src, my_ip, 4);
+		return -1;
+	__u32 old_src = ip->saddr, my_ip = job->my_ip;
+	*dst = ip->daddr;
+	bpf_l3_csum_replace(skb, IP_CHECK_OFF, old_src, my_ip, 4);
 	bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, saddr), &my_ip, 4, 0);
 	bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), job->my_mac, ETH_ALEN, 0);
-	__u32 sent = 0;
-#pragma clang loop unroll(disable) vectorize(disable) interleave(disable)
-	for (__u32 i = 0; i < AGGBOX_MAX_MEMBERS; i++) {
-		if (i >= job->n_workers)
-			break;
-		__u32 wkey = job->index * AGGBOX_MAX_MEMBERS + i;
-		struct agg_worker *w = workers.lookup(&wkey);
-		if (!w)
-			break;
-		__u32 ip_new = w->ip;
-		bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), cur_dst, ip_new, 4);
-		bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, daddr), &ip_new, 4, 0);
-		bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), w->mac, ETH_ALEN, 0);
-		cur_dst = ip_new;
-		if (bpf_clone_redirect(skb, skb->ifindex, 0) == 0)
-			sent++;
-		else
-			count(CNT_FANOUT_ERRORS);
-	}
-	__u32 idx = CNT_FANOUT_COPIES;
-	__u64 *c = counters.lookup(&idx);
-	if (c)
-		*c += sent;
+	return 0;
+}
+
+/* Send the result (already in the packet) from the aggregator to every worker. */
+static __always_inline int fan_out_result(struct __sk_buff *skb, struct agg_job *job)
+{
+	__u32 dst = 0;
+	if (from_aggregator(skb, job, &dst) != 0)
+		return TC_ACT_SHOT;
+	clone_to_members(skb, (void *)job, dst, AGGBOX_MAX_MEMBERS);
 	return TC_ACT_STOLEN;
 }
 
@@ -580,23 +478,64 @@ static __always_inline int fan_out_result(struct __sk_buff *skb, struct agg_job 
  * two address rewrites, no clone here (the bridge's copies are clones of this skb). */
 static __always_inline int multicast_result(struct __sk_buff *skb, struct agg_job *job)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + IP_OFF;
-	if ((void *)(ip + 1) > data_end)
+	__u32 old_dst = 0, grp = job->result_ip;
+	if (from_aggregator(skb, job, &old_dst) != 0)
 		return TC_ACT_SHOT;
-	__u32 old_src = ip->saddr, old_dst = ip->daddr;
-	__u32 my_ip = job->my_ip, grp = job->result_ip;
-	bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), old_src, my_ip, 4);
-	bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), old_dst, grp, 4);
-	bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, saddr), &my_ip, 4, 0);
+	bpf_l3_csum_replace(skb, IP_CHECK_OFF, old_dst, grp, 4);
 	bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, daddr), &grp, 4, 0);
-	bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), job->my_mac, ETH_ALEN, 0);
 	bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), job->result_mac, ETH_ALEN, 0);
 	count(CNT_FANOUT_COPIES); /* one copy leaves the aggregator */
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* The next program of the block's chain; returns only when the tail call failed. */
+static __always_inline void tail_call(struct __sk_buff *skb, __u32 index)
+{
+	chain.call(skb, index);
+	count(CNT_AGG_CHAIN_BROKEN);
+}
+
+/* ---------------------------------------------------------------- tail-call targets - */
+
+/* One chunk of the block into its chunk (under the chunk's lock), then the next. */
+int agg_add(struct __sk_buff *skb)
+{
+	struct agg_progress *pr = get_progress();
+	if (!pr)
+		return TC_ACT_SHOT;
+	__u32 off = pr->next, n = 0;
+	__u32 ckey = pr->key * AGG_MAX_CHUNKS + ((off / AGG_CHUNK) & (AGG_MAX_CHUNKS - 1));
+	struct agg_chunk_state *ch = chunks.lookup(&ckey);
+	struct agg_chunk *buf = NULL;
+	if (!ch || load_chunk(skb, off, pr->count, AGG_MAX_VALUES, 4, AGG_CHUNK,
+			      AGG_CHUNK * 8 - 1, (void **)&buf, &n) != CHUNK_LOADED || !buf)
+		return TC_ACT_SHOT;
+	barrier_var(n);
+	__u32 d = 0;
+	bpf_spin_lock(&ch->lock);
+	int mode = chunk_mode(ch, pr, &d);
+	combine(ch, buf, n, mode, d);
+	if (mode != MODE_STALE)
+		ch->added |= pr->bit;
+	bpf_spin_unlock(&ch->lock);
+	if (mode == MODE_STALE) {
+		count(CNT_AGG_STALE_ROUND);
+		return TC_ACT_SHOT;
+	}
+	pr->next = off + n;
+	tail_call(skb, pr->next < pr->count ? CHAIN_ADD : CHAIN_FINISH);
+	return TC_ACT_SHOT;
+}
+
+/* What agg_finish found when counting the worker in. */
+enum finish_verdict {
+	FINISH_COUNTED = 0, /* counted in */
+	FINISH_STALE_ROUND, /* the copy moved on meanwhile */
+	FINISH_RACED,       /* a copy of the block raced this one and counted it first */
+};
+
+/* Every chunk holds this worker's values now (added by this chain or by an earlier copy
+ * of the block): count it in, once; the last block in becomes the result. */
 int agg_finish(struct __sk_buff *skb)
 {
 	struct agg_progress *pr = get_progress();
@@ -608,94 +547,124 @@ int agg_finish(struct __sk_buff *skb)
 	struct agg_job *job = jobs.lookup(&job_id);
 	if (!cp || !job)
 		return TC_ACT_SHOT;
-	/* Every chunk holds this worker's values now (added by this chain or by an earlier
-	 * copy of the block): count it in, once. */
-	int verdict = 0; /* 0: counted in, 1: stale round, 2: a raced copy counted it first */
+	int verdict = FINISH_COUNTED;
 	int complete = 0;
 	bpf_spin_lock(&cp->lock);
 	if (cp->round != pr->round) {
-		verdict = 1;
+		verdict = FINISH_STALE_ROUND;
 	} else if (cp->done & pr->bit) {
-		verdict = 2;
+		verdict = FINISH_RACED;
 	} else {
 		cp->done |= pr->bit;
 		cp->arrived += 1;
-		complete = cp->arrived == pr->n_workers;
+		complete = cp->arrived == pr->n_members;
 	}
 	bpf_spin_unlock(&cp->lock);
-	if (verdict) {
-		count(verdict == 1 ? CNT_AGG_STALE_ROUND : CNT_AGG_DUPLICATE);
+	if (verdict != FINISH_COUNTED) {
+		count(verdict == FINISH_STALE_ROUND ? CNT_AGG_STALE_ROUND : CNT_AGG_DUPLICATE);
 		return TC_ACT_SHOT;
 	}
 	count(CNT_AGG_ADDED);
 	if (!complete)
-		return TC_ACT_STOLEN; /* consumed: its values are in the slot */
+		return TC_ACT_STOLEN; /* consumed: its values are in the pool slot */
 
 	/* The last block in: this packet becomes the result. */
 	reset_for_next_round(key, pr->round);
-	if (write_result(skb, key, pr->count) != 0)
+	if (make_result(skb, pr) != 0)
 		return TC_ACT_SHOT;
-	set_type(skb, AGGBOX_AGG_RESULT, pr->flags, 0);
-	if (pr->flags & AGG_F_ALIGN)
-		set_scale(skb, key);
 	count(CNT_AGG_COMPLETED);
 	if (job->results == AGG_RESULTS_MULTICAST)
 		return multicast_result(skb, job);
 	return fan_out_result(skb, job);
 }
 
-/* A worker sent a block that its slot already counted: it lost the result (answer it
- * from the finished copy) or it is impatient (tell it whose blocks are still missing). */
+/* A worker sent a block that its pool slot already counted: it lost the result (answer
+ * it from the finished copy) or it is impatient (tell it whose blocks are still missing);
+ * by unicast, to the worker that asked only. */
 int agg_reply(struct __sk_buff *skb)
 {
 	struct agg_progress *pr = get_progress();
 	if (!pr)
 		return TC_ACT_SHOT;
-	__u32 key = pr->key;
 	if (pr->complete) {
-		if (write_result(skb, key, pr->count) != 0)
+		if (make_result(skb, pr) != 0)
 			return TC_ACT_SHOT;
-		set_type(skb, AGGBOX_AGG_RESULT, pr->flags, 0);
-		if (pr->flags & AGG_F_ALIGN)
-			set_scale(skb, key);
 		count(CNT_AGG_LATE_REPLY);
 	} else {
-		/* A status: count 2, the payload the 64-bit bitmap of the workers whose block
-		 * is in (little-endian), aux its low 32 bits. */
-		__u32 plen = PAYLOAD_OFF + 8;
-		if (bpf_skb_change_tail(skb, plen, 0) != 0)
+		if (make_status(skb, pr) != 0)
 			return TC_ACT_SHOT;
-		__u16 tot = bpf_htons(plen - IP_OFF), ulen = bpf_htons(plen - UDP_OFF);
-		__u16 two = 2;
-		__u64 done = pr->done;
-		void *data = (void *)(long)skb->data;
-		void *data_end = (void *)(long)skb->data_end;
-		struct iphdr *ip = data + IP_OFF;
-		if ((void *)(ip + 1) > data_end)
-			return TC_ACT_SHOT;
-		__u16 old_tot = ip->tot_len;
-		bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), old_tot, tot, 2);
-		bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, tot_len), &tot, 2, 0);
-		bpf_skb_store_bytes(skb, UDP_OFF + offsetof(struct udphdr, len), &ulen, 2, 0);
-		bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, count), &two, 2, 0);
-		bpf_skb_store_bytes(skb, PAYLOAD_OFF, &done, 8, 0);
-		set_type(skb, AGGBOX_AGG_RESULT, pr->flags | AGG_F_STATUS, (__u32)done);
 		count(CNT_AGG_STATUS);
 	}
-	/* Back to the worker that asked: swap Ethernet and IP addresses (the IP checksum is
-	 * a sum: a swap leaves it valid); both ends use the job's port. */
+	/* Both ends use the job's port: only the addresses are swapped. */
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	struct iphdr *ip = data + IP_OFF;
 	if ((void *)(ip + 1) > data_end)
 		return TC_ACT_SHOT;
-	__u8 mac[ETH_ALEN];
-	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
-	__u32 a = ip->saddr;
-	ip->saddr = ip->daddr;
-	ip->daddr = a;
+	swap_addresses(data, ip);
 	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* ---------------------------------------------------------------- entry points ------ */
+
+/* Check a worker's block, find its pool slot copy, and start the chain. */
+int agg_ingress(struct __sk_buff *skb)
+{
+	/* A large block may arrive with only its network headers in the linear part of
+	 * the skb: pull the AggBox header in (payload reads go through bpf_skb_load_bytes,
+	 * which handles the rest wherever it lies). */
+	if (skb->len >= PAYLOAD_OFF &&
+	    (void *)(long)skb->data + PAYLOAD_OFF > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, PAYLOAD_OFF);
+	struct pkt p = {};
+	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
+				FIND_BY_PORT, skb->pkt_type != PACKET_HOST);
+	if (found != FIND_OK)
+		return found == FIND_NOT_OURS ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+	if (skb->gso_segs > 1) {
+		count(CNT_DROP_GSO); /* several blocks in one skb: the sender must segment */
+		return TC_ACT_SHOT;
+	}
+	int reason = 0;
+	struct agg_job *job = check_block(skb, &p, &reason);
+	if (!job) {
+		count(reason);
+		return TC_ACT_SHOT;
+	}
+	if (p.hdr->type != AGGBOX_AGG) {
+		count(CNT_DROP_BAD_TYPE); /* only workers' blocks come to an aggregator */
+		return TC_ACT_SHOT;
+	}
+	__u32 seq = p.hdr->seq;
+	__u32 round = seq >> AGG_POOL_SHIFT;
+	__u32 key = ((job->slot * AGG_POOL) + (seq & (AGG_POOL - 1))) * 2 + (round & 1);
+	__u64 bit = 1ULL << (p.hdr->rank & 63);
+	__u32 n = p.hdr->count;
+	__u32 flags = p.hdr->flags & (AGGBOX_F_OP_MAX | AGGBOX_F_ALIGN);
+	struct agg_copy *cp = slots.lookup(&key);
+	struct agg_progress *pr = get_progress();
+	if (!cp || !pr)
+		return TC_ACT_SHOT;
+	int verdict = copy_verdict(cp, pr, round, bit, n, flags, job->n_members);
+	pr->job_id = p.hdr->job_id;
+	pr->key = key;
+	pr->next = 0;
+	pr->count = n;
+	pr->flags = flags;
+	pr->n_members = job->n_members;
+	pr->exp = p.hdr->scale_exp;
+	pr->round = round;
+	pr->bit = bit;
+	if (verdict == COPY_STALE_ROUND || verdict == COPY_SHAPE_MISMATCH) {
+		count(verdict == COPY_STALE_ROUND ? CNT_AGG_STALE_ROUND : CNT_AGG_SHAPE_MISMATCH);
+		return TC_ACT_SHOT;
+	}
+	if (verdict == COPY_DUPLICATE) {
+		count(CNT_AGG_DUPLICATE);
+		tail_call(skb, CHAIN_REPLY);
+		return TC_ACT_SHOT;
+	}
+	count(CNT_ACCEPTED);
+	tail_call(skb, CHAIN_ADD);
+	return TC_ACT_SHOT; /* only if the chain is not installed */
 }

@@ -48,11 +48,6 @@
 #include <linux/ip.h>
 #include <linux/udp.h>
 
-#include "aggbox.h"
-#include "lib/parse.h"
-#include "lib/maps.h"
-#include "lib/csum.h"
-
 #ifndef KV_MAP_ENTRIES
 #define KV_MAP_ENTRIES 131072 /* distinct keys the kernel holds per job */
 #endif
@@ -63,46 +58,35 @@
 #define KV_RING_SHIFT 7 /* 128 packets per sender: the largest sender window */
 #endif
 #ifndef KV_MAX_JOBS
-#define KV_MAX_JOBS 4
+#define KV_MAX_JOBS 4 /* < AGGBOX_MAX_JOBS: each job slot holds KV_MAP_ENTRIES entries */
 #endif
+#define JOB_SLOTS KV_MAX_JOBS
 #define KV_RING (1u << KV_RING_SHIFT)
 #define KV_EEXIST 17
 
-#ifndef barrier_var
-/* Hide a value from clang's range reasoning, so that a bound written for the verifier is
- * not optimized away. */
-#define barrier_var(v) asm volatile("" : "+r"(v))
-#endif
+#include "aggbox.h"
+#include "lib/parse.h"
+#include "lib/maps.h"
+#include "lib/check.h"
+#include "lib/csum.h"
+#include "lib/reply.h"
 
 _Static_assert((KV_CHUNK & (KV_CHUNK - 1)) == 0, "KV_CHUNK must be a power of two");
 _Static_assert(KV_CHUNK <= AGGBOX_KV_MAX_PAIRS, "KV_CHUNK: at most a packet");
 _Static_assert(AGGBOX_KV_MAX_PAIRS / KV_CHUNK <= 32, "the chain would exceed 33 tail calls");
 
+/* ---------------------------------------------------------------- maps -------------- */
+
+/* `config` (ports) and `members` (key: job slot * AGGBOX_MAX_MEMBERS + rank):
+ * lib/check.h */
+
 /* user space puts kv_walk at index 0 */
 BPF_PROG_ARRAY(kv_chain, 1);
 
-struct kv_config {
-	__u16 port_lo; /* reduce-by-key jobs on this host use UDP ports port_lo..port_hi */
-	__u16 port_hi;
-	__u32 pad;
-};
-BPF_ARRAY(config, struct kv_config, 1);
-
 struct kv_job {
-	__u32 token;
-	__u32 slot;      /* this job's part of the per-job arrays and of the map's keys */
-	__u32 n_members; /* ranks 0 .. n_members - 1 */
-	__u32 my_rank;
+	AGGBOX_JOB_PREFIX;
 };
-BPF_HASH(jobs, __u32, struct kv_job, KV_MAX_JOBS);
-
-struct kv_member {
-	__u32 ip;    /* network order */
-	__u8 mac[6]; /* all zero: unknown, not checked */
-	__u16 pad;
-};
-/* key: slot * AGGBOX_MAX_MEMBERS + rank */
-BPF_ARRAY(members, struct kv_member, KV_MAX_JOBS * AGGBOX_MAX_MEMBERS);
+BPF_HASH(jobs, __u32, struct kv_job, JOB_SLOTS);
 
 enum kv_state { KV_EMPTY = 0, KV_BUSY = 1, KV_TAKEN = 2, KV_SPILLED = 3, KV_STALE = 4 };
 
@@ -115,11 +99,11 @@ struct kv_seen {
 	__u64 tag;   /* seq << 8 | enum kv_state (BUSY: | claim ms << 40), compare-and-swap */
 	__u64 spill; /* KV_SPILLED: bit i set = pair i was NOT taken (the application's part) */
 };
-/* key: (slot * AGGBOX_MAX_MEMBERS + sender rank) * KV_RING + seq % KV_RING */
-BPF_ARRAY(seen, struct kv_seen, KV_MAX_JOBS * AGGBOX_MAX_MEMBERS * KV_RING);
+/* key: (job slot * AGGBOX_MAX_MEMBERS + sender rank) * KV_RING + seq % KV_RING */
+BPF_ARRAY(seen, struct kv_seen, JOB_SLOTS * AGGBOX_MAX_MEMBERS * KV_RING);
 
 struct kv_key {
-	__u32 slot;
+	__u32 slot; /* the job slot */
 	__u32 pad;
 	__u8 key[AGGBOX_KV_KEY_WIDTH];
 };
@@ -134,28 +118,27 @@ struct kv_entry {
 	__s64 value;
 	__u64 state; /* enum kv_entry_state: VALID once `keydir` points here */
 };
-/* key: slot * KV_MAP_ENTRIES + entry number; mapped into the reducer's memory */
-BPF_F_TABLE("array", __u32, struct kv_entry, entries, KV_MAP_ENTRIES * KV_MAX_JOBS,
+/* key: job slot * KV_MAP_ENTRIES + entry number; mapped into the reducer's memory */
+BPF_F_TABLE("array", __u32, struct kv_entry, entries, KV_MAP_ENTRIES * JOB_SLOTS,
 	    BPF_F_MMAPABLE);
-/* per slot: entries handed out so far (may pass KV_MAP_ENTRIES: those inserts failed) */
-BPF_ARRAY(alloc, __u64, KV_MAX_JOBS);
+/* per job slot: entries handed out so far (may pass KV_MAP_ENTRIES: those inserts failed) */
+BPF_ARRAY(alloc, __u64, JOB_SLOTS);
 
-/* Per (slot, sender): packets finished, each seq once. With the packet count a DONE
+/* Per (job slot, sender): packets finished, each seq once. With the packet count a DONE
  * announces, the reducer's application knows from these alone that its kernel has taken
  * (or spilled) everything, without waiting for the sender's ACK round trips. */
 struct kv_stream {
 	__u64 taken;   /* every pair in the map */
 	__u64 spilled; /* some pair passed up as KV_SPILL */
 };
-/* key: slot * AGGBOX_MAX_MEMBERS + sender rank */
-BPF_ARRAY(streams, struct kv_stream, KV_MAX_JOBS * AGGBOX_MAX_MEMBERS);
+/* key: job slot * AGGBOX_MAX_MEMBERS + sender rank */
+BPF_ARRAY(streams, struct kv_stream, JOB_SLOTS * AGGBOX_MAX_MEMBERS);
 
-/* What one packet's chain carries from program to program (per CPU: a chain runs on one
- * CPU without interruption). */
+/* What one packet's chain carries from program to program (lib/chain.h). */
 struct kv_progress {
 	__u32 seen_key;
-	__u32 stream_key; /* slot * AGGBOX_MAX_MEMBERS + sender rank */
-	__u32 slot;
+	__u32 stream_key; /* job slot * AGGBOX_MAX_MEMBERS + sender rank */
+	__u32 slot;       /* the job slot */
 	__u32 seq;
 	__u32 my_rank;
 	__u32 next;  /* the next pair to add */
@@ -170,18 +153,10 @@ struct kv_chunk_buf {
 };
 BPF_PERCPU_ARRAY(chunk_buf, struct kv_chunk_buf, 1);
 
-static __always_inline void count_n(__u32 reason, __u64 n)
-{
-	__u64 *v = counters.lookup(&reason);
-	if (v)
-		*v += n;
-}
+/* lib/chain.h reads `progress` and `chunk_buf`: included after them */
+#include "lib/chain.h"
 
-static __always_inline struct kv_progress *get_progress(void)
-{
-	__u32 zero = 0;
-	return progress.lookup(&zero);
-}
+/* ---------------------------------------------------------------- parse and check --- */
 
 /* Bits first .. count - 1 set (count <= 64). */
 static __always_inline __u64 bits_from(__u32 first, __u32 count)
@@ -191,60 +166,24 @@ static __always_inline __u64 bits_from(__u32 first, __u32 count)
 	return all & ~below;
 }
 
-/* The checks every packet passes before it may touch state. Returns the job, or NULL
- * with *reason set. */
+/* The sender's checks (lib/check.h; KV_SPILL refused: only this program makes them),
+ * then the packet's length. Returns the job, or NULL with *reason set. */
 static __always_inline struct kv_job *check_packet(struct __sk_buff *skb, struct pkt *p,
 						   int *reason)
 {
-	int bad = check_hdr(p->hdr);
-	if (bad >= 0) {
-		*reason = bad;
-		return NULL;
-	}
-	__u8 type = p->hdr->type;
-	if (type != AGGBOX_KV && type != AGGBOX_KV_ACK) {
-		*reason = CNT_DROP_BAD_TYPE; /* KV_SPILL included: only this program makes them */
-		return NULL;
-	}
 	__u32 job_id = p->hdr->job_id;
-	struct kv_job *job = jobs.lookup(&job_id);
-	if (!job) {
-		*reason = CNT_DROP_UNKNOWN_JOB;
-		return NULL;
-	}
-	if (p->hdr->token != job->token) {
-		*reason = CNT_DROP_BAD_TOKEN;
-		return NULL;
-	}
-	__u32 rank = p->hdr->rank;
-	if (rank >= job->n_members || rank >= AGGBOX_MAX_MEMBERS || rank == job->my_rank) {
-		*reason = CNT_DROP_NON_MEMBER;
-		return NULL;
-	}
-	__u32 key = job->slot * AGGBOX_MAX_MEMBERS + rank;
-	struct kv_member *m = members.lookup(&key);
-	if (!m || m->ip != p->ip->saddr) {
-		*reason = CNT_DROP_NON_MEMBER;
-		return NULL;
-	}
-	/* The member's IP from another MAC: someone on the bridge spoofing it. */
-	if (!mac_matches(m->mac, p->eth)) {
-		*reason = CNT_DROP_WRONG_MAC;
-		return NULL;
-	}
-	if (type == AGGBOX_KV_ACK)
+	struct kv_job *job = (void *)check_sender(p, jobs.lookup(&job_id),
+						  TYPE_BIT(AGGBOX_KV) | TYPE_BIT(AGGBOX_KV_ACK),
+						  SELF_NEVER_SENDS, reason);
+	if (!job || p->hdr->type == AGGBOX_KV_ACK)
 		return job;
 	__u32 n = p->hdr->count;
 	__u16 flags = p->hdr->flags;
 	if (flags & AGGBOX_F_KV_DONE)
 		return job;
-	if (n == 0 || n > AGGBOX_KV_MAX_PAIRS) {
-		*reason = CNT_DROP_TRUNCATED;
-		return NULL;
-	}
 	/* A LONG packet's pairs are variable-length: the application checks them. */
-	__u32 need = PAYLOAD_OFF + ((flags & AGGBOX_F_KV_LONG) ? 1 : n * sizeof(struct aggbox_kv_pair));
-	if (skb->len < need || bpf_ntohs(p->udp->len) < need - UDP_OFF) {
+	__u32 bytes = (flags & AGGBOX_F_KV_LONG) ? 1 : n * sizeof(struct aggbox_kv_pair);
+	if (n == 0 || n > AGGBOX_KV_MAX_PAIRS || !payload_fits(skb->len, p, bytes)) {
 		*reason = CNT_DROP_TRUNCATED;
 		return NULL;
 	}
@@ -281,48 +220,18 @@ static __always_inline int claim(struct kv_seen *s, __u32 seq)
 	return KV_BUSY; /* contended: the sender will resend */
 }
 
+/* ---------------------------------------------------------------- act --------------- */
+
 /* Turn the packet into a bare-header KV_ACK for its sender and send it back out of the
  * interface it came in on. Fields that stay: job_id, token, seq. */
 static __always_inline int make_ack(struct __sk_buff *skb, __u32 my_rank)
 {
-	if (bpf_skb_change_tail(skb, PAYLOAD_OFF, 0) != 0)
-		goto err;
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = data + IP_OFF;
-	struct udphdr *udp = data + UDP_OFF;
-	struct aggbox_hdr *hdr = data + HDR_OFF;
-	if ((void *)(hdr + 1) > data_end)
-		goto err;
-	__u8 mac[ETH_ALEN];
-	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
-	/* Swapping addresses leaves the IP checksum as it was (a sum); the length does not. */
-	__u32 addr = ip->saddr;
-	ip->saddr = ip->daddr;
-	ip->daddr = addr;
-	__u16 port = udp->source;
-	udp->source = udp->dest;
-	udp->dest = port;
-	__u16 old_len = ip->tot_len;
-	__u16 new_len = bpf_htons(PAYLOAD_OFF - IP_OFF);
-	ip->tot_len = new_len;
-	udp->len = bpf_htons(PAYLOAD_OFF - UDP_OFF);
-	udp->check = 0; /* IPv4 allows UDP without a checksum */
-	hdr->type = AGGBOX_KV_ACK;
-	hdr->flags = 0;
-	hdr->rank = my_rank;
-	hdr->count = 0;
-	hdr->aux = 0;
-	/* Last: the helper invalidates packet pointers. */
-	bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check), old_len, new_len, 2);
+	if (reply_header(skb, AGGBOX_KV_ACK, my_rank, 0) != 0) {
+		count(CNT_ACK_ERRORS);
+		return TC_ACT_SHOT;
+	}
 	count(CNT_ACK_SENT);
 	return bpf_redirect(skb->ifindex, 0);
-err:
-	count(CNT_ACK_ERRORS);
-	return TC_ACT_SHOT;
 }
 
 /* Pass the packet up to the reducer's socket as a KV_SPILL (which pairs: the ring). */
@@ -332,8 +241,7 @@ static __always_inline int spill_up(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, version), &old_word, 2))
 		return TC_ACT_SHOT;
 	new_word = (old_word & 0x00ff) | ((__u16)AGGBOX_KV_SPILL << 8);
-	bpf_l4_csum_replace(skb, UDP_OFF + offsetof(struct udphdr, check), old_word, new_word,
-			    BPF_F_MARK_MANGLED_0 | 2);
+	bpf_l4_csum_replace(skb, UDP_CHECK_OFF, old_word, new_word, BPF_F_MARK_MANGLED_0 | 2);
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, version), &new_word, 2, 0);
 	count(CNT_KV_SPILL_PACKETS);
 	return TC_ACT_OK;
@@ -414,90 +322,92 @@ static __always_inline int add_pair(struct kv_key *k, __s64 v)
 	return 0;
 }
 
-int kv_walk(struct __sk_buff *skb)
+/* Add the n pairs of `buf` (pairs first .. first + n - 1 of the packet); returns the
+ * spill bits of those not taken, and their number in *spilled. */
+static __always_inline __u64 add_pairs(struct kv_chunk_buf *buf, __u32 slot, __u32 first,
+				       __u32 n, __u32 *spilled)
 {
-	__u32 zero = 0;
-	struct kv_progress *pr = get_progress();
-	struct kv_chunk_buf *buf = chunk_buf.lookup(&zero);
-	if (!pr || !buf)
-		return TC_ACT_SHOT;
-	__u32 first = pr->next, count_all = pr->count;
-	if (first >= count_all || count_all > AGGBOX_KV_MAX_PAIRS)
-		return TC_ACT_SHOT;
-	__u32 n = count_all - first;
-	if (n > KV_CHUNK)
-		n = KV_CHUNK;
-	/* One helper call copies the chunk out of the packet (linear or not). The mask only
-	 * restates n <= KV_CHUNK in a form the verifier tracks. */
-	__u32 len = n * sizeof(struct aggbox_kv_pair);
-	barrier_var(len);
-	len &= KV_CHUNK * 32 - 1; /* a power of two above KV_CHUNK * 24: changes no valid len */
-	if (len < sizeof(struct aggbox_kv_pair) || len > KV_CHUNK * sizeof(struct aggbox_kv_pair))
-		return TC_ACT_SHOT;
-	__u64 spill = pr->spill;
-	__u32 spilled = 0, added = 0;
-	if (bpf_skb_load_bytes(skb, PAYLOAD_OFF + first * sizeof(struct aggbox_kv_pair), buf->p,
-			       len) != 0) {
-		spill |= bits_from(first, first + n);
-		spilled = n;
-	} else {
-		struct kv_key k = {};
-		k.slot = pr->slot;
-		/* Hidden from clang: it would otherwise drop `i < KV_CHUNK` as implied by n,
-		 * and the verifier, which cannot see that, walks the loop until it gives up. */
-		barrier_var(n);
+	__u64 spill = 0;
+	__u32 added = 0;
+	struct kv_key k = {};
+	k.slot = slot;
+	/* Hidden from clang: it would otherwise drop `i < KV_CHUNK` as implied by n, and the
+	 * verifier, which cannot see that, walks the loop until it gives up. */
+	barrier_var(n);
 #pragma clang loop unroll(disable) vectorize(disable) interleave(disable)
-		for (__u32 i = 0; i < KV_CHUNK; i++) {
-			if (i >= n)
-				break;
-			__u32 j = i;
-			barrier_var(j); /* keep clang from turning the index into a pointer walk */
-			j &= KV_CHUNK - 1;
-			__builtin_memcpy(k.key, buf->p[j].key, AGGBOX_KV_KEY_WIDTH);
-			if (add_pair(&k, buf->p[j].value)) {
-				added++;
-			} else {
-				spill |= 1ULL << ((first + j) & 63);
-				spilled++;
-			}
+	for (__u32 i = 0; i < KV_CHUNK; i++) {
+		if (i >= n)
+			break;
+		__u32 j = i;
+		barrier_var(j); /* keep clang from turning the index into a pointer walk */
+		j &= KV_CHUNK - 1;
+		__builtin_memcpy(k.key, buf->p[j].key, AGGBOX_KV_KEY_WIDTH);
+		if (add_pair(&k, buf->p[j].value)) {
+			added++;
+		} else {
+			spill |= 1ULL << ((first + j) & 63);
+			*spilled += 1;
 		}
 	}
 	count_n(CNT_KV_PAIRS, added);
+	return spill;
+}
+
+/* The pair walk's next program; returns only when the tail call failed. */
+static __always_inline void tail_call(struct __sk_buff *skb)
+{
+	kv_chain.call(skb, 0);
+	count(CNT_KV_CHAIN_BROKEN);
+}
+
+/* ---------------------------------------------------------------- tail-call targets - */
+
+/* KV_CHUNK pairs into the map, then the next chunk (or finish). */
+int kv_walk(struct __sk_buff *skb)
+{
+	struct kv_progress *pr = get_progress();
+	if (!pr)
+		return TC_ACT_SHOT;
+	struct kv_chunk_buf *buf = NULL;
+	__u32 first = pr->next, count_all = pr->count, n = 0, spilled = 0;
+	int loaded = load_chunk(skb, first, count_all, AGGBOX_KV_MAX_PAIRS,
+				sizeof(struct aggbox_kv_pair), KV_CHUNK,
+				KV_CHUNK * 32 - 1 /* a power of two above KV_CHUNK * 24 */,
+				(void **)&buf, &n);
+	if (loaded == CHUNK_NONE || !buf)
+		return TC_ACT_SHOT;
+	__u64 spill = pr->spill;
+	if (loaded == CHUNK_FAILED) {
+		spill |= bits_from(first, first + n);
+		spilled = n;
+	} else {
+		spill |= add_pairs(buf, pr->slot, first, n, &spilled);
+	}
 	pr->next = first + n;
 	pr->spill = spill;
 	pr->spilled += spilled;
 	if (pr->next < count_all) {
 		count(CNT_KV_TAIL_CALLS);
-		kv_chain.call(skb, 0);
+		tail_call(skb);
 		/* Only reached when the tail call failed: the rest goes up, never lost. */
-		count(CNT_KV_CHAIN_BROKEN);
 		pr->spill |= bits_from(pr->next, count_all);
 		pr->spilled += count_all - pr->next;
 	}
 	return finish(skb, pr);
 }
 
+/* ---------------------------------------------------------------- entry points ------ */
+
+/* Check a mapper's packet, claim its seq, and start the pair walk. */
 int kv_ingress(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct kv_config *cfg = config.lookup(&zero);
-	if (!cfg)
-		return TC_ACT_UNSPEC;
 	struct pkt p = {};
-	int r = parse_aggbox_magic((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
-				   cfg->port_lo, cfg->port_hi);
 	/* Frames for another host's MAC are none of our business; broadcast- and
 	 * multicast-MAC frames reach this host's stack, so they are checked (then dropped). */
-	if (r == PARSE_NOT_OURS || skb->pkt_type == PACKET_OTHERHOST)
-		return TC_ACT_UNSPEC;
-	if (r == PARSE_FOREIGN) {
-		count(CNT_PASSED_NOT_OURS); /* not AggBox's (no magic): somebody else's datagram */
-		return TC_ACT_UNSPEC;
-	}
-	if (r != PARSE_OK) {
-		count(r == PARSE_TRUNCATED ? CNT_DROP_TRUNCATED : CNT_DROP_IP_OPTIONS);
-		return TC_ACT_SHOT;
-	}
+	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
+				FIND_BY_MAGIC, skb->pkt_type == PACKET_OTHERHOST);
+	if (found != FIND_OK)
+		return found == FIND_NOT_OURS ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 	int reason = 0;
 	struct kv_job *job = check_packet(skb, &p, &reason);
 	if (!job) {
@@ -521,8 +431,8 @@ int kv_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK; /* for the application: a mapper's ACKs, a reducer's DONEs */
 	}
 	__u32 seq = p.hdr->seq, n = p.hdr->count;
-	__u32 seen_key = ((job->slot * AGGBOX_MAX_MEMBERS) + p.hdr->rank) * KV_RING +
-			 (seq & (KV_RING - 1));
+	__u32 stream_key = member_key((void *)job, p.hdr->rank);
+	__u32 seen_key = stream_key * KV_RING + (seq & (KV_RING - 1));
 	struct kv_seen *s = seen.lookup(&seen_key);
 	struct kv_progress *pr = get_progress();
 	if (!s || !pr)
@@ -531,8 +441,7 @@ int kv_ingress(struct __sk_buff *skb)
 	 * unacknowledged one is finished here, so a real seq is never beyond finished +
 	 * KV_RING. One further ahead would take a ring slot from the real seq that maps there
 	 * (which then looks stale for ever): refuse it before it touches the ring. */
-	__u32 skey = job->slot * AGGBOX_MAX_MEMBERS + p.hdr->rank;
-	struct kv_stream *st = streams.lookup(&skey);
+	struct kv_stream *st = streams.lookup(&stream_key);
 	if (!st)
 		return TC_ACT_SHOT;
 	if (seq == 0 || (__u64)seq > st->taken + st->spilled + KV_RING) {
@@ -558,7 +467,7 @@ int kv_ingress(struct __sk_buff *skb)
 	}
 	count(CNT_ACCEPTED);
 	pr->seen_key = seen_key;
-	pr->stream_key = job->slot * AGGBOX_MAX_MEMBERS + p.hdr->rank;
+	pr->stream_key = stream_key;
 	pr->slot = job->slot;
 	pr->seq = seq;
 	pr->my_rank = job->my_rank;
@@ -566,14 +475,10 @@ int kv_ingress(struct __sk_buff *skb)
 	pr->count = n;
 	pr->spill = 0;
 	pr->spilled = 0;
-	if (flags & AGGBOX_F_KV_LONG) {
-		pr->spill = bits_from(0, n);
-		pr->spilled = n;
-		return finish(skb, pr);
+	if (!(flags & AGGBOX_F_KV_LONG)) {
+		tail_call(skb);
+		/* Only reached when the chain is not installed: everything goes up, never lost. */
 	}
-	kv_chain.call(skb, 0);
-	/* Only reached when the chain is not installed: everything goes up, never lost. */
-	count(CNT_KV_CHAIN_BROKEN);
 	pr->spill = bits_from(0, n);
 	pr->spilled = n;
 	return finish(skb, pr);

@@ -41,6 +41,7 @@ from aggbox.protocol import (
     MAGIC,
     MAX_MEMBERS,
     VERSION,
+    Flags,
     MsgType,
     ip_to_u32,
     mac_bytes,
@@ -55,9 +56,9 @@ POOL_SHIFT = 6  # AGG_POOL_SHIFT: 64 slots per job, the workers' window
 MAX_JOBS = 4
 TC_PRIORITY = 2  # broadcast uses 1, reduce-by-key 3
 
-F_OP_MAX = 0x0100  # bpf/aggregate.c AGG_F_OP_MAX
-F_STATUS = 0x0200  # bpf/aggregate.c AGG_F_STATUS
-F_ALIGN = 0x0400  # bpf/aggregate.c AGG_F_ALIGN
+F_OP_MAX = int(Flags.OP_MAX)  # bpf/aggbox.h AGGBOX_F_OP_MAX
+F_STATUS = int(Flags.STATUS)  # bpf/aggbox.h AGGBOX_F_STATUS
+F_ALIGN = int(Flags.ALIGN)  # bpf/aggbox.h AGGBOX_F_ALIGN
 
 #: a worker's spin before select() when results are due (Allreducer.spin_s)
 SPIN_S = 100e-6
@@ -148,7 +149,7 @@ class AggregatorPrograms:
                 raise AggBoxError(f"at most {MAX_JOBS} concurrent aggregation jobs")
             index = free[0]
         self._reset_slots(index)
-        workers = self.family["workers"]
+        workers = self.family["members"]
         for m in group.members:
             leaf = workers.Leaf()
             leaf.ip = ip_to_u32(m.ip)
@@ -156,7 +157,7 @@ class AggregatorPrograms:
             workers[workers.Key(index * MAX_MEMBERS + m.rank)] = leaf
         jobs = self.family["jobs"]
         job = jobs.Leaf()
-        job.token, job.index, job.n_workers = group.token, index, group.size
+        job.token, job.slot, job.n_members = group.token, index, group.size
         job.my_ip = ip_to_u32(group.aggregator.ip)
         ctypes.memmove(job.my_mac, mac_bytes(group.aggregator.mac), 6)
         job.results = RESULTS[result_delivery(group)]

@@ -55,6 +55,17 @@ struct csum_pseudo {
 	__be16 len;
 };
 
+/* The UDP pseudo-header's sum (unfolded; negative: the helper failed). */
+static __always_inline __s64 pseudo_sum(const struct iphdr *ip, const struct udphdr *udp)
+{
+	struct csum_pseudo ph = {};
+	ph.saddr = ip->saddr;
+	ph.daddr = ip->daddr;
+	ph.proto = IPPROTO_UDP;
+	ph.len = udp->len;
+	return bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+}
+
 /* The UDP datagram (header and payload, from the packet itself, linear or not) plus the
  * pseudo-header sums to 0xffff; or its check is 0 (none) or the pseudo-header's sum
  * (CHECKSUM_PARTIAL, see above). ip and udp: pointers into the packet, checked by the
@@ -66,12 +77,7 @@ static __always_inline int udp_csum_ok(struct __sk_buff *skb, struct iphdr *ip,
 	if (check == 0)
 		return 1;
 	__u32 left = bpf_ntohs(udp->len);
-	struct csum_pseudo ph = {};
-	ph.saddr = ip->saddr;
-	ph.daddr = ip->daddr;
-	ph.proto = IPPROTO_UDP;
-	ph.len = udp->len;
-	__s64 s = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	__s64 s = pseudo_sum(ip, udp);
 	if (s < 0)
 		return 0;
 	if (csum_fold_u64(s) == check)

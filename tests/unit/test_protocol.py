@@ -40,8 +40,32 @@ def test_message_types_match_the_c_enum():
 
 
 def test_flags_match_the_c_defines():
-    assert Flags.LAST_FRAG == c_define("AGGBOX_F_LAST_FRAG")
-    assert Flags.RETRANSMIT == c_define("AGGBOX_F_RETRANSMIT")
+    c_flags = dict(re.findall(r"#define\s+AGGBOX_F_(\w+)\s+(0x[0-9a-fA-F]+)", HEADER_TEXT))
+    assert {name: int(v, 16) for name, v in c_flags.items()} == {
+        f.name: f.value for f in Flags if f.value}
+
+
+def test_the_allreduce_flags_are_the_headers():
+    from aggbox.collectives import allreduce
+
+    assert (allreduce.F_OP_MAX, allreduce.F_STATUS, allreduce.F_ALIGN) == (
+        c_define("AGGBOX_F_OP_MAX"), c_define("AGGBOX_F_STATUS"), c_define("AGGBOX_F_ALIGN"))
+    # No program file defines wire flags of its own any more.
+    for source in BPF_DIR.glob("*.c"):
+        assert not re.search(r"#define\s+\w*_F_\w+\s+0x", source.read_text()), source
+
+
+def test_each_familys_job_slots_fit_the_headers_limit():
+    """Each family's default job count (the per-job arrays' size) is at most
+    AGGBOX_MAX_JOBS, and user space installs at most as many jobs as it compiled for."""
+    from aggbox.collectives import allreduce, reduce_kernel
+
+    limit = c_define("AGGBOX_MAX_JOBS")
+    for family, name, python in (("aggregate", "AGG_MAX_JOBS", allreduce.MAX_JOBS),
+                                 ("reduce", "KV_MAX_JOBS", reduce_kernel.MAX_JOBS)):
+        text = (BPF_DIR / f"{family}.c").read_text()
+        default = int(re.search(rf"#define\s+{name}\s+(\d+)", text).group(1))
+        assert default <= limit and python <= limit, (family, default, python)
 
 
 def test_counter_names_follow_the_c_enum_order():
