@@ -19,8 +19,9 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 preflight() {
     [[ $(uname -s) == Linux ]] || die "AggBox needs Linux (eBPF); this is $(uname -s)."
     [[ $EUID -eq 0 ]] || die "run as root: sudo make setup"
-    command -v dpkg-query >/dev/null && command -v apt-get >/dev/null \
-        || die "needs a Debian-like system with apt; install by hand: ${PACKAGES[*]}"
+    if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
+        die "needs a Debian-like system with apt; install by hand: ${PACKAGES[*]}"
+    fi
 }
 
 # (a) Debian packages. dpkg-query is fast and sees removals, so no stamp is needed here.
@@ -29,7 +30,9 @@ PACKAGES=(clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools iproute2 ethto
           "linux-headers-$ARCH" python3-venv python3-pip util-linux kmod
           # What nodes import under Debian's Python on docker and Ansible hosts, and sshd
           # for the local stand-ins of cloud VMs (they share this machine's packages).
-          python3-numpy python3-pyroute2 python3-yaml openssh-server)
+          python3-numpy python3-pyroute2 python3-yaml openssh-server
+          # `make lint` (ruff, yamllint and ansible-lint come from PyPI with the dev extra).
+          shellcheck)
 
 missing_packages() {
     local installed
@@ -51,7 +54,7 @@ install_packages() {
 }
 
 # (b) BCC compiles against /lib/modules/$(uname -r)/build. Kernels without their own
-# headers borrow Debian's newest linux-headers-*-$ARCH (see KERNEL_NOTES.md, Toolchain).
+# headers borrow Debian's newest linux-headers-*-$ARCH (see docs/kernel.md, "Toolchain").
 newest_headers() {
     find /usr/src -maxdepth 1 -name "linux-headers-*-$ARCH" | sort -V | tail -n 1
 }
@@ -67,7 +70,8 @@ has_real_headers() {
 }
 
 link_headers() {
-    local moddir="/lib/modules/$(uname -r)" arch_dir common_dir
+    local moddir arch_dir common_dir
+    moddir="/lib/modules/$(uname -r)"
     has_real_headers "$moddir/build" && return
     arch_dir=$(newest_headers)
     [[ -n $arch_dir ]] || die "no /usr/src/linux-headers-*-$ARCH; install linux-headers-$ARCH"
@@ -94,16 +98,68 @@ make_venv() {
     "$SYSTEM_PYTHON" -m venv --system-site-packages "$VENV"
 }
 
+# The package and its dependencies, from requirements.lock (pinned, hashed: `make lock`
+# regenerates it), then aggbox itself without dependencies (editable).
 pip_install() {
     local key stamp
-    key=$(cat pyproject.toml "$VENV/pyvenv.cfg" | sha256sum | cut -c1-16)
+    key=$(cat pyproject.toml requirements.lock "$VENV/pyvenv.cfg" | sha256sum | cut -c1-16)
     stamp="$STAMPS/pip-$key"
     [[ -f $stamp && -x $VENV/bin/aggbox ]] && return
-    say "installing the aggbox package and its dependencies into $VENV"
-    "$VENV/bin/python" -m pip install -e '.[dev,gloo]' </dev/null
+    say "installing the locked dependencies (requirements.lock) into $VENV"
+    "$VENV/bin/python" -m pip install -q --require-hashes -r requirements.lock </dev/null
+    say "installing the aggbox package (editable) into $VENV"
+    "$VENV/bin/python" -m pip install -q --no-deps -e . </dev/null
     mkdir -p "$STAMPS"
     rm -f "$STAMPS"/pip-*
     touch "$stamp"
+}
+
+# (c2) torch, for the gloo baseline and the training workload only (the aggbox[torch]
+# extra). PyPI's torch is a multi-GB CUDA build on most machines, so by default it comes
+# from PyTorch's CPU wheel index, and only when that index answers. AGGBOX_TORCH:
+#   auto (default)  CPU index if reachable, else skip (say so)
+#   cpu             CPU index, fail if unreachable
+#   pypi            the configured index (PyPI): on machines that hold the CPU build of
+#                   the pinned version locally (this project's CI) that is what pip takes
+#   no              skip
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+torch_pin() {
+    sed -n 's/^torch = \["\(torch==[^"]*\)"\]$/\1/p' pyproject.toml
+}
+
+torch_install() {
+    local mode=${AGGBOX_TORCH:-auto} pin have
+    pin=$(torch_pin)
+    [[ -n $pin ]] || die "no torch pin in pyproject.toml's torch extra"
+    # Asked of the package metadata: importing torch would take seconds.
+    have=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' \
+        2>/dev/null || true)
+    if [[ -n $have && $pin == "torch==${have%%+*}" ]]; then
+        return  # already there, whatever index it came from
+    fi
+    case $mode in
+        no)
+            say "torch: skipped (AGGBOX_TORCH=no); the gloo baseline and the training workload need it"
+            return ;;
+        auto|cpu)
+            if "$VENV/bin/python" -c "import urllib.request as u; u.urlopen('$TORCH_CPU_INDEX/torch/', timeout=10)" \
+                    2>/dev/null; then
+                say "torch: installing $pin from PyTorch's CPU index ($TORCH_CPU_INDEX)"
+                "$VENV/bin/python" -m pip install -q --extra-index-url "$TORCH_CPU_INDEX" "$pin" </dev/null
+                return
+            fi
+            [[ $mode == cpu ]] && die "torch: PyTorch's CPU index ($TORCH_CPU_INDEX) does not answer"
+            say "torch: not installed: PyTorch's CPU index ($TORCH_CPU_INDEX) does not answer, and" \
+                "PyPI's torch is a multi-GB CUDA build on most machines. The gloo baseline and the" \
+                "training workload need it: 'AGGBOX_TORCH=pypi make setup' installs $pin from PyPI."
+            return ;;
+        pypi)
+            say "torch: installing $pin from the configured index (AGGBOX_TORCH=pypi)"
+            "$VENV/bin/python" -m pip install -q "$pin" </dev/null
+            return ;;
+        *) die "AGGBOX_TORCH=$mode: expected auto, cpu, pypi or no" ;;
+    esac
 }
 
 # (d) The one thing everything else relies on.
@@ -120,6 +176,7 @@ main() {
     link_headers
     make_venv
     pip_install
+    torch_install
     verify
     say "ready (run 'make help' to see what to do next)"
 }
