@@ -521,6 +521,9 @@ class DockerTestbed(Testbed):
             f"net.ipv4.conf.{HOST_IFNAME}.accept_local": "1",
             "net.ipv6.conf.all.disable_ipv6": "1",
             "net.ipv6.conf.default.disable_ipv6": "1",
+            # AggBox's UDP ports lie in the ephemeral range: no connection of the container
+            # gets one (as provision.yml does on VMs: aggbox_reserved_ports).
+            "net.ipv4.ip_local_reserved_ports": "47000-49999",
         })
         lines = [f"neigh replace {o.ip} lladdr {o.mac} dev {HOST_IFNAME} nud permanent"
                  for o in self.hosts if o is not host]
