@@ -116,9 +116,8 @@ def interface_to(ip: str) -> tuple[str, str, str]:
     the one holding the source address the route picks (for this host's own address:
     the interface that holds it, not loopback)."""
     if ipaddress.IPv4Address(ip).is_loopback:
-        raise AggBoxError(f"the rendezvous address {ip} is a loopback address: AggBox "
-                          "needs the hosts' shared L2 link; use an address on it, or pass "
-                          "iface=")
+        raise AggBoxError(f"{ip} is a loopback address: AggBox needs the hosts' shared "
+                          "L2 link; use an address on it, or pass iface=")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.connect((ip, 9))
