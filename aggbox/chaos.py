@@ -387,6 +387,7 @@ class Cell:
         self.notes: list[str] = []
         self.fuzz_result: dict = {}
         self.phases: dict[str, float] = {}
+        self.progs: set[int] = set()  # eBPF programs attached in the cell's namespaces
 
     # -- layout and specs
 
@@ -502,6 +503,11 @@ class Cell:
         verdict, why = self.verdict(outcome, counters)
         detail.append(why)
         left = leftovers(run_id) if run_id else []
+        alive = programs_still_loaded(self.progs)
+        if alive:
+            left.append("eBPF programs " + " ".join(map(str, sorted(alive))))
+        if not self.progs and not outcome.get("setup_error"):
+            detail.append("no eBPF program seen attached")
         if left:
             verdict = "fail"
             detail.append("left behind: " + ", ".join(left))
@@ -532,6 +538,7 @@ class Cell:
             if not node.wait_for("ready", 120):
                 return {"setup_error": f"{node.label} not ready: {node.stderr_tail()}"}
         self.phases["ready"] = time.monotonic() - self.t0
+        self.progs = set().union(*(attached_prog_ids(ns) for ns in tb.namespaces))
         victim = None
         if s.kill:
             victim = self.victim(s.kill[0])
@@ -907,6 +914,40 @@ def non_aggbox_delivery(workload: str, tb) -> dict:
 def dmesg_lines() -> list[str]:
     proc = subprocess.run(["dmesg"], capture_output=True, text=True)
     return proc.stdout.splitlines() if proc.returncode == 0 else []
+
+
+def _bpftool(netns: str | None, *args: str) -> list:
+    argv = ["bpftool", "-j", *args]
+    if netns:
+        argv = ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    with contextlib.suppress(ValueError):
+        return json.loads(proc.stdout) if proc.returncode == 0 else []
+    return []
+
+
+def attached_prog_ids(netns: str) -> set[int]:
+    """Every eBPF program attached (TC, XDP) on the links of ``netns``."""
+    ids: set[int] = set()
+    for entry in _bpftool(netns, "net", "show"):
+        for kind in ("xdp", "tc"):
+            for att in entry.get(kind, []):
+                if "id" in att:
+                    ids.add(int(att["id"]))
+    return ids
+
+
+def programs_still_loaded(ids: set[int], wait_s: float = 30.0) -> set[int]:
+    """Those of ``ids`` still loaded after up to ``wait_s`` (a deleted namespace frees
+    its links, and with them their programs, asynchronously)."""
+    deadline = time.monotonic() + wait_s
+    alive = set(ids)
+    while alive:
+        alive &= {int(p["id"]) for p in _bpftool(None, "prog", "show")}
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return alive
 
 
 def leftovers(run_id: str) -> list[str]:

@@ -98,7 +98,7 @@ def test_sigkilled_campaign_then_down_all_leaves_nothing(tmp_path, session_prefi
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        spaces, pins = _wait_for_a_cell(session_prefix, time.monotonic() + 180)
+        spaces, pins = _wait_for_a_cell(session_prefix, time.monotonic() + 600)
         assert spaces and pins, "the campaign never got a cell's nodes running"
         time.sleep(0.5)  # mid-run: the nodes hold their programs
         progs = set().union(*(_attached_prog_ids(ns) for ns in spaces))
