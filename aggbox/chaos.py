@@ -705,8 +705,17 @@ class Cell:
         from aggbox.testbed.netns import run_in_netns
 
         forger = tb.hosts[3]
+        inside: dict = {}
+        jobs = [(h.netns, lambda h=h, frames=frames: send_raw(h, frames))
+                for h, frames in insider_frames(self.spec, tb, spec)]
+        t = threading.Thread(target=lambda: inside.update(
+            sent=sum(run_in_netns_all(jobs))), daemon=True)
         try:
+            t.start()
             self.fuzz_result = run_in_netns(forger.netns, forge, self.spec, tb, spec)
+            t.join(30)
+            if inside.get("sent"):
+                self.fuzz_result["insider_sent"] = inside["sent"]
         except Exception as exc:  # noqa: BLE001 - reported in the verdict
             self.fuzz_result = {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -854,6 +863,61 @@ def forge(cell: CellSpec, tb, spec: dict) -> dict:
     return out
 
 
+def run_in_netns_all(jobs: list) -> list:
+    from aggbox.testbed.netns import run_in_netns_parallel
+
+    return run_in_netns_parallel(jobs) if jobs else []
+
+
+# What a member's own host (its real MAC and IP, the job's token: a buggy or compromised
+# member) sends that no sender may: values out of range, counts beyond the payload.
+INSIDER_FIELDS = (dict(version=9), dict(type=99), dict(rank=999), dict(seq=0x7FFFFFF0),
+                  dict(count=0xFFFF), dict(round=0xFFFF), dict(scale_exp=32767),
+                  dict(scale_exp=-32768), dict(aux=0xFFFFFFFF))
+
+
+def insider_frames(cell: CellSpec, tb, spec: dict) -> list[tuple[Any, list[bytes]]]:
+    """(host, frames) for the fields and counts fuzz cells: sent from the job's own hosts
+    to the host whose kernel parses them (see :func:`_targets`)."""
+    from aggbox.protocol import Header, MsgType
+
+    if cell.fuzz not in ("fields-out-of-range", "count-beyond-payload"):
+        return []
+    job = spec["jobs"][0]["group"]
+    h = tb.hosts
+    # (sender host, its rank in the job, target host, message type)
+    who = {"broadcast": [(h[0], 0, h[1], MsgType.DATA), (h[1], 1, h[0], MsgType.ACK)],
+           "allreduce": [(h[1], 0, h[0], MsgType.AGG), (h[0], 0, h[1], MsgType.AGG_RESULT)],
+           "reduce-by-key": [(h[1], 1, h[0], MsgType.KV)]}[cell.workload]
+    out = []
+    for sender, rank, target, mtype in who:
+        base = dict(type=mtype, job_id=job["job_id"], token=job["token"], seq=1, rank=rank,
+                    count=2, aux=1)
+        if cell.fuzz == "fields-out-of-range":
+            headers = [Header(**{**base, **kw}) for kw in INSIDER_FIELDS]
+        else:
+            headers = [Header(**{**base, "count": c}) for c in (3, 64, 1400, 0xFFFF)]
+        frames = [raw_frame(sender.mac, target.mac, sender.ip, target.ip, job["port"],
+                            hd.pack() + bytes(8)) for hd in headers]
+        out.append((sender, frames))
+    return out
+
+
+def send_raw(host, frames: list[bytes], repeat: int = 3, gap_s: float = 0.05) -> int:
+    """Send ``frames`` ``repeat`` times from ``host``'s interface (call inside its
+    namespace)."""
+    sent = 0
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((host.ifname, 0))
+        for _ in range(repeat):
+            for f in frames:
+                with contextlib.suppress(OSError):
+                    s.send(f)
+                    sent += 1
+            time.sleep(gap_s)
+    return sent
+
+
 def non_aggbox_delivery(workload: str, tb) -> dict:
     """Plain UDP (no AggBox magic) from the forger to a socket on each host, on a port of
     the family's range: every datagram must arrive (the programs let it pass)."""
@@ -989,9 +1053,11 @@ DUPLICATE = {"broadcast": ("data_duplicate", "app_duplicates", "ack_stale"),
              "reduce-by-key": ("kv_duplicate", "app_spill_duplicates")}
 FUZZ_EXPECT = {
     "random-bytes": ("passed_not_ours", "drop_truncated", "drop_bad_magic"),
-    "fields-out-of-range": ("drop_bad_version", "drop_bad_type", "drop_unknown_job",
-                            "drop_non_member"),
-    "count-beyond-payload": ("drop_truncated", "drop_non_member", "agg_shape_mismatch"),
+    "fields-out-of-range": ("drop_bad_version", "drop_bad_type", "drop_non_member",
+                            "data_out_of_window", "kv_out_of_window", "agg_bad_scale",
+                            "agg_stale_round", "ack_beyond_sent", "agg_shape_mismatch"),
+    # from a member's own host (the forger's frames stop at the membership check)
+    "count-beyond-payload": ("drop_truncated", "agg_shape_mismatch"),
     "wrong-token": ("drop_bad_token", "drop_non_member"),
     "spoofed-member-ip": ("drop_wrong_mac", "drop_non_member"),
     "64k-datagrams": ("drop_truncated", "drop_non_member", "passed_not_ours",
