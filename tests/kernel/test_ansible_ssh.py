@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,53 @@ def test_a_failing_host_is_named_in_the_error(standins, tmp_path):
             pass
     message = str(err.value)
     assert "provision.yml" in message and "host h2" in message and "artifacts:" in message
+
+
+# Two filters on the stand-in's ingress hook: what a node killed before it detached leaves
+# behind (named like broadcast.c's tc_ingress: aggbox/bpf.py names each filter after its
+# entry point), and another tool's program (this kernel has no matchall or gact to make a
+# non-BPF one).
+TWO_FILTERS = """
+from bcc import BPF
+from pyroute2 import IPRoute
+with IPRoute() as ipr:
+    for name, prio in (("tc_ingress", 3), ("other_tool", 9)):
+        prog = BPF(text="int %s(struct __sk_buff *skb) { return 0; }" % name).load_func(
+            name, BPF.SCHED_CLS)
+        ipr.tc("add-filter", "bpf", ipr.link_lookup(ifname="eth0")[0], ":1", fd=prog.fd,
+               name=name, parent="ffff:fff2", prio=prio, classid=1, direct_action=True)
+"""
+
+
+def _ingress_filters(host) -> set[tuple[str, int]]:
+    out = subprocess.run(host.command(["tc", "-j", "filter", "show", "dev", "eth0", "ingress"]),
+                         capture_output=True, text=True, check=True).stdout
+    return {(f["options"].get("bpf_name", "?"), f["pref"])
+            for f in json.loads(out or "[]") if "options" in f}
+
+
+def test_teardown_removes_aggboxs_filters_and_leaves_a_foreign_one(standins):
+    host = standins.testbed.hosts[1]
+
+    def on_host(*argv: str, check: bool = True) -> None:
+        res = subprocess.run(host.command(list(argv)), capture_output=True, text=True)
+        assert res.returncode == 0 or not check, res.stderr
+
+    on_host("tc", "qdisc", "add", "dev", "eth0", "clsact", check=False)  # may be there
+    try:
+        on_host(sys.executable, "-c", TWO_FILTERS)
+        assert {("tc_ingress", 3), ("other_tool", 9)} <= _ingress_filters(host)
+        # A prefix no run has: the stand-ins share this machine's /sys/fs/bpf.
+        res = subprocess.run(
+            [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(standins.inventory),
+             "--limit", host.name, str(REPO / "playbooks/teardown.yml"),
+             "-e", "aggbox_pin_prefix=no-such-run-"],
+            env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "playbooks/ansible.cfg")},
+            capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+        assert _ingress_filters(host) == {("other_tool", 9)}
+    finally:
+        on_host("tc", "qdisc", "del", "dev", "eth0", "clsact", check=False)
 
 
 def test_stand_ins_are_gone_after_down(tmp_path):
