@@ -12,18 +12,20 @@ RUN_FLAGS   := $(if $(filter 1 yes true,$(FULL)),--full)
 # Steps share .venv and the kernel; running them side by side (make -j) would only race.
 .NOTPARALLEL:
 .PHONY: help setup test test-unit test-kernel lint experiment doctor clean clean-testbeds \
-	docker-up docker-down image bpf-check test-docker test-ansible clean-cloud
+	docker-up docker-down image bpf-check test-docker test-ansible clean-cloud lock
 
 help: ## list the targets
 	@echo "AggBox: make <target>"
 	@awk -F':.*## ' '/^[a-z-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Start with 'sudo make experiment' or 'sudo make test'; see README.md."
 
+# AGGBOX_TORCH=auto|cpu|pypi|no: where torch (gloo baseline, training) comes from; see
+# scripts/setup.sh (default: PyTorch's CPU index when it answers, else none).
 setup: ## install packages, kernel headers link and .venv (fast when already done)
 	@bash scripts/setup.sh
 
 # Targets that need no root still get a venv: setup runs when it is missing or stale.
-$(AGGBOX): pyproject.toml
+$(AGGBOX): pyproject.toml requirements.lock
 	@bash scripts/setup.sh
 	@touch $@
 
@@ -36,8 +38,20 @@ test-unit: $(AGGBOX) ## unit tests (no root needed)
 test-kernel: setup ## kernel tests: real eBPF in network namespaces (needs root)
 	$(PYTHON) -m pytest tests/kernel
 
-lint: $(AGGBOX) ## ruff on the package and the tests
-	$(VENV)/bin/ruff check aggbox tests
+# ansible-lint looks for ansible-playbook and the collections on PATH: the venv's first.
+lint: $(AGGBOX) ## ruff, shellcheck, yamllint and ansible-lint (production profile)
+	$(VENV)/bin/ruff check aggbox tests playbooks/files
+	@command -v shellcheck >/dev/null || { echo "lint: no shellcheck (sudo make setup installs it)"; exit 1; }
+	shellcheck scripts/*.sh docker/*.sh docker/bpf-check/*.sh .ci/run
+	$(VENV)/bin/yamllint --strict playbooks .yamllint .ansible-lint
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/ansible-lint --profile production playbooks/
+
+# pip-compile keeps the pins already in requirements.lock unless a change in pyproject.toml
+# needs another version (UPGRADE=1: newest versions of everything).
+lock: $(AGGBOX) ## regenerate requirements.lock (pinned, hashed) from pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --extra dev --generate-hashes \
+		--strip-extras --no-emit-index-url --no-emit-find-links \
+		$(if $(filter 1 yes true,$(UPGRADE)),--upgrade) -o requirements.lock pyproject.toml
 
 experiment: setup ## run every experiments/*.yaml (quick; FULL=1 for the full grids)
 	@test -n "$(EXPERIMENTS)" || { echo "no experiments/*.yaml to run"; exit 1; }

@@ -217,7 +217,7 @@ class AnsibleSession:
         (self.data_dir / "ssh").mkdir()
         self.hosts = read_inventory(self.inventory)
         try:
-            reports = self.playbook("provision.yml", want_task="aggbox host report")
+            reports = self.playbook("provision.yml", want_task="AggBox host report")
             for host in self.hosts:
                 if host.name not in reports:
                     raise TestbedError(f"provision.yml gave no report for host {host.name}")

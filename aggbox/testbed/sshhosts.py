@@ -154,7 +154,9 @@ class SshStandIns:
                  "[aggbox]"]
         for h in self.testbed.hosts:
             root = self.folder / "hosts" / h.name
-            lines.append(f"{h.name} ansible_host={h.ip} aggbox_root={root}")
+            # Stand-ins share this machine's /etc: each persists its sysctls in its folder.
+            lines.append(f"{h.name} ansible_host={h.ip} aggbox_root={root} "
+                         f"aggbox_sysctl_file={self.folder / (h.name + '-sysctl.conf')}")
         first, rest = self.testbed.hosts[0], self.testbed.hosts[1:]
         lines += ["", "[aggregator]", first.name, "", "[workers]", *(h.name for h in rest), "",
                   "[aggbox:vars]",
