@@ -22,6 +22,12 @@
  *   same link (the next one goes first as a clone; the held bytes then replace the
  *   original's). A held packet with no follower is never released: it counts as a loss.
  *
+ * TCP to or from the ports in `exempt_tcp` (the workloads' untimed control channels: their
+ * barriers and "delivered" reports, not the collectives under test) passes unimpaired: at
+ * 20% loss per link a TCP control message is lost six times in a row a few times per
+ * hundred, and Linux's exponential RTO back-off then stalls the harness for 10+ s, which
+ * showed up as a collective's failure it was not.
+ *
  * Randomness is an xorshift64 generator per link and direction, seeded from user space, so
  * a run with the same seed and the same packet order makes the same decisions.
  */
@@ -30,6 +36,7 @@
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/in.h>
+#include <linux/tcp.h>
 
 #define IMPAIR_MARK 0xab0c00ffu
 #define STASH_MAX 1536 /* MTU 1500 + Ethernet header, rounded up */
@@ -42,6 +49,7 @@ struct impair_cfg {
 	__u64 seed;
 	__u32 burst_leave_ppm; /* BAD -> GOOD per packet */
 	__u32 burst_loss_ppm;  /* drop probability in the BAD state */
+	__u16 exempt_tcp[4];   /* TCP ports (either end) never impaired; 0 = unused */
 };
 BPF_ARRAY(impair_config, struct impair_cfg, 1);
 
@@ -119,6 +127,30 @@ static __always_inline int is_udp(struct __sk_buff *skb)
 	return eth->h_proto == bpf_htons(ETH_P_IP) && ip->protocol == IPPROTO_UDP;
 }
 
+static __always_inline int exempt(struct __sk_buff *skb, struct impair_cfg *cfg)
+{
+	if (!cfg->exempt_tcp[0])
+		return 0;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    ip->protocol != IPPROTO_TCP || ip->ihl != 5)
+		return 0;
+	struct tcphdr *tcp = (void *)(ip + 1);
+	if ((void *)(tcp + 1) > data_end)
+		return 0;
+	__u16 sport = bpf_ntohs(tcp->source), dport = bpf_ntohs(tcp->dest);
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u16 port = cfg->exempt_tcp[i];
+		if (port && (port == sport || port == dport))
+			return 1;
+	}
+	return 0;
+}
+
 /* Hold this packet back. Returns 1 if held (the caller drops the original). */
 static __always_inline int hold(struct __sk_buff *skb, struct link_state *st)
 {
@@ -171,7 +203,7 @@ static __always_inline int impair(struct __sk_buff *skb, __u32 direction, __u64 
 		return TC_ACT_OK;
 	__u32 key = skb->ifindex * 2 + direction;
 	struct link_state *st = links.lookup(&key);
-	if (!st)
+	if (!st || exempt(skb, cfg))
 		return TC_ACT_OK;
 	if (chance(st, cfg->loss_ppm)) {
 		bump(IMP_LOST);

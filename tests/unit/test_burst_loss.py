@@ -33,3 +33,12 @@ def test_a_bad_state_without_exit_is_refused():
         check_impairment(Netem(burst_enter_pct=1, burst_loss_pct=70))
     with pytest.raises(TestbedError, match="burst_loss_pct"):
         check_impairment(Netem(burst_enter_pct=1, burst_leave_pct=10, burst_loss_pct=101))
+
+
+def test_the_unimpaired_tcp_ports_are_the_workloads_control_channels():
+    from aggbox.testbed.impair import EXEMPT_TCP_PORTS
+    from aggbox.workloads import allreduce, broadcast, mapreduce
+
+    assert set(EXEMPT_TCP_PORTS) == {broadcast.CONTROL_PORT, allreduce.CONTROL_PORT,
+                                     mapreduce.CONTROL_PORT}
+    assert len(EXEMPT_TCP_PORTS) <= 4  # bpf/impair.c's exempt_tcp[4]
