@@ -8,7 +8,10 @@ packet. See bpf/broadcast.c for exactly what an ACK promises.
 
 Reliability, in layers:
 - lost DATA or ACK: the root times out, reads the per-member cumulative ACKs from the
-  ``fold`` map and resends only to the members that lack packets (unicast);
+  ``fold`` map and resends only to the members that lack packets (unicast). The timeout
+  comes from the measured round trip (send of a packet to its group-ACK; SRTT + 4 RTTVAR,
+  clamped, see aggbox/collectives/rtt.py) and runs from the last progress: packets that
+  arrive meanwhile (another member's NACKs) do not postpone it;
 - a member whose socket dropped a packet the kernel had acknowledged (checksum, full
   buffer) sees the gap in ``seq`` and sends a NACK; the root keeps recent packets for it;
 - duplicates are dropped by the receiver (by seq); a member that never answers ends
@@ -22,9 +25,9 @@ import select
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from aggbox.collectives.group import Group, Member
+from aggbox.collectives.rtt import RetransmitTimer
 from aggbox.errors import AggBoxError, CollectiveTimeout
 from aggbox.protocol import (
     HEADER_SIZE,
@@ -145,24 +148,6 @@ class BroadcastPrograms:
 
 
 
-@dataclass
-class _Timers:
-    """Retransmission timeout with exponential back-off."""
-
-    initial_s: float = 0.005
-    max_s: float = 0.2
-    current_s: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.current_s = self.initial_s
-
-    def backoff(self) -> None:
-        self.current_s = min(self.current_s * 2, self.max_s)
-
-    def reset(self) -> None:
-        self.current_s = self.initial_s
-
-
 class _Endpoint:
     """What the root's and a member's side share: a socket on the job's port and the
     host's programs, either owned (closed with us) or shared (only our job is removed)."""
@@ -171,6 +156,10 @@ class _Endpoint:
     sock: socket.socket
     programs: BroadcastPrograms
     _own_programs: bool
+
+    def fileno(self) -> int:
+        """The socket's: an endpoint can be waited on with select()."""
+        return self.sock.fileno()
 
     def close(self) -> None:
         self.sock.close()
@@ -188,6 +177,10 @@ class _Endpoint:
 
 class Broadcaster(_Endpoint):
     """The root's side: ``send(data)`` returns once every member's kernel has ``data``."""
+
+    # A member's NACK budget (``window`` packets) refills over this time: fixed, since it
+    # bounds what a forged NACK may cost, whatever the RTT estimate says.
+    NACK_REFILL_S = 0.005
 
     def __init__(self, group: Group, programs: BroadcastPrograms | None = None,
                  mtu: int = 1500, window: int = 32, retain: int = 8192):
@@ -208,7 +201,12 @@ class Broadcaster(_Endpoint):
         self.msg_no = 0
         self.group_acked = 0
         self.sent: OrderedDict[int, bytes] = OrderedDict()  # seq -> packet, for resends
-        self.timers = _Timers()
+        self.timer = RetransmitTimer()
+        # RTT samples: when each not yet group-acknowledged seq was first sent, and the
+        # seqs sent more than once (Karn's rule: an ACK after a resend is no sample).
+        self._sent_at: dict[int, float] = {}
+        self._resent: set[int] = set()
+        self._acked_seen: dict[int, int] = {}  # per member: its fold value at the last round
         # Per member: resends a NACK may still trigger, and when the budget was last
         # refilled. A NACK is 32 bytes: without a bound, one (spoofed) NACK could make the
         # root resend everything it retains.
@@ -231,6 +229,7 @@ class Broadcaster(_Endpoint):
             self._send_new(chunk, index, flags)
         last = self.next_seq - 1
         self._wait_acks(last, deadline)
+        self.stats.update(self.timer.as_dict())
         return last
 
     def _send_new(self, chunk: bytes, index: int, flags: int) -> None:
@@ -243,24 +242,58 @@ class Broadcaster(_Endpoint):
         self.sent[seq] = pkt
         while len(self.sent) > self.retain:
             self.sent.popitem(last=False)
+        self._sent_at[seq] = time.monotonic()
         self.sock.sendto(pkt, (self.group.group_ip, self.group.port))
         self.stats["packets"] += 1
 
     def _wait_acks(self, target: int, deadline: float) -> None:
-        """Read group-ACKs and NACKs until every member acknowledged ``target``."""
-        self.timers.reset()
+        """Read group-ACKs and NACKs until every member acknowledged ``target``.
+
+        The resend timer runs from the last progress of the group-ACK, not from the last
+        packet read: NACKs from other members arriving faster than the timeout must not
+        postpone the resend a silent member needs (at 20% loss they did, until send()
+        timed out naming a member two packets behind)."""
+        self.timer.progress()
+        resend_at = time.monotonic() + self.timer.current_s
         while self.group_acked < target:
             now = time.monotonic()
             if now >= deadline:
+                self._sync_fold()
+                if self.group_acked >= target:
+                    return
                 self._give_up(target)
-            wait = min(self.timers.current_s, deadline - now)
-            ready, _, _ = select.select([self.sock], [], [], wait)
-            if ready:
-                self._drain()
-            else:
+            if now >= resend_at:
                 self.stats["timeouts"] += 1
-                self._resend_missing(target)
-                self.timers.backoff()
+                if not self._resend_missing(target):
+                    self.timer.expired()  # nobody moved since the last round: back off
+                resend_at = now + self.timer.current_s
+                continue
+            ready, _, _ = select.select([self.sock], [], [], min(resend_at, deadline) - now)
+            if ready:
+                before = self.group_acked
+                self._drain()
+                if self.group_acked > before:
+                    self.timer.progress()
+                    resend_at = time.monotonic() + self.timer.current_s
+
+    def _group_acked_to(self, value: int) -> None:
+        """Take a group-ACK (never beyond what we sent) and learn the RTT from it."""
+        value = min(value, self.next_seq - 1)
+        if value <= self.group_acked:
+            return
+        old, self.group_acked = self.group_acked, value
+        sent_at = self._sent_at.get(value)
+        if sent_at is not None and not any(s in self._resent for s in range(old + 1, value + 1)):
+            self.timer.sample(time.monotonic() - sent_at)
+        for seq in range(old + 1, value + 1):
+            self._sent_at.pop(seq, None)
+            self._resent.discard(seq)
+
+    def _sync_fold(self) -> None:
+        """The group value from the fold map itself: a group-ACK the socket never
+        delivered must not leave the root resending nothing until its deadline."""
+        acked = self.programs.acked(self.group.job_id)
+        self._group_acked_to(min(acked[m.rank] for m in self.group.receivers))
 
     def serve(self, duration: float) -> int:
         """Answer NACKs for ``duration`` seconds between sends; returns how many came.
@@ -271,6 +304,7 @@ class Broadcaster(_Endpoint):
         or between sparse messages."""
         deadline = time.monotonic() + duration
         before = self.stats["nacks"]
+        self._drain()  # at least once: serve(0) answers what is queued
         while (left := deadline - time.monotonic()) > 0:
             ready, _, _ = select.select([self.sock], [], [], left)
             if ready:
@@ -291,7 +325,7 @@ class Broadcaster(_Endpoint):
                 continue
             if hdr.type == MsgType.GROUP_ACK:
                 # The kernel never folds beyond what it fanned out; this is a second fence.
-                self.group_acked = max(self.group_acked, min(hdr.aux, self.next_seq - 1))
+                self._group_acked_to(hdr.aux)
             elif hdr.type == MsgType.NACK:
                 self.stats["nacks"] += 1
                 self._answer_nack(hdr)
@@ -304,7 +338,7 @@ class Broadcaster(_Endpoint):
         if rank not in self._nack_budget:
             return
         now = time.monotonic()
-        rate = self.window / self.timers.initial_s  # packets per second
+        rate = self.window / self.NACK_REFILL_S  # packets per second
         budget = min(float(self.window),
                      self._nack_budget[rank] + (now - self._nack_refill[rank]) * rate)
         self._nack_refill[rank] = now
@@ -317,13 +351,21 @@ class Broadcaster(_Endpoint):
         if allowed > 0:
             self._resend(first, first + allowed - 1, self.group.members[rank].ip)
 
-    def _resend_missing(self, target: int) -> None:
-        """Resend to each member only what its kernel has not acknowledged (fold map)."""
+    def _resend_missing(self, target: int) -> bool:
+        """Resend to each member only what its kernel has not acknowledged (fold map).
+        True if some member's kernel acknowledged more since the last round: the path is
+        alive and losing packets at random, so the timer does not back off (backing off
+        under 20% random loss took a message through 1 + 2 + 4 + 8 ms of timeouts)."""
         acked = self.programs.acked(self.group.job_id)
+        self._group_acked_to(min(acked[m.rank] for m in self.group.receivers))
+        moved = any(acked[m.rank] > self._acked_seen.get(m.rank, 0)
+                    for m in self.group.receivers)
+        self._acked_seen = {m.rank: acked[m.rank] for m in self.group.receivers}
         for m in self.group.receivers:
             have = acked[m.rank]
             if have < target:
                 self._resend(have + 1, min(target, have + self.window), m.ip)
+        return moved
 
     def _resend(self, first: int, last: int, ip: str) -> None:
         for seq in range(first, last + 1):
@@ -333,6 +375,7 @@ class Broadcaster(_Endpoint):
             hdr = Header.unpack(pkt)
             hdr.flags |= Flags.RETRANSMIT
             self.sock.sendto(hdr.pack() + pkt[HEADER_SIZE:], (ip, self.group.port))
+            self._resent.add(seq)
             self.stats["retransmits"] += 1
 
     def _give_up(self, target: int) -> None:
@@ -349,10 +392,10 @@ class Broadcaster(_Endpoint):
 class Receiver(_Endpoint):
     """A member's side: ``recv()`` returns the root's messages whole and in order."""
 
-    NACK_INTERVAL_S = 0.002
-    # While idle, how often to compare the kernel's ACKed seq with what the socket gave
-    # us (backs off to the max while nothing is missing).
-    TAIL_CHECK_S = (0.005, 0.2)
+    # While idle, how often at most to compare the kernel's ACKed seq with what the
+    # socket gave us: the check starts one RTO after data stops and backs off to this
+    # while nothing is missing (a poll, not a retransmission timer).
+    TAIL_CHECK_MAX_S = 0.2
 
     def __init__(self, group: Group, programs: BroadcastPrograms | None = None):
         if group.rank == group.root:
@@ -368,8 +411,13 @@ class Receiver(_Endpoint):
         self.parts: list[bytes] = []  # fragments of the message being assembled
         self.ready: list[bytes] = []  # whole messages not yet returned
         self.last_nack = 0.0
+        # Re-NACK and tail-check timing from the measured NACK-to-repair time.
+        self.timer = RetransmitTimer()
+        self._nack_first = 0  # first seq of the gap last NACKed (0: none outstanding)
+        self._nack_at = 0.0
+        self._nack_repeats = 0
         self._queued = False  # the socket may hold packets not yet read
-        self._tail_wait = self.TAIL_CHECK_S[0]
+        self._tail_wait = self.timer.rto_s
         # No tail check before this time: a caller that polls (recv(timeout=0)) must not
         # pay a map lookup per call.
         self._tail_due = 0.0
@@ -391,7 +439,7 @@ class Receiver(_Endpoint):
                 continue
             # Never block without a bound: the kernel ACKs at TC ingress, so a tail the
             # socket dropped shows no gap in seq; only the kernel's window tells.
-            wait = self.NACK_INTERVAL_S * 5 if self.pending else self._tail_wait
+            wait = self.timer.current_s if self.pending else self._tail_wait
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             ready, _, _ = select.select([self.sock], [], [], wait)
@@ -399,6 +447,7 @@ class Receiver(_Endpoint):
                 self._queued = True
                 continue
             if self.pending:
+                self.timer.expired()  # the last NACK (or its answer) was lost: back off
                 self._nack_gap(force=True)
             elif time.monotonic() >= self._tail_due:
                 self._check_tail()
@@ -428,7 +477,7 @@ class Receiver(_Endpoint):
         self.pending[hdr.seq] = (hdr, buf[HEADER_SIZE:HEADER_SIZE + hdr.count])
         if self.next_seq in self.pending:
             # New data: the socket is being fed; check the tail soon after it stops.
-            self._tail_wait = self.TAIL_CHECK_S[0]
+            self._tail_wait = self.timer.rto_s
             self._tail_due = time.monotonic() + self._tail_wait
         while self.next_seq in self.pending:
             h, payload = self.pending.pop(self.next_seq)
@@ -437,18 +486,27 @@ class Receiver(_Endpoint):
             if h.flags & Flags.LAST_FRAG:
                 self.ready.append(b"".join(self.parts))
                 self.parts = []
+        if self._nack_first and self.next_seq > self._nack_first:
+            self._repaired()
         if self.pending:
             self._nack_gap()
+
+    def _repaired(self) -> None:
+        """The gap last NACKed is filled: an RTT sample if it was NACKed once (Karn)."""
+        if self._nack_repeats == 0:
+            self.timer.sample(time.monotonic() - self._nack_at)
+        self.timer.progress()
+        self._nack_first = 0
 
     def _check_tail(self) -> None:
         """The socket is empty: did the kernel acknowledge seqs the socket never gave us
         (dropped after TC ingress: full buffer, checksum)? Then NACK them."""
         have = self.programs.received(self.group.job_id, self.group.root)
         if have < self.next_seq:
-            self._tail_wait = min(self._tail_wait * 2, self.TAIL_CHECK_S[1])
+            self._tail_wait = min(self._tail_wait * 2, self.TAIL_CHECK_MAX_S)
             self._tail_due = time.monotonic() + self._tail_wait
             return
-        self._tail_wait = self.TAIL_CHECK_S[0]
+        self._tail_wait = self.timer.current_s
         self._tail_due = time.monotonic() + self._tail_wait
         self._send_nack(self.next_seq, min(have - self.next_seq + 1, 0xFFFF))
         self.stats["tail_nacks"] += 1
@@ -457,21 +515,25 @@ class Receiver(_Endpoint):
         hdr = Header(type=MsgType.NACK, job_id=self.group.job_id, token=self.group.token,
                      seq=first + count, rank=self.group.rank, count=count, aux=first)
         self.sock.sendto(hdr.pack(), (self.root.ip, self.group.port))
-        self.last_nack = time.monotonic()
+        self._nacked(first)
         self.stats["nacks"] += 1
+
+    def _nacked(self, first: int) -> None:
+        now = self.last_nack = time.monotonic()
+        if first == self._nack_first:
+            self._nack_repeats += 1
+        else:
+            self._nack_first, self._nack_at, self._nack_repeats = first, now, 0
 
     def _nack_gap(self, force: bool = False) -> None:
         """Ask the root for what the socket lost although the kernel had acknowledged it."""
         now = time.monotonic()
-        if not force and now - self.last_nack < self.NACK_INTERVAL_S:
+        # At most one NACK per RTO: the root needs a round trip to answer the last one.
+        if not force and now - self.last_nack < self.timer.rto_s:
             return
-        self.last_nack = now
         first_pending = min(self.pending)
         count = min(first_pending - self.next_seq, 0xFFFF)
         if count <= 0:
             return
-        hdr = Header(type=MsgType.NACK, job_id=self.group.job_id, token=self.group.token,
-                     seq=first_pending, rank=self.group.rank, count=count, aux=self.next_seq)
-        self.sock.sendto(hdr.pack(), (self.root.ip, self.group.port))
-        self.stats["nacks"] += 1
+        self._send_nack(self.next_seq, count)
 

@@ -324,9 +324,13 @@ class RootControl:
         for lines in self.lines.values():
             lines.send(msg)
 
-    def wait_all(self, match: Callable[[dict], bool], what: str, timeout: float) -> None:
+    def wait_all(self, match: Callable[[dict], bool], what: str, timeout: float,
+                 serve=None) -> None:
         """Until every member sent a line ``match`` accepts; a member's error line raises
-        at once, naming it; stale lines are skipped."""
+        at once, naming it; stale lines are skipped. ``serve``: an endpoint with
+        ``fileno()`` and ``serve(seconds)`` (AggBox's Broadcaster) whose socket is served
+        meanwhile: a member whose socket dropped a packet its kernel had acknowledged
+        NACKs it after the root's send() returned, and only a root that reads answers."""
         waiting = {lines.sock: (rank, lines) for rank, lines in self.lines.items()}
         deadline = time.monotonic() + timeout
 
@@ -347,7 +351,12 @@ class RootControl:
                 ranks = sorted(r for r, _ in waiting.values())
                 raise AggBoxError(f"{what}: no report from member ranks {ranks} in "
                                   f"{timeout:.0f} s")
-            for sock in select.select(list(waiting), [], [], left)[0]:
+            ready = select.select([*waiting, *([serve] if serve else [])], [], [], left)[0]
+            if serve is not None and serve in ready:
+                serve.serve(0)
+            for sock in ready:
+                if sock is serve:
+                    continue
                 rank, lines = waiting[sock]
                 lines.fill()
                 if consume(rank, lines):
@@ -511,7 +520,8 @@ def _send_schedule(spec: dict, senders: dict, control: RootControl, account, pro
                                     "t_send_ns": t0, "t_done_ns": t1, "cpu_ns": c1 - c0})
                     time.sleep(max(0, t1 + next(gaps) - time.monotonic_ns()) / 1e9)
             control.wait_all(lambda m, b=block_no: m.get("block") == b,
-                             f"{system} block {block_no} (drain)", drain_timeout)
+                             f"{system} block {block_no} (drain)", drain_timeout,
+                             serve=sender if hasattr(sender, "serve") else None)
     control.send_all({"bye": True})  # the members may close their sockets now
     return None
 
