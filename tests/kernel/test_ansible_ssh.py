@@ -113,6 +113,30 @@ with IPRoute() as ipr:
 """
 
 
+def _playbook(standins, name: str, limit: str, *extra: str) -> None:
+    """ansible-playbook playbooks/NAME on one stand-in, as a user runs it by hand."""
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(standins.inventory),
+         "--limit", limit, str(REPO / "playbooks" / name), *extra],
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "playbooks/ansible.cfg")},
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_provision_reserves_aggboxs_ports_out_of_the_ephemeral_range(standins):
+    host = standins.testbed.hosts[3]
+    sysctl = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+    machine_before = Path(sysctl).read_text()
+    _playbook(standins, "provision.yml", host.name)
+    inside = subprocess.run(host.command(["cat", sysctl]), capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert inside == "47000-49999"
+    # Persisted in the stand-in's own file (not this machine's /etc), which it shares.
+    persisted = (standins.folder / f"{host.name}-sysctl.conf").read_text()
+    assert "net.ipv4.ip_local_reserved_ports=47000-49999" in persisted
+    assert Path(sysctl).read_text() == machine_before
+
+
 def _ingress_filters(host) -> set[tuple[str, int]]:
     out = subprocess.run(host.command(["tc", "-j", "filter", "show", "dev", "eth0", "ingress"]),
                          capture_output=True, text=True, check=True).stdout
@@ -132,13 +156,7 @@ def test_teardown_removes_aggboxs_filters_and_leaves_a_foreign_one(standins):
         on_host(sys.executable, "-c", TWO_FILTERS)
         assert {("tc_ingress", 3), ("other_tool", 9)} <= _ingress_filters(host)
         # A prefix no run has: the stand-ins share this machine's /sys/fs/bpf.
-        res = subprocess.run(
-            [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(standins.inventory),
-             "--limit", host.name, str(REPO / "playbooks/teardown.yml"),
-             "-e", "aggbox_pin_prefix=no-such-run-"],
-            env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "playbooks/ansible.cfg")},
-            capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+        _playbook(standins, "teardown.yml", host.name, "-e", "aggbox_pin_prefix=no-such-run-")
         assert _ingress_filters(host) == {("other_tool", 9)}
     finally:
         on_host("tc", "qdisc", "del", "dev", "eth0", "clsact", check=False)
