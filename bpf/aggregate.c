@@ -385,8 +385,7 @@ static __always_inline void set_type(struct __sk_buff *skb, __u8 type, __u16 fla
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, type), &type, 1, 0);
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, flags), &flags, 2, 0);
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, aux), &aux, 4, 0);
-	__u16 no_csum = 0; /* IPv4 UDP without checksum: the payload was rewritten */
-	bpf_skb_store_bytes(skb, UDP_CHECK_OFF, &no_csum, 2, 0);
+	/* The UDP checksum is set once the addresses are final (udp_csum_rewritten). */
 }
 
 /* The packet becomes the finished result of copy `key`: values, type, exponent. */
@@ -470,6 +469,9 @@ static __always_inline int fan_out_result(struct __sk_buff *skb, struct agg_job 
 	__u32 dst = 0;
 	if (from_aggregator(skb, job, &dst) != 0)
 		return TC_ACT_SHOT;
+	/* Each clone's pseudo-header change is folded in by clone_to_members. */
+	if (udp_csum_rewritten(skb) != 0)
+		return TC_ACT_SHOT;
 	clone_to_members(skb, (void *)job, dst, AGGBOX_MAX_MEMBERS);
 	return TC_ACT_STOLEN;
 }
@@ -484,6 +486,8 @@ static __always_inline int multicast_result(struct __sk_buff *skb, struct agg_jo
 	bpf_l3_csum_replace(skb, IP_CHECK_OFF, old_dst, grp, 4);
 	bpf_skb_store_bytes(skb, IP_OFF + offsetof(struct iphdr, daddr), &grp, 4, 0);
 	bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), job->result_mac, ETH_ALEN, 0);
+	if (udp_csum_rewritten(skb) != 0)
+		return TC_ACT_SHOT;
 	count(CNT_FANOUT_COPIES); /* one copy leaves the aggregator */
 	return bpf_redirect(skb->ifindex, 0);
 }
@@ -602,6 +606,8 @@ int agg_reply(struct __sk_buff *skb)
 	if ((void *)(ip + 1) > data_end)
 		return TC_ACT_SHOT;
 	swap_addresses(data, ip);
+	if (udp_csum_rewritten(skb) != 0)
+		return TC_ACT_SHOT;
 	return bpf_redirect(skb->ifindex, 0);
 }
 

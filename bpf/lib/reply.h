@@ -89,7 +89,6 @@ static __always_inline int reply_header(struct __sk_buff *skb, __u8 type, __u16 
 	__u16 new_len = bpf_htons(PAYLOAD_OFF - IP_OFF);
 	ip->tot_len = new_len;
 	udp->len = bpf_htons(PAYLOAD_OFF - UDP_OFF);
-	udp->check = 0; /* IPv4 allows UDP without a checksum */
 	hdr->type = type;
 	hdr->flags = 0;
 	hdr->rank = rank;
@@ -97,7 +96,7 @@ static __always_inline int reply_header(struct __sk_buff *skb, __u8 type, __u16 
 	hdr->aux = aux;
 	/* Last: the helpers invalidate packet pointers. */
 	bpf_l3_csum_replace(skb, IP_CHECK_OFF, old_len, new_len, 2);
-	return 0;
+	return udp_csum_rewritten(skb);
 }
 
 /* Send a clone of the packet to every member of the job but rank `skip` (none: pass
