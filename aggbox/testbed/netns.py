@@ -440,6 +440,9 @@ class NetnsTestbed(Testbed):
         if not self._claimed:
             return  # never came up, or its run id belonged to someone else
         _delete_namespaces(self.namespaces)
+        # Pins tagged with the run (<run>-h3, <run>-agg) that a node killed before it
+        # could unpin left on bpffs: they go with the testbed, like its namespaces.
+        _remove_run_pins([self.run_id])
         self.state_file.unlink(missing_ok=True)
         self.is_up = self._claimed = False
 
