@@ -870,10 +870,21 @@ def run_in_netns_all(jobs: list) -> list:
 
 
 # What a member's own host (its real MAC and IP, the job's token: a buggy or compromised
-# member) sends that no sender may: values out of range, counts beyond the payload.
-INSIDER_FIELDS = (dict(version=9), dict(type=99), dict(rank=999), dict(seq=0x7FFFFFF0),
-                  dict(count=0xFFFF), dict(round=0xFFFF), dict(scale_exp=32767),
-                  dict(scale_exp=-32768), dict(aux=0xFFFFFFFF))
+# member) sends that no sender may, per message type: values out of range for that type
+# (fields a type does not use are left alone: from the real sender with the token they
+# are that sender's data), and counts beyond the payload. Payload: 8 bytes.
+FAR_SEQ = 0x7FFFFFF0
+INSIDER_FIELDS = {
+    "DATA": (dict(version=9), dict(type=99), dict(seq=FAR_SEQ), dict(count=0xFFFF)),
+    "ACK": (dict(version=9), dict(rank=999), dict(aux=0xFFFFFFFF), dict(seq=FAR_SEQ)),
+    # count=1: a block of the wrong shape (the slot poisoning); scale_exp at
+    # both extremes: a block whose sum would be garbage
+    "AGG": (dict(version=9), dict(type=99), dict(rank=999), dict(seq=FAR_SEQ),
+            dict(count=0xFFFF), dict(round=0xFFFF), dict(count=1), dict(scale_exp=32767),
+            dict(scale_exp=-32768)),
+    "KV": (dict(version=9), dict(type=99), dict(rank=999), dict(seq=FAR_SEQ),
+           dict(count=0xFFFF)),
+}
 
 
 def insider_frames(cell: CellSpec, tb, spec: dict) -> list[tuple[Any, list[bytes]]]:
@@ -887,16 +898,16 @@ def insider_frames(cell: CellSpec, tb, spec: dict) -> list[tuple[Any, list[bytes
     h = tb.hosts
     # (sender host, its rank in the job, target host, message type)
     who = {"broadcast": [(h[0], 0, h[1], MsgType.DATA), (h[1], 1, h[0], MsgType.ACK)],
-           "allreduce": [(h[1], 0, h[0], MsgType.AGG), (h[0], 0, h[1], MsgType.AGG_RESULT)],
+           "allreduce": [(h[1], 0, h[0], MsgType.AGG)],
            "reduce-by-key": [(h[1], 1, h[0], MsgType.KV)]}[cell.workload]
     out = []
     for sender, rank, target, mtype in who:
         base = dict(type=mtype, job_id=job["job_id"], token=job["token"], seq=1, rank=rank,
                     count=2, aux=1)
         if cell.fuzz == "fields-out-of-range":
-            headers = [Header(**{**base, **kw}) for kw in INSIDER_FIELDS]
+            headers = [Header(**{**base, **kw}) for kw in INSIDER_FIELDS[mtype.name]]
         else:
-            headers = [Header(**{**base, "count": c}) for c in (3, 64, 1400, 0xFFFF)]
+            headers = [Header(**{**base, "count": c}) for c in (64, 1400, 0xFFFF)]
         frames = [raw_frame(sender.mac, target.mac, sender.ip, target.ip, job["port"],
                             hd.pack() + bytes(8)) for hd in headers]
         out.append((sender, frames))
