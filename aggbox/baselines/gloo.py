@@ -18,8 +18,9 @@ class GlooAllreducer:
             import torch
             import torch.distributed as dist
         except ImportError as exc:
-            raise AggBoxError("the gloo baseline needs torch: `make setup` installs "
-                              "torch==2.13.0 (CPU)") from exc
+            raise AggBoxError("the gloo baseline needs torch, the optional aggbox[torch] "
+                              "extra: `AGGBOX_TORCH=pypi make setup` installs torch==2.13.0 "
+                              "(setup takes PyTorch's CPU index when it answers)") from exc
         from datetime import timedelta
 
         # Inside a namespace the hostname resolves to 127.0.0.1: name the interface.
