@@ -12,7 +12,7 @@ RUN_FLAGS   := $(if $(filter 1 yes true,$(FULL)),--full)
 # Steps share .venv and the kernel; running them side by side (make -j) would only race.
 .NOTPARALLEL:
 .PHONY: help setup test test-unit test-kernel lint experiment doctor clean clean-testbeds \
-	docker-up docker-down image bpf-check test-docker test-ansible clean-cloud lock
+	docker-up docker-down image bpf-check test-docker test-ansible clean-cloud lock notebook
 
 help: ## list the targets
 	@echo "AggBox: make <target>"
@@ -52,6 +52,13 @@ lock: $(AGGBOX) ## regenerate requirements.lock (pinned, hashed) from pyproject.
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --extra dev --generate-hashes \
 		--strip-extras --no-emit-index-url --no-emit-find-links \
 		$(if $(filter 1 yes true,$(UPGRADE)),--upgrade) -o requirements.lock pyproject.toml
+
+# The notebook is committed with its outputs; this redraws them from the runs in results/
+# (no timing metadata: an unchanged run gives an unchanged file).
+notebook: $(AGGBOX) ## re-execute results/analysis.ipynb in place (commit it afterwards)
+	$(PYTHON) -c "import nbformat; from nbclient import NotebookClient; \
+		p = 'results/analysis.ipynb'; nb = nbformat.read(p, as_version=4); \
+		NotebookClient(nb, timeout=600, kernel_name='python3', record_timing=False).execute(); nbformat.write(nb, p)"
 
 experiment: setup ## run every experiments/*.yaml (quick; FULL=1 for the full grids)
 	@test -n "$(EXPERIMENTS)" || { echo "no experiments/*.yaml to run"; exit 1; }

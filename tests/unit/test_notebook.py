@@ -103,7 +103,7 @@ def images_per_cell(nb) -> list[int]:
 def test_the_notebook_is_committed_with_its_figures_and_a_mapreduce_section():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     images = [o for o in outputs(nb, "display_data") if "image/png" in o.data]
-    assert len(images) >= EXPECTED_FIGURES, "commit the notebook executed (make it readable)"
+    assert len(images) >= EXPECTED_FIGURES, "commit it executed (make notebook)"
     assert not [o for o in outputs(nb, "display_data") if "image/svg+xml" in o.data]
     assert NOTEBOOK.stat().st_size <= MAX_NOTEBOOK_BYTES, NOTEBOOK.stat().st_size
     assert not outputs(nb, "error")
@@ -137,7 +137,7 @@ def test_the_notebook_runs_on_the_reference_results_and_writes_nothing(results_c
     images = [o for o in outputs(nb, "display_data") if "image/png" in o.data]
     assert len(images) >= EXPECTED_FIGURES, f"{len(images)} inline figures"
     # The appended kernel cell drew nothing; the others as many figures as committed.
-    assert images_per_cell(nb)[:-1] == committed, "re-execute and commit the notebook"
+    assert images_per_cell(nb)[:-1] == committed, "make notebook, then commit it"
     tables = [o for o in outputs(nb, "execute_result") if "text/html" in o.data]
     assert len(tables) >= len(EXPERIMENTS), "a summary table per experiment"
     for table in tables:
