@@ -37,6 +37,15 @@ else
     BASE=$LOCAL_BASE
 fi
 
+# torch (the CPU build, as pinned for the venv) and scikit-learn for the training workload:
+# fetched here, where pip knows the machine's indexes and certificates, not in the build.
+PIP_PYTHON=$ROOT/.venv/bin/python
+[[ -x $PIP_PYTHON ]] || PIP_PYTHON=python3
+rm -rf docker/wheels
+say "staging torch and scikit-learn wheels in docker/wheels/"
+"$PIP_PYTHON" -m pip download -q --only-binary=:all: -d docker/wheels \
+    "torch==2.13.0" "scikit-learn>=1.3" </dev/null
+
 say "building $IMAGE on $BASE (source digest $DIGEST)"
 # --network host: build steps reach Debian's mirror without a default bridge or NAT rules.
 docker build --network host --build-arg "BASE=$BASE" --build-arg "SOURCE_DIGEST=$DIGEST" \
