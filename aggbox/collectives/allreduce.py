@@ -16,7 +16,9 @@ int32 tensors are summed exactly in one round (wrapping like numpy's int32).
 
 Reliability is the worker's: it keeps at most ``pool`` blocks in flight (a slot is reused
 only after its result came back: self-clocked), resends what has not come back after a
-timeout (doubling), and the aggregator's kernel answers a duplicate from the finished copy,
+timeout (doubling; the timeout from the measured time of a block to its result, SRTT +
+4 RTTVAR clamped, aggbox/collectives/rtt.py), and the aggregator's kernel answers a
+duplicate from the finished copy,
 or with a status naming the workers it still waits for. A call that makes no progress for
 ``timeout`` seconds raises :class:`CollectiveTimeout` naming those workers.
 """
@@ -34,6 +36,7 @@ import numpy as np
 
 from aggbox import quant
 from aggbox.collectives.group import Group, Member, multicast_address
+from aggbox.collectives.rtt import RetransmitTimer
 from aggbox.errors import AggBoxError, CollectiveTimeout
 from aggbox.protocol import (
     HEADER,
@@ -231,6 +234,9 @@ class _Call:
             self.out = np.zeros(self.values.size, dtype=np.int32)
         self.out_exp = np.zeros(self.n_blocks, dtype=np.int32)
         self.done = np.zeros(self.n_blocks, dtype=bool)
+        # RTT samples: when each block was first sent; resent blocks give none (Karn).
+        self.sent_at = np.zeros(self.n_blocks, dtype=np.float64)
+        self.resent = np.zeros(self.n_blocks, dtype=bool)
 
     def span(self, i: int) -> tuple[int, int]:
         start = i * self.block
@@ -240,8 +246,14 @@ class _Call:
 class Allreducer:
     """A worker's side of in-kernel allreduce (one per worker process)."""
 
+    # The RTO's clamps: a block's round trip includes waiting for the slowest worker, so
+    # the floor is higher than the broadcast's; the ceiling keeps a lossy path retrying.
+    MIN_RTO_S, MAX_RTO_S = 0.002, 0.2
+
     def __init__(self, group: Group, block: int = 256, timeout: float = 10.0,
                  rto: float = 0.02, scale: str = "align"):
+        """``rto``: the retransmission timeout until the first round trip is measured; one
+        above MAX_RTO_S pins it (no RTT adaptation: a caller that wants no resends)."""
         if scale not in ("align", "agree"):
             raise AggBoxError(f"scale must be 'align' or 'agree', got {scale!r}")
         self.scale = scale
@@ -253,7 +265,9 @@ class Allreducer:
         self.block = block
         self.pool = 1 << POOL_SHIFT
         self.timeout = timeout
-        self.rto = rto
+        pinned = rto > self.MAX_RTO_S
+        self.timer = RetransmitTimer(initial_s=rto, min_s=rto if pinned else self.MIN_RTO_S,
+                                     max_s=rto if pinned else self.MAX_RTO_S)
         self.sock = udp_socket(group.port)
         self.dest = (group.aggregator.ip, group.port)
         self.results = result_delivery(group)
@@ -345,17 +359,19 @@ class Allreducer:
         values = np.ascontiguousarray(values, dtype=np.int32).reshape(-1)
         call = _Call(self.next_seq, values, self.block, exponents, out)
         self.next_seq += call.n_blocks
-        rto, last_progress, missing = self.rto, time.monotonic(), None
+        last_progress, missing = time.monotonic(), None
+        self.timer.progress()
         while call.low < call.n_blocks:
             self._send_window(call, flags)
-            if self._receive(call, rto):
-                rto, last_progress = self.rto, time.monotonic()
+            if self._receive(call, self.timer.current_s):
+                self.timer.progress()
+                last_progress = time.monotonic()
                 continue
             missing = self._missing or missing
             if time.monotonic() - last_progress > self.timeout:
                 self._give_up(call, missing)
             self._resend_outstanding(call, flags)
-            rto = min(rto * 2, 0.5)
+            self.timer.expired()
         return call.out, call.out_exp
 
     # -- sending -----------------------------------------------------------------------
@@ -377,6 +393,7 @@ class Allreducer:
         last = min(call.n_blocks, call.low + self.pool)
         if first >= last:
             return
+        call.sent_at[first:last] = time.monotonic()
         self._send_blocks(call, range(first, last), flags)
         call.next_send = last
         self.stats["blocks"] += last - first
@@ -398,6 +415,7 @@ class Allreducer:
             # block was lost, the probe is that block.
             outstanding = outstanding[:1]
             call.waiting_on_others = False
+        call.resent[outstanding] = True
         self._send_blocks(call, outstanding, flags)
         self.stats["retransmits"] += len(outstanding)
 
@@ -523,6 +541,8 @@ class Allreducer:
                                socket.MSG_DONTWAIT)
         call.out_exp[i] = exp
         call.done[i] = True
+        if not call.resent[i]:
+            self.timer.sample(time.monotonic() - call.sent_at[i])
         self.stats["results"] += 1
         while call.low < call.n_blocks and call.done[call.low]:
             call.low += 1

@@ -16,7 +16,9 @@ The data path (bpf/reduce.c on each reducer host):
   keys) comes up to the reducer's socket as a KV_SPILL; the application merges it, once
   per (mapper, seq), and acknowledges it itself;
 - a mapper keeps at most ``window`` packets unacknowledged per reducer and resends after a
-  timeout; the kernel's per-(mapper, seq) ring makes a resent packet count once;
+  timeout (from the measured packet-to-ACK time, SRTT + 4 RTTVAR clamped, doubling while
+  nothing progresses: aggbox/collectives/rtt.py); the kernel's per-(mapper, seq) ring
+  makes a resent packet count once;
 - when everything of a mapper was acknowledged, it sends DONE; a reducer with every DONE
   reads its part of the map in batches, merges the spilled pairs and returns.
 
@@ -58,6 +60,7 @@ from aggbox.collectives.reduce_kernel import (  # noqa: F401 (re-exported: the k
     KernelSums,
     ReduceByKeyPrograms,
 )
+from aggbox.collectives.rtt import RetransmitTimer
 from aggbox.errors import AggBoxError, CollectiveTimeout
 from aggbox.protocol import (
     HEADER,
@@ -76,6 +79,10 @@ from aggbox.sockets import udp_socket
 KEY_WIDTH = KV_KEY_WIDTH
 LINGER_S = 1.0  # a reducer keeps answering DONE retransmissions this long after it returns
 LEARN_INTERVAL_S = 0.001  # a waiting reducer takes in new kernel keys this often
+# The mapper's RTO clamps (aggbox/collectives/rtt.py): a packet's round trip is the
+# reducer's kernel turning it into an ACK (a spill: the reducer's application), so the
+# floor is the broadcast's; the ceiling is the old fixed back-off's.
+MIN_RTO_S, MAX_RTO_S = 0.001, 0.2
 _lingering: list[threading.Thread] = []
 
 PAIR_DTYPE = np.dtype([("key", f"S{KEY_WIDTH}"), ("value", "<i8")])
@@ -384,6 +391,7 @@ class _Stream:
     packets: list[bytes]
     acked: bytearray = field(init=False)
     sent_at: list[float] = field(init=False)
+    resent: bytearray = field(init=False)  # sent more than once: no RTT sample (Karn)
     next: int = 0  # index of the next packet never sent
     low: int = 0  # every index below is acknowledged
     done_sent_at: float = 0.0
@@ -392,6 +400,7 @@ class _Stream:
     def __post_init__(self) -> None:
         self.acked = bytearray(len(self.packets))
         self.sent_at = [0.0] * len(self.packets)
+        self.resent = bytearray(len(self.packets))
 
     @property
     def data_acked(self) -> bool:
@@ -416,7 +425,9 @@ class ReduceByKey:
         self.is_mapper = group.rank in self.mappers
         self.is_reducer = group.rank in self.reducers
         self.combine, self.window, self.mtu = combine, window, mtu
-        self.rto_s, self.timeout = rto_s, timeout
+        self.rto_s, self.timeout = rto_s, timeout  # rto_s: until a round trip is measured
+        self.timer = RetransmitTimer(initial_s=rto_s, min_s=min(rto_s, MIN_RTO_S),
+                                     max_s=max(rto_s, MAX_RTO_S))
         self._own_programs = False
         self.programs = programs
         if self.is_reducer and programs is None:
@@ -456,10 +467,11 @@ class ReduceByKey:
             self._prepare(Pairs.of(pairs if pairs is not None else []))
         deadline_idle = self.timeout
         last_progress = last_learn = time.monotonic()
-        rto = self.rto_s
+        timer = self.timer
+        timer.progress()
         while not self._finished():
             progressed = self._send_new()
-            wait = 0.0 if progressed else rto
+            wait = 0.0 if progressed else timer.current_s
             if self.kernel is not None:
                 # Once every mapper announced its end, only resent packets are missing:
                 # look at the kernel's counts often.
@@ -470,12 +482,13 @@ class ReduceByKey:
                 self.kernel.learn()  # while waiting: the keys, so that only sums are left
                 last_learn = now
             if progressed:
-                last_progress, rto = now, self.rto_s
+                last_progress = now
+                timer.progress()
                 continue
             if now - last_progress > deadline_idle:
                 self._give_up()
-            if self._resend(now, rto):
-                rto = min(rto * 2, 0.2)
+            if self._resend(now, timer.current_s):
+                timer.expired()
         if not self.is_reducer:
             return None
         return self._result()
@@ -538,6 +551,7 @@ class ReduceByKey:
                 if not st.acked[i] and now - st.sent_at[i] >= rto:
                     self.sock.sendto(st.packets[i], st.dest)
                     st.sent_at[i] = now
+                    st.resent[i] = 1
                     self.stats["retransmits"] += 1
                     resent = True
             if st.done_sent_at and not st.done_acked and now - st.done_sent_at >= rto:
@@ -560,6 +574,8 @@ class ReduceByKey:
         if not 0 <= i < st.next or st.acked[i]:
             return False
         st.acked[i] = 1
+        if not st.resent[i]:
+            self.timer.sample(time.monotonic() - st.sent_at[i])
         self.stats["acks"] += 1
         while st.low < st.next and st.acked[st.low]:
             st.low += 1
