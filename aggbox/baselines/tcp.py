@@ -49,8 +49,12 @@ class TcpBroadcaster:
     def send(self, data: bytes, timeout: float = 5.0) -> int:
         self.msg_no += 1
         frame = FRAME.pack(self.msg_no, len(data)) + data
-        for sock in self.conns.values():
-            sock.sendall(frame)
+        for rank, sock in self.conns.items():
+            try:
+                sock.sendall(frame)
+            except OSError as exc:  # a clear error naming the member, not a traceback
+                raise AggBoxError(f"member rank {rank} ({self.group.members[rank].ip}) "
+                                  f"broke its TCP broadcast connection: {exc}") from exc
         self._wait_acks(self.msg_no, time.monotonic() + timeout)
         return self.msg_no
 
@@ -65,7 +69,10 @@ class TcpBroadcaster:
             ready, _, _ = select.select(list(waiting), [], [], left)
             for sock in ready:
                 rank = waiting[sock]
-                chunk = sock.recv(ACK.size - len(self._pending[rank]))
+                try:
+                    chunk = sock.recv(ACK.size - len(self._pending[rank]))
+                except OSError as exc:
+                    raise AggBoxError(f"member rank {rank} broke its connection: {exc}") from exc
                 if not chunk:
                     raise AggBoxError(f"member rank {rank} closed its connection")
                 self._pending[rank] += chunk
@@ -116,7 +123,11 @@ class TcpReceiver:
                 self.conn, _ = self.listener.accept()
                 _tune(self.conn)
                 continue
-            chunk = self.conn.recv(1 << 20)
+            try:
+                chunk = self.conn.recv(1 << 20)
+            except OSError as exc:  # reset: the root ended (failed, or closed unread data)
+                raise AggBoxError(f"the root reset the TCP broadcast connection ({exc}): "
+                                  "it failed or stopped; its own error says why") from exc
             if not chunk:
                 raise AggBoxError("the root closed the TCP broadcast connection")
             self.buf += chunk
@@ -136,7 +147,11 @@ class TcpReceiver:
     def _acknowledge(self, msg_no: int) -> None:
         """The application-level ACK (tcp_kack's members send none)."""
         assert self.conn is not None
-        self.conn.sendall(ACK.pack(msg_no))
+        try:
+            self.conn.sendall(ACK.pack(msg_no))
+        except OSError as exc:
+            raise AggBoxError(f"the root broke the TCP broadcast connection ({exc}): it "
+                              "failed or stopped; its own error says why") from exc
 
     def close(self) -> None:
         if self.conn:

@@ -74,6 +74,7 @@ import os
 import random
 import select
 import socket
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -440,6 +441,17 @@ def _close_all(endpoints: dict, programs, control=None) -> None:
         programs.close()
 
 
+def _report(exc: Exception) -> None:
+    """Tell the runner about an unexpected exception BEFORE the clean-up: closing our
+    sockets makes other nodes fail, and the runner must see that we failed first
+    (aggbox/workloads/launcher.py orders failures by when it saw them)."""
+    from aggbox.node import emit
+
+    with contextlib.suppress(Exception):
+        emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+        sys.stdout.flush()
+
+
 def root_node(spec: dict, rank: int) -> int:
     from aggbox.cpu import CpuAccount, MachineCpu, ProcessCpu
     from aggbox.node import emit, emit_many
@@ -474,6 +486,9 @@ def root_node(spec: dict, rank: int) -> int:
         if programs is not None:
             done["counters"] = programs.counters()
         emit(done)
+    except Exception as exc:
+        _report(exc)
+        raise
     finally:
         _close_all(senders, programs, control)
     return 0
@@ -560,6 +575,9 @@ def member_node(spec: dict, rank: int) -> int:
         if programs is not None:
             done["counters"] = programs.counters()
         emit(done)
+    except Exception as exc:
+        _report(exc)
+        raise
     finally:
         _close_all(receivers, programs, control)
     return 0
@@ -825,17 +843,15 @@ def run_broadcast(testbed: Testbed, params: dict, systems: list[str], iters: int
         nodes.wait_ready(member_nodes, timeout=120)
         root_node_ = nodes.start(root, "broadcast-root", root.index, root_cpus)
         nodes.wait_ready([root_node_], timeout=60)
-        nodes.wait_exit([root_node_], timeout=budget)
-        failed = [r["error"] for r in root_node_.records
-                  if r.get("event") == "done" and r.get("error")]
-        if failed:  # the members may wait for a message that never comes: stop them
-            raise AggBoxError("broadcast run failed: " + failed[0])
-        nodes.wait_exit(member_nodes, timeout=120)
+        failed = "broadcast run failed: "
+        nodes.wait_exit([root_node_], timeout=budget, prefix=failed)
+        # The root's own error (it exited 0), or a member's that came first: the members
+        # may wait for a message that never comes, so stop them (NodeGroup's exit).
+        nodes.raise_root_cause(failed)
+        nodes.wait_exit(member_nodes, timeout=120, prefix=failed)
+        nodes.raise_root_cause(failed)
         records = [r for n in nodes.nodes for r in n.records]
     events = [r for r in records if r.get("event") == "done"]
-    errors = [e["error"] for e in events if e.get("error")]
-    if errors:
-        raise AggBoxError("broadcast run failed: " + "; ".join(errors))
     one_machine = testbed.backend in ("netns", "docker")
     cpu = cpu_columns(events, list(systems), len(members), root_cpus, member_cpus,
                       one_machine, spec["receivers"])

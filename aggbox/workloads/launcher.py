@@ -3,6 +3,13 @@
 Every workload's runner uses this: it knows nothing of the workload, only that each node
 prints ``{"event": "ready"}`` when it can take traffic, then records, then exits.
 Whatever happens (error, timeout, Ctrl-C), every node started here is ended on exit.
+
+When several nodes of a cell fail, the one that failed FIRST is the root cause and its
+own message is the error raised: a failure is timed when the runner sees it (a "done"
+record carrying an ``error``, or the process exiting non-zero), and the nodes that failed
+because of it (a member whose root closed its connection, a worker left waiting) come
+after it, summarized. Raising the first node *in the runner's wait order* that failed
+showed a follower's traceback instead of the root's clear error.
 """
 
 from __future__ import annotations
@@ -22,6 +29,15 @@ from aggbox.errors import AggBoxError
 from aggbox.testbed.base import Host
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A node's failure as the runner saw it."""
+
+    at: float  # time.monotonic() when the runner saw it: orders failures
+    node: str
+    message: str
+
+
 @dataclass
 class Node:
     name: str
@@ -30,6 +46,17 @@ class Node:
     records: list[dict] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
+    failure: Failure | None = None  # its first failure (error record or bad exit)
+    stopped: bool = False  # ended by the runner (stop_all): its exit code is no failure
+
+    def fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = Failure(time.monotonic(), self.name, message)
+
+    def last_error_line(self) -> str:
+        """The last line of its stderr that says something (a traceback's exception)."""
+        lines = [ln.strip() for ln in self.stderr_tail(40).splitlines() if ln.strip()]
+        return lines[-1] if lines else "(no output on stderr)"
 
     def stderr_tail(self, lines: int = 12) -> str:
         try:
@@ -99,7 +126,39 @@ class NodeGroup:
             if record.get("event") == "ready":
                 node.ready.set()
             else:
+                # "error": a node's report of an exception before its clean-up (which
+                # makes its followers fail: the exit code comes after theirs).
+                if record.get("event") in ("done", "error") and record.get("error"):
+                    node.fail(str(record["error"]))
                 node.records.append(record)
+        code = node.proc.wait()  # stdout closed: the process is ending
+        if code != 0 and not node.stopped:
+            node.fail(f"exited with {code}: {node.last_error_line()}")
+
+    def failures(self) -> list[Failure]:
+        """Every node's failure so far, the first (the root cause) first."""
+        return sorted((n.failure for n in self.nodes if n.failure), key=lambda f: f.at)
+
+    def raise_root_cause(self, prefix: str = "", extra: str = "") -> None:
+        """Raise AggBoxError with the first failure's own message (and its stderr, if it
+        crashed), the later ones summarized after it; ``extra`` (what the runner itself
+        saw, e.g. a node still running) last. Returns if nothing failed and no extra."""
+        failures = self.failures()
+        if not failures and not extra:
+            return
+        parts = []
+        if failures:
+            first = failures[0]
+            parts.append(f"{first.node}: {first.message}")
+            node = next(n for n in self.nodes if n.name == first.node)
+            if first.message.startswith("exited with"):
+                parts.append(node.stderr_tail())
+            if len(failures) > 1:
+                parts.append("after it: " + "; ".join(f"{f.node}: {f.message}"
+                                                      for f in failures[1:]))
+        if extra:
+            parts.append(extra)
+        raise AggBoxError(prefix + "\n".join(p for p in parts if p))
 
     def wait_ready(self, nodes: list[Node], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -112,24 +171,36 @@ class NodeGroup:
                     raise AggBoxError(f"node {node.name} not ready after {timeout:.0f} s:\n"
                                       f"{node.stderr_tail()}")
 
-    def wait_exit(self, nodes: list[Node], timeout: float) -> None:
+    def wait_exit(self, nodes: list[Node], timeout: float, prefix: str = "") -> None:
+        """Wait until ``nodes`` have exited. If one of them exits non-zero or outlives
+        ``timeout``, raise the cell's root cause (:meth:`raise_root_cause`): the first
+        failure of any node, which may be another than the one waited for."""
         deadline = time.monotonic() + timeout
-        for node in nodes:
+        pending = list(nodes)
+        while pending:
+            node = pending[0]
             try:
-                node.proc.wait(max(0.1, deadline - time.monotonic()))
+                node.proc.wait(min(0.1, max(0.01, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
-                raise AggBoxError(f"node {node.name} still running after {timeout:.0f} s:\n"
-                                  f"{node.stderr_tail()}") from None
+                if time.monotonic() < deadline:
+                    # Not this one yet: has another node already failed (a crash)?
+                    if any(n.proc.poll() not in (None, 0) for n in pending[1:]):
+                        pending.sort(key=lambda n: n.proc.poll() is None)
+                    continue
+                self.raise_root_cause(prefix, f"node {node.name} still running after "
+                                      f"{timeout:.0f} s:\n{node.stderr_tail()}")
             if node.reader:
                 node.reader.join(5)
             if node.proc.returncode != 0:
-                raise AggBoxError(f"node {node.name} failed (exit {node.proc.returncode}):\n"
-                                  f"{node.stderr_tail()}")
+                node.fail(f"exited with {node.proc.returncode}: {node.last_error_line()}")
+                self.raise_root_cause(prefix)
+            pending.pop(0)
 
     def stop_all(self, grace_s: float = 3.0) -> None:
         """SIGTERM every node still running (they detach their programs), then SIGKILL."""
         alive = [n for n in self.nodes if n.proc.poll() is None]
         for node in alive:
+            node.stopped = True
             with contextlib.suppress(ProcessLookupError):
                 node.proc.terminate()
         deadline = time.monotonic() + grace_s
