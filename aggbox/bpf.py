@@ -11,6 +11,11 @@ Two facts shape this file (docs/kernel.md, "Loading with BCC"):
   files into one text before compiling, keeping ``#line`` markers for error messages.
 - BCC 0.26 has no TC attach API: pyroute2 attaches TC programs (clsact + cls_bpf,
   direct action).
+
+Attaching a family also reserves its UDP ports (its ``config`` map) from the ephemeral
+range of the namespace (``net.ipv4.ip_local_reserved_ports``): AggBox's ports lie inside
+Linux's default ephemeral range, and another program's ephemeral socket there would have
+its datagrams inspected (the aggregator drops any without AggBox's magic).
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 TC_INGRESS_PARENT = "ffff:fff2"
 TC_EGRESS_PARENT = "ffff:fff3"
 PIN_ROOT = Path("/sys/fs/bpf/aggbox")
+RESERVED_PORTS_SYSCTL = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+#: Extra ``NAME=VALUE`` defines for every family, comma-separated: for measurements only
+#: (e.g. ``AGGBOX_NO_RX_CSUM=1``, docs/kernel.md "Cost of the checks").
+DEFINES_ENV = "AGGBOX_BPF_DEFINES"
 
 
 def inline_source(path: Path, root: Path = BPF_DIR, _seen: set[Path] | None = None) -> str:
@@ -132,7 +141,7 @@ class ProgramFamily:
         if not source.exists():
             raise SetupError(f"no eBPF source {source}")
         cflags = ["-Wno-unused-function", "-Wno-compare-distinct-pointer-types"]
-        cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
+        cflags += [f"-D{k}={v}" for k, v in {**env_defines(), **(defines or {})}.items()]
         with _captured_stderr() as err:
             try:
                 self.bpf = BPF(text=inline_source(source).encode(), cflags=cflags)
@@ -226,6 +235,17 @@ class ProgramFamily:
                 ipr.tc("del-filter", "bpf", ifindex, ":1", parent=parent, prio=prio)
                 ipr.tc("add-filter", "bpf", ifindex, ":1", **filter_args)
         self._tc.append(_TcAttachment(ifindex, parent, prio, created))
+        self._reserve_configured_ports()
+
+    def _reserve_configured_ports(self) -> None:
+        """Reserve the ports the family's ``config`` map names, if it has one."""
+        try:
+            table = self.bpf["config"]
+        except KeyError:
+            return
+        leaf = table[table.Key(0)]
+        if getattr(leaf, "port_lo", 0) and leaf.port_hi >= leaf.port_lo:
+            reserve_ports(leaf.port_lo, leaf.port_hi)
 
     def detach(self) -> None:
         """Detach everything this family attached and unpin its maps. Idempotent; from
@@ -323,6 +343,37 @@ class ProgramFamily:
             raise SetupError(f"cannot pin map {name} at {path}: is bpffs mounted at /sys/fs/bpf?")
         self._pins.append(path)
         return path
+
+
+def env_defines() -> dict[str, str]:
+    """The defines :data:`DEFINES_ENV` names (``A=1,B=2``)."""
+    text = os.environ.get(DEFINES_ENV, "")
+    pairs = (item.partition("=") for item in text.split(",") if item.strip())
+    return {k.strip(): (v.strip() or "1") for k, _, v in pairs}
+
+
+def reserve_ports(lo: int, hi: int) -> None:
+    """Add ``lo..hi`` to the calling thread's namespace's reserved ports (kept by the
+    kernel out of ephemeral allocation; explicit binds still work). Idempotent; the
+    reservation outlives the programs (a testbed namespace takes it along)."""
+    current = RESERVED_PORTS_SYSCTL.read_text().strip()
+    wanted = f"{lo}-{hi}" if hi > lo else str(lo)
+    if _covers(current, lo, hi):
+        return
+    try:
+        RESERVED_PORTS_SYSCTL.write_text(",".join(filter(None, [current, wanted])))
+    except OSError as exc:
+        raise SetupError(f"cannot reserve UDP ports {wanted} ({RESERVED_PORTS_SYSCTL}: "
+                         f"{exc.strerror}); run as root") from exc
+
+
+def _covers(ranges: str, lo: int, hi: int) -> bool:
+    """Does the sysctl's list (``a-b,c,...``) hold every port of lo..hi?"""
+    held: set[int] = set()
+    for part in filter(None, ranges.split(",")):
+        first, _, last = part.partition("-")
+        held.update(range(int(first), int(last or first) + 1))
+    return all(p in held for p in range(lo, hi + 1))
 
 
 def ensure_bpffs() -> None:

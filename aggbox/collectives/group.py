@@ -8,6 +8,15 @@ import json
 import secrets
 from dataclasses import asdict, dataclass, field
 
+#: Every port AggBox uses: UDP 47000-49999 for its three program families (broadcast
+#: 47000-47999, allreduce 48000-48999, reduce-by-key 49000-49999) and 45000-46999 plus
+#: 49500-49999 for the baselines' TCP/UDP servers and the MapReduce barrier. They lie in
+#: Linux's default ephemeral range (32768-60999), so wherever AggBox runs they are
+#: reserved (net.ipv4.ip_local_reserved_ports): the testbeds' namespaces reserve all of
+#: them, and attaching a family reserves its own (aggbox/bpf.py); a host set up by hand or
+#: by the playbooks needs ``sysctl net.ipv4.ip_local_reserved_ports=45000-49999``.
+RESERVED_PORTS = (45000, 49999)
+
 
 def new_job_id(bits: int = 31) -> int:
     """A fresh job id from the OS's CSPRNG: never derived from a run's seed, so two runs of

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 
+import families
 import pytest
 from broadcast_node import NodeProcess, digest, payload
 from raw_frames import frame, send_frame
@@ -229,6 +230,144 @@ def test_non_aggbox_udp_to_an_aggbox_port_reaches_its_socket(bed, where, data):
     assert got == dict.fromkeys(PASS_PORTS, data)
     programs = 2 if where == 0 else 1  # on the root both XDP and TC ingress pass it
     assert d == {"passed_not_ours": programs * len(PASS_PORTS)}
+
+
+# ------------------------------------------------ 3b. every port of every family
+
+
+@pytest.fixture(scope="module")
+def families_bed():
+    with NetnsTestbed(2) as tb, families.attached(tb.hosts[0]) as attached:
+        yield tb, attached
+
+
+def _bound_sockets(ports: list[int]) -> dict[int, socket.socket]:
+    socks = {}
+    for port in ports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", port))
+        s.setblocking(False)
+        socks[port] = s
+    return socks
+
+
+def _deliver(tb, ports: list[int], data: bytes) -> dict[int, bytes]:
+    """Send ``data`` from h1 to each port of h0 (in batches, resending what a burst may
+    have lost on the way); what each of h0's sockets received."""
+    h0, h1 = tb.hosts
+    socks = h0.call(_bound_sockets, ports)
+    got: dict[int, bytes] = {}
+    try:
+        for _attempt in range(3):
+            missing = [p for p in ports if p not in got]
+            for i in range(0, len(missing), 100):
+                batch = missing[i:i + 100]
+
+                def send(batch=batch) -> None:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                        for port in batch:
+                            s.sendto(data, (h0.ip, port))
+
+                h1.call(send)
+                end = time.monotonic() + 2.0
+                while time.monotonic() < end and any(p not in got for p in batch):
+                    for port in batch:
+                        if port not in got:
+                            try:
+                                got[port] = socks[port].recv(2048)
+                            except BlockingIOError:
+                                pass
+                    time.sleep(0.01)
+    finally:
+        for s in socks.values():
+            s.close()
+    return got
+
+
+def test_non_aggbox_udp_to_every_port_of_broadcast_and_reduce_reaches_its_socket(families_bed):
+    from aggbox.collectives import broadcast, reduce_kernel
+
+    tb, attached = families_bed
+    ranges = {"broadcast": broadcast.DEFAULT_PORTS, "reduce": reduce_kernel.DEFAULT_PORTS}
+    ports = [p for lo, hi in ranges.values() for p in range(lo, hi + 1)]
+    data = b"\x12\x34 not AggBox: a DNS or NTP reply, say"
+    before = [tb.hosts[0].call(p.counters) for p in attached.all()]
+    got = _deliver(tb, ports, data)
+    after = [tb.hosts[0].call(p.counters) for p in attached.all()]
+    assert sorted(p for p, d in got.items() if d == data) == ports
+    moved = [delta(a, b) for a, b in zip(after, before, strict=True)]
+    # Each family saw its own range's datagrams, passed them and dropped nothing.
+    per_range = {name: hi - lo + 1 for name, (lo, hi) in ranges.items()}
+    assert moved[0] and set(moved[0]) == {"passed_not_ours"}, moved[0]
+    assert moved[0]["passed_not_ours"] >= per_range["broadcast"]
+    assert set(moved[2]) == {"passed_not_ours"}, moved[2]
+    assert moved[2]["passed_not_ours"] >= per_range["reduce"]
+    assert moved[1] == {}, moved[1]  # the aggregator's ports got nothing: nothing counted
+
+
+def _reserved(text: str) -> set[int]:
+    ports: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        ports.update(range(int(lo), int(hi or lo) + 1))
+    return ports
+
+
+def test_every_aggbox_port_is_kept_from_ephemeral_use_where_programs_run(families_bed):
+    """The ports lie in Linux's ephemeral range (32768-60999): an ephemeral socket there
+    (a DNS client's, say) would see its replies inspected by AggBox's programs, and the
+    aggregator's drop every datagram without AggBox's magic. Attaching a family reserves
+    its ports (net.ipv4.ip_local_reserved_ports); the testbed reserves the baselines' too."""
+    from aggbox.collectives import allreduce, broadcast, reduce_kernel
+    from aggbox.collectives.group import RESERVED_PORTS
+
+    tb, _ = families_bed
+    h0, h1 = tb.hosts
+    sysctl = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+    lo, hi = RESERVED_PORTS
+    for first, last in (broadcast.DEFAULT_PORTS, allreduce.DEFAULT_PORTS,
+                        reduce_kernel.DEFAULT_PORTS):
+        assert lo <= first <= last <= hi
+    # The testbed reserves every port in each namespace.
+    assert set(range(lo, hi + 1)) <= _reserved(h1.run(["cat", sysctl]).stdout)
+
+    def attach_on_a_host_with_nothing_reserved() -> set[int]:
+        with open(sysctl, "w") as f:
+            f.write("\n")  # nothing reserved
+        programs = broadcast.BroadcastPrograms(h1.ifname)
+        try:
+            with open(sysctl) as f:
+                return _reserved(f.read())
+        finally:
+            programs.close()
+            with open(sysctl, "w") as f:
+                f.write(f"{lo}-{hi}")
+
+    # Attaching a family reserves its own ports, wherever it runs.
+    first, last = broadcast.DEFAULT_PORTS
+    assert h1.call(attach_on_a_host_with_nothing_reserved) == set(range(first, last + 1))
+
+    def ephemeral_bind_in(first: int) -> str:
+        """An ephemeral bind while the ephemeral range is only [first, first + 7]."""
+        path = "/proc/sys/net/ipv4/ip_local_port_range"
+        with open(path) as f:
+            saved = f.read()
+        try:
+            with open(path, "w") as f:
+                f.write(f"{first} {first + 7}")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                try:
+                    s.bind(("0.0.0.0", 0))
+                except OSError as exc:
+                    return f"refused: {exc.strerror}"
+                return f"got {s.getsockname()[1]}"
+        finally:
+            with open(path, "w") as f:
+                f.write(saved)
+
+    for first in (broadcast.DEFAULT_PORTS[0], allreduce.DEFAULT_PORTS[0],
+                  reduce_kernel.DEFAULT_PORTS[0]):
+        assert h0.call(ephemeral_bind_in, first).startswith("refused"), first
 
 
 # ------------------------------------------------ 5. a member's IP from another MAC

@@ -6,6 +6,7 @@ import socket
 import struct
 import time
 
+import families
 import pytest
 
 from aggbox import protocol
@@ -130,22 +131,10 @@ class Capture:
 
 @pytest.fixture(scope="module")
 def csum_bed():
-    from aggbox.collectives.allreduce import AggregatorPrograms
-    from aggbox.collectives.broadcast import BroadcastPrograms
-    from aggbox.collectives.reduce_kernel import ReduceByKeyPrograms
     from aggbox.testbed import NetnsTestbed
 
-    with NetnsTestbed(2) as tb:
-        h0 = tb.hosts[0]
-        # One compile at a time: BCC (LLVM) cannot compile in two threads at once.
-        programs = [h0.call(BroadcastPrograms, h0.ifname),
-                    h0.call(AggregatorPrograms, h0.ifname),
-                    h0.call(ReduceByKeyPrograms, h0.ifname, map_entries=1024)]
-        try:
-            yield tb, programs
-        finally:
-            for p in programs:
-                h0.call(p.close)
+    with NetnsTestbed(2) as tb, families.attached(tb.hosts[0]) as attached:
+        yield tb, attached.all()
 
 
 def exchange(tb, programs, family: str, job_id: int) -> tuple[list, list, int]:
