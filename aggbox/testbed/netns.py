@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aggbox.collectives.group import RESERVED_PORTS
 from aggbox.errors import TestbedError
 from aggbox.testbed.base import Host, Netem, Testbed
 from aggbox.testbed.impair import apply_impairment
@@ -508,6 +509,8 @@ class NetnsTestbed(Testbed):
             # accept_local: the fan-out sends a copy back to the sender itself.
             "net.ipv4.conf.all.accept_local": "1",
             f"net.ipv4.conf.{HOST_IFNAME}.accept_local": "1",
+            # AggBox's and the baselines' ports lie in the ephemeral range: keep them out.
+            "net.ipv4.ip_local_reserved_ports": "{}-{}".format(*RESERVED_PORTS),
             **_NO_IPV6,
         })
         plen = self.net.prefixlen
