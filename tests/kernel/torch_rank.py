@@ -47,11 +47,12 @@ CALL: dict[str, float] = {}  # when the call that should fail started
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def bucket_input(rank: int, size: int, dtype: str, seed: int) -> torch.Tensor:
-    """Gradient-like values (1e-3 scale, some large), reproducible; the test makes the
-    same ones for its reference."""
+def bucket_input(rank: int, size: int, dtype: str, seed: int,
+                 scale: float = 1.0) -> torch.Tensor:
+    """Gradient-like values (1e-3 scale, some large; times ``scale``), reproducible; the
+    test makes the same ones for its reference."""
     rng = np.random.default_rng([seed, rank, size])
-    x = rng.standard_normal(size) * 1e-3
+    x = rng.standard_normal(size) * 1e-3 * scale
     x[:: 97] *= 1e3
     return torch.from_numpy(x.astype(np.float32)).to(DTYPES[dtype])
 
@@ -80,8 +81,8 @@ def play(cfg: dict, out: Path) -> dict:
     result: dict = {"group_size": state.group.size, "job_id": state.group.job_id}
     scenario = cfg["scenario"]
     if scenario == "buckets":
-        for k, (size, dtype) in enumerate(cfg["buckets"]):
-            buf = bucket_input(rank, size, dtype, cfg["seed"])
+        for k, (size, dtype, *scale) in enumerate(cfg["buckets"]):
+            buf = bucket_input(rank, size, dtype, cfg["seed"], *scale)
             x32 = buf.reshape(-1).numpy() if dtype == "float32" else None
             y = allreduce_hook(state, FakeBucket(buf, k)).wait()
             np.save(out / f"rank{rank}-{k}.npy", y.to(torch.float32).numpy())
