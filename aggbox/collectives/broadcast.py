@@ -207,6 +207,7 @@ class Broadcaster(_Endpoint):
         self._sent_at: dict[int, float] = {}
         self._resent: set[int] = set()
         self._acked_seen: dict[int, int] = {}  # per member: its fold value at the last round
+        self._round_at: float | None = None  # when the last resend round went out
         # Per member: resends a NACK may still trigger, and when the budget was last
         # refilled. A NACK is 32 bytes: without a bound, one (spoofed) NACK could make the
         # root resend everything it retains.
@@ -264,7 +265,9 @@ class Broadcaster(_Endpoint):
                 self._give_up(target)
             if now >= resend_at:
                 self.stats["timeouts"] += 1
-                if not self._resend_missing(target):
+                moved = self._resend_missing(target)
+                self._round_at = time.monotonic()
+                if not moved:
                     self.timer.expired()  # nobody moved since the last round: back off
                 resend_at = now + self.timer.current_s
                 continue
@@ -283,8 +286,17 @@ class Broadcaster(_Endpoint):
             return
         old, self.group_acked = self.group_acked, value
         sent_at = self._sent_at.get(value)
+        now = time.monotonic()
         if sent_at is not None and not any(s in self._resent for s in range(old + 1, value + 1)):
-            self.timer.sample(time.monotonic() - sent_at)
+            self.timer.sample(now - sent_at)
+        elif self._round_at is not None:
+            # Under heavy loss nearly every message has a resend (at 20% per link and 7
+            # members, none was clean in 150), so Karn's rule alone left the initial RTO
+            # in place for good. The first rise after a resend round, whose originals had
+            # already timed out, is taken as that round's trip; were an original merely
+            # late, this underestimates, which the RTO's floor bounds.
+            self.timer.sample(now - self._round_at)
+        self._round_at = None
         for seq in range(old + 1, value + 1):
             self._sent_at.pop(seq, None)
             self._resent.discard(seq)

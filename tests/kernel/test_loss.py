@@ -114,6 +114,52 @@ def test_broadcast_is_exact_under_heavy_loss(bcast, impairment, size):
     assert stats["retransmits"] > 0, stats  # the loss really bit
 
 
+def test_other_members_nacks_do_not_starve_the_resend_a_silent_member_needs(bcast):
+    """The mechanism behind 'broadcast of seq 165 not acknowledged by rank 2': member 1's
+    copy is lost on its link (no later packet, so it has no gap to NACK) while member 2
+    keeps NACKing (as members with gaps do at 20% loss). The root's resend timer must run
+    from the last progress, not restart at every packet it reads: with NACKs arriving
+    faster than the timeout, the previous root never resent anything to member 1 and
+    send() timed out."""
+    import socket
+    import threading
+
+    from aggbox.protocol import Header, MsgType
+    from aggbox.testbed.impair import apply_impairment
+
+    tb, nodes = bcast
+    job_id, port, name = 11300, 47300, "starve"
+    group = _group(tb, job_id, port)
+    for h in tb.hosts[1:]:
+        nodes[h.index].call("receiver", name=name, group={**group, "rank": h.index})
+    nodes[0].call("broadcaster", name=name, group=group)
+    nack = Header(type=MsgType.NACK, job_id=job_id, token=group["token"], seq=2, rank=2,
+                  count=1, aux=1).pack()
+    stop = threading.Event()
+
+    def flood() -> None:  # inside h2's namespace: h2's own address and MAC
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            while not stop.wait(0.0005):
+                s.sendto(nack, (tb.hosts[0].ip, port))
+
+    nacker = threading.Thread(target=tb.hosts[2].call, args=(flood,))
+    nacker.start()
+    try:
+        apply_impairment(tb.switch_ns, ["h1"], loss=100)  # member 1 loses the copy
+        nodes[0].post("send", name=name, messages=[(1000, 1)], timeout=8.0)
+        time.sleep(1.0)
+        apply_impairment(tb.switch_ns, ["h1"])  # reachable again: a resend would arrive
+        answer = nodes[0].reply(wait=60, check=False)
+    finally:
+        stop.set()
+        nacker.join()
+        apply_impairment(tb.switch_ns, ["h1"])
+        for node in nodes.values():
+            node.call("close", name=name, check=False, wait=120)
+    assert answer["ok"], answer
+    assert answer["results"][0]["acked"][1:BCAST_HOSTS] == [1] * (BCAST_HOSTS - 1), answer
+
+
 # ------------------------------------------------------------------ allreduce --------
 # The machinery of tests/kernel/test_allreduce.py: 8 workers (h1..h8) and the aggregator's
 # programs in this process (h0).
