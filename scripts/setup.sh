@@ -117,7 +117,9 @@ pip_install() {
 # (c2) torch, for the gloo baseline and the training workload only (the aggbox[torch]
 # extra). PyPI's torch is a multi-GB CUDA build on most machines, so by default it comes
 # from PyTorch's CPU wheel index, and only when that index answers. AGGBOX_TORCH:
-#   auto (default)  CPU index if reachable, else skip (say so)
+#   auto (default)  CPU index if reachable, else a CPU build the configured index
+#                   resolves the pin to (some machines hold one locally), else skip
+#                   (say so): never the CUDA build unasked
 #   cpu             CPU index, fail if unreachable
 #   pypi            the configured index (PyPI): on machines that hold the CPU build of
 #                   the pinned version locally (this project's CI) that is what pip takes
@@ -126,6 +128,21 @@ TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 torch_pin() {
     sed -n 's/^torch = \["\(torch==[^"]*\)"\]$/\1/p' pyproject.toml
+}
+
+# The version pip would install for the pin from the configured index, without
+# installing it: "2.13.0+cpu" where a CPU build is held, "2.13.0" for PyPI's CUDA build.
+torch_resolves_to() {
+    local report
+    report=$(mktemp)
+    "$VENV/bin/python" -m pip install -q --dry-run --no-deps --ignore-installed \
+        --report "$report" "$1" </dev/null >/dev/null 2>&1 || true
+    "$VENV/bin/python" -c 'import json, sys
+try:
+    print(json.load(open(sys.argv[1]))["install"][0]["metadata"]["version"])
+except Exception:
+    pass' "$report"
+    rm -f "$report"
 }
 
 torch_install() {
@@ -150,6 +167,12 @@ torch_install() {
                 return
             fi
             [[ $mode == cpu ]] && die "torch: PyTorch's CPU index ($TORCH_CPU_INDEX) does not answer"
+            if [[ $(torch_resolves_to "$pin") == *+cpu ]]; then
+                say "torch: installing $pin, a CPU build the configured index holds" \
+                    "(PyTorch's CPU index does not answer)"
+                "$VENV/bin/python" -m pip install -q "$pin" </dev/null
+                return
+            fi
             say "torch: not installed: PyTorch's CPU index ($TORCH_CPU_INDEX) does not answer, and" \
                 "PyPI's torch is a multi-GB CUDA build on most machines. The gloo baseline and the" \
                 "training workload need it: 'AGGBOX_TORCH=pypi make setup' installs $pin from PyPI."
