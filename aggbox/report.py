@@ -1013,6 +1013,10 @@ def _caveats(runs: dict[str, Run], sections: dict[str, Section]) -> list[str]:
     if old:
         out.append("- Recorded before some columns existed: " + ", ".join(old)
                    + " (each section's Missing lines say what is not shown).")
+    for name, run in runs.items():
+        for system, why in (run.meta.get("skipped_systems") or {}).items():
+            out.append(f"- {name}: {system} did not run ({why}); its comparisons are "
+                       "missing, and a headline may lack its strongest baseline.")
     if any(r.meta.get("synthetic") for r in runs.values()):
         out.append("- SYNTHETIC TEST DATA in at least one run: not a measurement.")
     return out + [""]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -63,7 +63,22 @@ class Plan:
 
     @property
     def settings(self) -> Settings:
-        return self.experiment.settings(self.full)
+        """The mode's settings, without the systems this machine cannot run (see
+        :attr:`skipped`)."""
+        settings = self.experiment.settings(self.full)
+        skipped = self.skipped
+        if not skipped:
+            return settings
+        return replace(settings, systems=tuple(s for s in settings.systems if s not in skipped))
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Systems left out because the controller's Python lacks what they need (netns
+        hosts run that Python; docker and ansible hosts bring their own), with why."""
+        if self.backend != "netns":
+            return {}
+        return registry.unavailable(self.experiment.workload,
+                                    list(self.experiment.settings(self.full).systems))
 
     @property
     def exp_dir(self) -> Path:
@@ -143,7 +158,11 @@ def prepare(
         run_id = new_run_id()
         done = set()
     cells = shuffled(expand(experiment, full), experiment.seed)
-    return Plan(experiment, full, backend, run_id, results_dir, cells, done, state, experiment_arg)
+    plan = Plan(experiment, full, backend, run_id, results_dir, cells, done, state, experiment_arg)
+    if plan.skipped and not plan.settings.systems:
+        reasons = sorted(set(plan.skipped.values()))
+        raise ExperimentError(f"{experiment.name}: no system can run here: {'; '.join(reasons)}")
+    return plan
 
 
 def _key_of_cell_file(path: Path) -> str:
@@ -173,7 +192,8 @@ def print_plan(plan: Plan, console=None) -> None:
         f"[bold]{escape(exp.name)}[/]"
         + (f": {escape(exp.description)}" if exp.description else ""),
         f"  mode      {plan.mode}" + ("" if plan.full else " (--full for the full grid)"),
-        f"  workload  {exp.workload}; systems {', '.join(settings.systems)}",
+        f"  workload  {exp.workload}; systems {', '.join(settings.systems)}"
+        + "".join(f"\n  skipped   {k}: {v}" for k, v in plan.skipped.items()),
         f"  grid      {escape(grid)}",
         f"  cells     {len(plan.cells)} = {configurations} configurations"
         f" x {settings.repetitions} repetition(s)"

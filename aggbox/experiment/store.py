@@ -155,6 +155,7 @@ def _finish(plan: Plan, state: dict, draw_figures: bool, console) -> Path:
         "mode": plan.mode,
         "workload": exp.workload,
         "systems": list(settings.systems),
+        "skipped_systems": plan.skipped,
         "metrics": metrics,
         "primary_metric": registry.PRIMARY_METRIC.get(
             exp.workload, metrics[0] if metrics else None

@@ -73,6 +73,27 @@ SYSTEMS: dict[str, list[str]] = {
     "training": ["aggbox", "gloo", "gloo_fp16"],
 }
 
+#: system -> the Python module it cannot run without (optional extras of the package).
+SYSTEM_NEEDS: dict[str, str] = {"gloo": "torch", "gloo_fp16": "torch"}
+#: workload -> the module every one of its systems needs.
+WORKLOAD_NEEDS: dict[str, str] = {"training": "torch"}
+_INSTALL_HINT = {"torch": "install it with 'AGGBOX_TORCH=pypi make setup' (see README.md)"}
+
+
+def unavailable(workload: str, systems: list[str]) -> dict[str, str]:
+    """The systems of ``systems`` this Python cannot run, each with why and what to do:
+    the modules optional extras bring (torch for gloo) are looked up, never imported."""
+    import importlib.util
+
+    out: dict[str, str] = {}
+    for system in systems:
+        module = WORKLOAD_NEEDS.get(workload) or SYSTEM_NEEDS.get(system)
+        if module and importlib.util.find_spec(module) is None:
+            out[system] = (f"{module} is not installed; "
+                           + _INSTALL_HINT.get(module, f"install {module}"))
+    return out
+
+
 _REQUIRED = object()
 _KIND_WORDS = {int: "an integer", float: "a number", str: "a string"}
 
