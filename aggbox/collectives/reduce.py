@@ -79,10 +79,12 @@ from aggbox.sockets import udp_socket
 KEY_WIDTH = KV_KEY_WIDTH
 LINGER_S = 1.0  # a reducer keeps answering DONE retransmissions this long after it returns
 LEARN_INTERVAL_S = 0.001  # a waiting reducer takes in new kernel keys this often
-# The mapper's RTO clamps (aggbox/collectives/rtt.py): a packet's round trip is the
-# reducer's kernel turning it into an ACK (a spill: the reducer's application), so the
-# floor is the broadcast's; the ceiling is the old fixed back-off's.
-MIN_RTO_S, MAX_RTO_S = 0.001, 0.2
+# The mapper's RTO ceiling (aggbox/collectives/rtt.py), the old fixed back-off's. Its
+# floor is ReduceByKey's rto_s (10 ms): a packet's trip is the reducer's kernel turning it
+# into an ACK in softirq, which a loaded machine defers to ksoftirqd for several ms; a 1 ms
+# floor made loss-free jobs resend (kv_duplicate > 0 in tests/kernel/test_mapreduce.py).
+# The measured RTT raises the timeout above it where the path is slower.
+MAX_RTO_S = 0.2
 _lingering: list[threading.Thread] = []
 
 PAIR_DTYPE = np.dtype([("key", f"S{KEY_WIDTH}"), ("value", "<i8")])
@@ -425,8 +427,8 @@ class ReduceByKey:
         self.is_mapper = group.rank in self.mappers
         self.is_reducer = group.rank in self.reducers
         self.combine, self.window, self.mtu = combine, window, mtu
-        self.rto_s, self.timeout = rto_s, timeout  # rto_s: until a round trip is measured
-        self.timer = RetransmitTimer(initial_s=rto_s, min_s=min(rto_s, MIN_RTO_S),
+        self.rto_s, self.timeout = rto_s, timeout  # rto_s: the least timeout (see MAX_RTO_S)
+        self.timer = RetransmitTimer(initial_s=rto_s, min_s=rto_s,
                                      max_s=max(rto_s, MAX_RTO_S))
         self._own_programs = False
         self.programs = programs
