@@ -246,9 +246,11 @@ class _Call:
 class Allreducer:
     """A worker's side of in-kernel allreduce (one per worker process)."""
 
-    # The RTO's clamps: a block's round trip includes waiting for the slowest worker, so
-    # the floor is higher than the broadcast's; the ceiling keeps a lossy path retrying.
-    MIN_RTO_S, MAX_RTO_S = 0.002, 0.2
+    # The RTO's clamps: a block's round trip includes waiting for the slowest worker and
+    # the aggregator's softirq work, which a loaded machine defers to ksoftirqd for
+    # several ms (reduce-by-key's 1 ms floor resent on loss-free runs), so the floor is
+    # 5 ms; the ceiling keeps a lossy path retrying several times a second.
+    MIN_RTO_S, MAX_RTO_S = 0.005, 0.2
 
     def __init__(self, group: Group, block: int = 256, timeout: float = 10.0,
                  rto: float = 0.02, scale: str = "align"):
