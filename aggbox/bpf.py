@@ -27,6 +27,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,19 +353,27 @@ def env_defines() -> dict[str, str]:
     return {k.strip(): (v.strip() or "1") for k, _, v in pairs}
 
 
-def reserve_ports(lo: int, hi: int) -> None:
+def reserve_ports(lo: int, hi: int) -> bool:
     """Add ``lo..hi`` to the calling thread's namespace's reserved ports (kept by the
     kernel out of ephemeral allocation; explicit binds still work). Idempotent; the
-    reservation outlives the programs (a testbed namespace takes it along)."""
-    current = RESERVED_PORTS_SYSCTL.read_text().strip()
+    reservation outlives the programs (a testbed namespace takes it along). Where
+    /proc/sys is read-only (a non-privileged container: the docker testbed reserves from
+    outside) and the ports are not reserved yet, warns and returns False."""
+    try:
+        current = RESERVED_PORTS_SYSCTL.read_text().strip()
+    except OSError:
+        return False  # no such sysctl here: nothing to keep out
     wanted = f"{lo}-{hi}" if hi > lo else str(lo)
     if _covers(current, lo, hi):
-        return
+        return True
     try:
         RESERVED_PORTS_SYSCTL.write_text(",".join(filter(None, [current, wanted])))
     except OSError as exc:
-        raise SetupError(f"cannot reserve UDP ports {wanted} ({RESERVED_PORTS_SYSCTL}: "
-                         f"{exc.strerror}); run as root") from exc
+        warnings.warn(f"cannot reserve UDP ports {wanted} from ephemeral use "
+                      f"({RESERVED_PORTS_SYSCTL}: {exc.strerror}): another program's "
+                      "ephemeral socket may land on an AggBox port", stacklevel=2)
+        return False
+    return True
 
 
 def _covers(ranges: str, lo: int, hi: int) -> bool:
