@@ -1111,10 +1111,11 @@ def matrix(quick: bool = True) -> list[CellSpec]:
                 expect = DUPLICATE[w]
             cells.append(CellSpec(w, name, netem=dict(netem, seed=5), expect=expect))
         for when in ("before", "during", "after"):
+            # 3 s: the survivors' wait for the dead host is the cell's cost
             cells.append(CellSpec(w, f"kill-{VICTIM[w]}-{when}", kill=(VICTIM[w], when),
-                                  params={"iters": 30} if w == "broadcast" else
-                                  {"iters": 40} if w == "allreduce" else
-                                  {"pairs": 60000}))
+                                  params={"iters": 30, "timeout_s": 3.0} if w == "broadcast"
+                                  else {"iters": 40, "timeout_s": 3.0} if w == "allreduce"
+                                  else {"pairs": 60000, "timeout_s": 3.0}))
         if w == "allreduce":
             cells.append(CellSpec(w, "aggregator-killed-restarted", restart="ar-agg",
                                   params={"iters": 40}))

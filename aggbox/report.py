@@ -1067,7 +1067,8 @@ def build_report(results_dir: Path = RESULTS_DIR) -> str:
 
 def latest_chaos(results_dir: Path) -> Path | None:
     """The newest ``results/chaos/<run>/cells.json`` (``aggbox chaos``), if any."""
-    runs = sorted((results_dir / "chaos").glob("*/cells.json"),
+    runs = sorted((p for p in (results_dir / "chaos").glob("*/cells.json")
+                   if not p.parent.is_symlink()),  # not `latest`: a clone has no link
                   key=lambda p: p.parent.name)
     return runs[-1] if runs else None
 
