@@ -423,6 +423,8 @@ def run_mapreduce(testbed: Testbed, params: dict, systems: list[str], iters: int
                             for i, h in enumerate(hosts[n_red:])]
             nodes.wait_ready(mapper_nodes, timeout=120)
             nodes.wait_exit([*reducer_nodes, *mapper_nodes], timeout=budget)
+            # Several nodes may report errors: the first one the runner saw is the cause.
+            nodes.raise_root_cause("mapreduce run failed: ")
             records = [r for n in nodes.nodes for r in n.records]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
