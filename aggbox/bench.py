@@ -183,7 +183,8 @@ def bench_broadcast(args: argparse.Namespace) -> int:
         run = run_broadcast(tb, params, systems, args.iters, args.warmup, args.seed)
     per_system = summarize_broadcast(run.samples, systems)
     result = {"workload": "broadcast", "hosts": args.hosts, "size": args.size,
-              "receivers": args.receivers, "loss": args.loss, "iters": args.iters,
+              "receivers": args.receivers, "loss": args.loss,
+              "burst_loss": args.burst_loss, "iters": args.iters,
               "warmup": args.warmup, "gap_us": [args.gap_us, args.gap_us + args.gap_jitter_us],
               "placement": args.placement, **run.placement,
               "systems": per_system}
@@ -332,7 +333,8 @@ def bench_allreduce(args: argparse.Namespace) -> int:
                       "distribution": args.distribution}
             run = run_allreduce(tb, params, systems, args.iters, args.warmup, args.seed)
             res = {"workload": "allreduce", "workers": args.workers, "floats": floats,
-                   "mtu": args.mtu, "loss": args.loss, "iters": args.iters,
+                   "mtu": args.mtu, "loss": args.loss,
+                   "burst_loss": args.burst_loss, "iters": args.iters,
                    "warmup": args.warmup,
                    "systems": summarize_allreduce(run.samples, systems, floats)}
             res.update(allreduce_ratios(run.samples, res["systems"]))
@@ -477,7 +479,8 @@ def bench_mapreduce(args: argparse.Namespace) -> int:
     per_system = summarize_mapreduce(run.samples, systems)
     result = {"workload": "mapreduce", "mappers": args.mappers, "reducers": args.reducers,
               "words": run.corpus.get("tokens", args.words), "vocab": args.vocab,
-              "skew": args.skew, "loss": args.loss, "duplicate": args.duplicate,
+              "skew": args.skew, "loss": args.loss,
+              "burst_loss": args.burst_loss, "duplicate": args.duplicate,
               "placement": args.placement, "iters": args.iters, "warmup": args.warmup,
               "corpus": run.corpus, "systems": per_system,
               "ratios": mapreduce_ratios(run.samples, per_system)}
