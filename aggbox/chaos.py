@@ -1210,7 +1210,9 @@ def markdown_table(campaign: dict) -> str:
 
 
 def write_results(campaign: dict, out: Path) -> Path:
-    run_dir = out / time.strftime("%Y%m%d-%H%M%S", time.gmtime(campaign["started"]))
+    # "chaos-" first: results/<experiment>/2*/ are experiment runs (samples.parquet) to
+    # every reader of results/; a campaign is not one.
+    run_dir = out / time.strftime("chaos-%Y%m%d-%H%M%S", time.gmtime(campaign["started"]))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "cells.json").write_text(json.dumps(campaign, indent=1))
     (run_dir / "table.md").write_text(markdown_table(campaign))
