@@ -1079,8 +1079,8 @@ def reliability_section(results_dir: Path = RESULTS_DIR) -> list[str]:
     path = latest_chaos(results_dir)
     if path is None:
         return out + ["Not run yet: `sudo .venv/bin/aggbox chaos --quick` (or without "
-                      "`--quick` for larger cells) writes results/chaos/<run>/cells.json and "
-                      "table.md; what a cell and its verdict mean: docs/reliability.md.", ""]
+                      "`--quick` for larger cells) writes results/chaos/chaos-<time>/cells.json "
+                      "and table.md; what a cell and its verdict mean: docs/reliability.md.", ""]
     campaign = json.loads(path.read_text())
     cells = campaign.get("cells", [])
     rel = os.path.relpath(path.parent, results_dir)
