@@ -20,9 +20,11 @@ Reliability, in layers:
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import select
 import socket
+import threading
 import time
 from collections import OrderedDict
 
@@ -43,6 +45,10 @@ from aggbox.protocol import (
 from aggbox.sockets import udp_socket
 
 DEFAULT_PORTS = (47000, 47999)
+# A member that has read its last message keeps its job (and socket) this long after
+# close(): its kernel must ACK the root's resends of a tail whose ACK was lost, or the
+# root's send() would wait for a member that already left (20% loss: ~20 resend rounds).
+LINGER_S = 1.0
 
 
 class BroadcastPrograms:
@@ -71,6 +77,7 @@ class BroadcastPrograms:
         self._slots: dict[int, int] = {}
         self._xdp_mode_wanted = xdp_mode
         self.xdp_mode: str | None = None
+        self.lingering: list[threading.Thread] = []  # closed receivers still ACKing
 
     def enable_root(self) -> None:
         """Attach the ACK fold (XDP), needed only where a root runs: on a member's
@@ -137,6 +144,9 @@ class BroadcastPrograms:
         return self.family.counters()
 
     def close(self) -> None:
+        end = time.monotonic() + LINGER_S + 1.0
+        while self.lingering:  # their jobs go before the programs do
+            self.lingering.pop().join(max(0.0, end - time.monotonic()))
         self.family.close()
 
     def __enter__(self) -> BroadcastPrograms:
@@ -146,6 +156,18 @@ class BroadcastPrograms:
         self.close()
 
 
+
+
+_lingering: list[threading.Thread] = []
+
+
+@atexit.register
+def wait_lingering(timeout: float = LINGER_S + 1.0) -> None:
+    """Wait for closed receivers that still acknowledge (at exit too: a receiver that
+    owns its programs detaches them when its linger ends)."""
+    end = time.monotonic() + timeout
+    while _lingering:
+        _lingering.pop().join(max(0.0, end - time.monotonic()))
 
 
 class _Endpoint:
@@ -437,6 +459,35 @@ class Receiver(_Endpoint):
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def close(self, linger: bool = True) -> None:
+        """Leave the job. With ``linger`` (default) the job stays installed for LINGER_S
+        in a daemon thread, the socket drained, so that the root's resends of packets
+        whose ACK was lost are still acknowledged; closing the programs (or the process
+        ending) waits for it."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        if not linger:
+            super().close()
+            return
+        thread = threading.Thread(target=self._linger, daemon=True)
+        self.programs.lingering.append(thread)
+        _lingering.append(thread)
+        thread.start()
+
+    def _linger(self) -> None:
+        end = time.monotonic() + LINGER_S
+        try:
+            while (left := end - time.monotonic()) > 0:
+                ready, _, _ = select.select([self.sock], [], [], left)
+                if ready:
+                    try:
+                        self.sock.recv(65536, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        pass
+        finally:
+            _Endpoint.close(self)
 
     def recv(self, timeout: float | None = None) -> bytes | None:
         """The next message; blocks up to ``timeout`` (None: forever, 0: poll).
