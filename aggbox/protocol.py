@@ -122,6 +122,7 @@ COUNTERS: tuple[str, ...] = (
     "kv_busy_reclaimed",
     "drop_bad_csum",
     "agg_chain_broken",
+    "data_no_socket",
 )
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import socket
+import threading
+import time
+from collections.abc import Callable
 
 RCVBUF_BYTES = 8 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python lacks the name
@@ -24,3 +28,51 @@ def udp_socket(port: int) -> socket.socket:
     big_receive_buffer(sock)
     sock.bind(("0.0.0.0", port))
     return sock
+
+
+# -- lingering endpoints ------------------------------------------------------------------
+# A closed endpoint may keep its port for a while to answer retransmissions (a reducer's
+# DONE-ACKs, a broadcast member's kernel ACKs). A new endpoint on that port in the same
+# process supersedes it: the linger is cut short and has let go (socket and kernel job)
+# before the new one binds and installs its job, which may have the same id.
+
+_lingering_on: dict[int, tuple[threading.Event, threading.Thread]] = {}
+
+
+def start_linger(port: int, run: Callable[[threading.Event], None]) -> threading.Thread:
+    """Start ``run(stop)`` in a daemon thread that owns ``port`` until it returns; ``stop``
+    is set when a new endpoint wants the port. Returns the thread (to join at exit)."""
+    stop = threading.Event()
+
+    def body() -> None:
+        try:
+            run(stop)
+        finally:
+            if _lingering_on.get(port, (None, None))[0] is stop:
+                del _lingering_on[port]
+
+    thread = threading.Thread(target=body, daemon=True)
+    _lingering_on[port] = (stop, thread)
+    thread.start()
+    return thread
+
+
+def udp_socket_taking_over(port: int, wait_s: float) -> socket.socket:
+    """``udp_socket(port)``, after ending this process's linger on the port; a linger of
+    another process is waited for up to ``wait_s``, then one clear error."""
+    from aggbox.errors import AggBoxError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        old = _lingering_on.get(port)
+        if old is not None:
+            old[0].set()
+            old[1].join(wait_s)
+        try:
+            return udp_socket(port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise AggBoxError(
+                    f"UDP port {port} is in use on this host ({exc.strerror}): another job "
+                    "or program holds it; end it or give this job another port") from None
+            time.sleep(0.02)

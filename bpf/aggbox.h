@@ -150,6 +150,8 @@ enum aggbox_counter {
 	CNT_DROP_BAD_CSUM,     /* an IPv4 header or UDP checksum that does not add up          */
 	CNT_AGG_CHAIN_BROKEN,  /* failed tail calls of a block's chain (dropped; its
 	                        * retransmission completes it)                                */
+	CNT_DATA_NO_SOCKET,    /* broadcast DATA for a member with no socket on the port (its
+	                        * application ended): not acknowledged                        */
 	CNT_MAX,
 };
 

@@ -127,6 +127,21 @@ static __always_inline int fan_out(struct __sk_buff *skb, struct bcast_job *job,
 	return TC_ACT_STOLEN;
 }
 
+/* Member: does a UDP socket in this namespace take the packet (its destination port)? */
+static __always_inline int socket_bound(struct __sk_buff *skb, struct pkt *p)
+{
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = p->ip->saddr;
+	t.ipv4.daddr = p->ip->daddr;
+	t.ipv4.sport = p->udp->source;
+	t.ipv4.dport = p->udp->dest;
+	struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
 /* Member: record seq from sender `rank` in the member's window. Returns the counter
  * describing what happened (accepted, duplicate, out of window). */
 static __always_inline int record_seq(struct rx_window *w, __u32 seq)
@@ -245,6 +260,13 @@ int tc_ingress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 #endif
+	/* The kernel ACKs on the application's behalf only while the application is there:
+	 * a member whose process died (its socket gone) must not tell the root it has data
+	 * nobody will read. The stack then drops the packet (port unreachable). */
+	if (!socket_bound(skb, &p)) {
+		count(CNT_DATA_NO_SOCKET);
+		return TC_ACT_OK;
+	}
 	__u32 key = member_key((void *)job, p.hdr->rank);
 	struct rx_window *w = rx.lookup(&key);
 	if (!w)

@@ -42,7 +42,7 @@ from aggbox.protocol import (
     mac_bytes,
     max_payload,
 )
-from aggbox.sockets import udp_socket
+from aggbox.sockets import start_linger, udp_socket, udp_socket_taking_over
 
 DEFAULT_PORTS = (47000, 47999)
 # A member that has read its last message keeps its job (and socket) this long after
@@ -437,8 +437,10 @@ class Receiver(_Endpoint):
         self.group = group
         self._own_programs = programs is None
         self.programs = programs or BroadcastPrograms(group.ifname)
+        # The port first: a receiver of an ended job lingering on it lets go of it, and of
+        # its kernel job, before this job (perhaps with the same id) is installed.
+        self.sock = udp_socket_taking_over(group.port, LINGER_S + 1.0)
         self.programs.install_job(group)
-        self.sock = udp_socket(group.port)
         self.root = group.members[group.root]
         self.next_seq = 1
         self.pending: dict[int, tuple[Header, bytes]] = {}  # out-of-order packets by seq
@@ -471,16 +473,15 @@ class Receiver(_Endpoint):
         if not linger:
             super().close()
             return
-        thread = threading.Thread(target=self._linger, daemon=True)
+        thread = start_linger(self.group.port, self._linger)
         self.programs.lingering.append(thread)
         _lingering.append(thread)
-        thread.start()
 
-    def _linger(self) -> None:
+    def _linger(self, stop: threading.Event) -> None:
         end = time.monotonic() + LINGER_S
         try:
-            while (left := end - time.monotonic()) > 0:
-                ready, _, _ = select.select([self.sock], [], [], left)
+            while (left := end - time.monotonic()) > 0 and not stop.is_set():
+                ready, _, _ = select.select([self.sock], [], [], min(left, 0.05))
                 if ready:
                     try:
                         self.sock.recv(65536, socket.MSG_DONTWAIT)

@@ -31,9 +31,7 @@ from here as before.
 
 from __future__ import annotations
 
-import errno
 import select
-import socket
 import struct
 import threading
 import time
@@ -76,7 +74,7 @@ from aggbox.protocol import (
     MsgType,
     max_payload,
 )
-from aggbox.sockets import udp_socket
+from aggbox.sockets import start_linger, udp_socket, udp_socket_taking_over  # noqa: F401 (udp_socket: tests use it from here)
 
 KEY_WIDTH = KV_KEY_WIDTH
 LINGER_S = 1.0  # a reducer keeps answering DONE retransmissions this long after it returns
@@ -88,7 +86,6 @@ LEARN_INTERVAL_S = 0.001  # a waiting reducer takes in new kernel keys this ofte
 # The measured RTT raises the timeout above it where the path is slower.
 MAX_RTO_S = 0.2
 _lingering: list[threading.Thread] = []
-_lingering_on: dict[int, ReduceByKey] = {}  # port -> the closed reducer lingering on it
 
 PAIR_DTYPE = np.dtype([("key", f"S{KEY_WIDTH}"), ("value", "<i8")])
 _LONG_HEAD = struct.Struct("<H")
@@ -435,8 +432,7 @@ class ReduceByKey:
                                      max_s=max(rto_s, MAX_RTO_S))
         # The port first: an ended job's reducer lingering on it must let go of it, and of
         # its kernel job, before this job (perhaps with the same id) is installed.
-        self._stop_linger = threading.Event()
-        self.sock = _bind_port(group.port)
+        self.sock = udp_socket_taking_over(group.port, LINGER_S + 1.0)
         self.sock.setblocking(False)
         self._own_programs = False
         self.programs = programs
@@ -740,24 +736,18 @@ class ReduceByKey:
         if self.is_reducer and self.programs is not None:
             self.programs.finish_job(self.group.job_id)
         if linger and self.is_reducer and self.done_from:
-            thread = threading.Thread(target=self._linger, daemon=True)
-            _lingering.append(thread)
-            _lingering_on[self.group.port] = self
-            self._linger_thread = thread
-            thread.start()
+            _lingering.append(start_linger(self.group.port, self._linger))
             return
         self._release()
 
-    def _linger(self) -> None:
+    def _linger(self, stop: threading.Event) -> None:
         end = time.monotonic() + LINGER_S
         try:
-            while (left := end - time.monotonic()) > 0 and not self._stop_linger.is_set():
+            while (left := end - time.monotonic()) > 0 and not stop.is_set():
                 ready, _, _ = select.select([self.sock], [], [], min(left, 0.05))
                 if ready:
                     self._receive(0.0)
         finally:
-            if _lingering_on.get(self.group.port) is self:
-                del _lingering_on[self.group.port]
             self._release()
 
     def _release(self) -> None:
@@ -773,27 +763,6 @@ class ReduceByKey:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _bind_port(port: int) -> socket.socket:
-    """The job's UDP socket. A reducer of an ended job may still hold the port for
-    LINGER_S: in this process its linger is cut short (the new job on the port supersedes
-    it), in another the bind is retried until that linger must have ended."""
-    deadline = time.monotonic() + LINGER_S + 1.0
-    while True:
-        old = _lingering_on.get(port)
-        if old is not None:
-            old._stop_linger.set()
-            old._linger_thread.join(LINGER_S + 1.0)
-        try:
-            return udp_socket(port)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                raise AggBoxError(
-                    f"UDP port {port} is in use on this host ({exc.strerror}): another "
-                    "job or program holds it; end it or give this job another port"
-                ) from None
-            time.sleep(0.02)
 
 
 def wait_lingering(timeout: float = LINGER_S + 1.0) -> None:

@@ -10,6 +10,7 @@ import families
 import pytest
 
 from aggbox import protocol
+from aggbox.sockets import udp_socket
 
 pytestmark = pytest.mark.kernel
 
@@ -152,10 +153,16 @@ def exchange(tb, programs, family: str, job_id: int) -> tuple[list, list, int]:
         group = Group(job_id=job_id, token=token, members=(h1m, Member(1, h0.ip, h0.mac)),
                       rank=1, port=port)
         h0.call(bcast.install_job, group)
+        # A member's kernel ACKs only while its application holds the port.
+        member_sock = h0.call(udp_socket, port)
         sends = [protocol.packet(protocol.Header(type=protocol.MsgType.DATA, seq=1, aux=1,
                                                  flags=int(protocol.Flags.LAST_FRAG), **hdr),
                                  b"x" * 700)]
-        replies, cleanup = 1, lambda: h0.call(bcast.remove_job, job_id)
+        replies = 1
+
+        def cleanup() -> None:
+            member_sock.close()
+            h0.call(bcast.remove_job, job_id)
     elif family.startswith("allreduce"):  # h1 the only worker: its block completes
         results = "multicast" if family.endswith("multicast") else "unicast"
         group = Group(job_id=job_id, token=token, members=(h1m,), rank=0, port=port,
