@@ -623,8 +623,10 @@ int agg_ingress(struct __sk_buff *skb)
 	    (void *)(long)skb->data + PAYLOAD_OFF > (void *)(long)skb->data_end)
 		bpf_skb_pull_data(skb, PAYLOAD_OFF);
 	struct pkt p = {};
+	/* By magic: a datagram to an aggregation port without AggBox's magic is another
+	 * program's (the ports lie where other software may use them) and passes untouched. */
 	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
-				FIND_BY_PORT, skb->pkt_type != PACKET_HOST);
+				FIND_BY_MAGIC, skb->pkt_type != PACKET_HOST);
 	if (found != FIND_OK)
 		return found == FIND_NOT_OURS ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 	if (skb->gso_segs > 1) {

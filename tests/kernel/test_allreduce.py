@@ -414,8 +414,9 @@ FORGED = {
                   "drop_unknown_job", None),
     "outsider-with-wrong-job": ("outsider", lambda g: forged(g, job_id=77).pack()
                                 + FORGED_VALUES, "drop_unknown_job", None),
+    # Not AggBox's: passed through untouched to whatever socket holds the port (issue 11).
     "bad-magic": ("member", lambda g: forged(g, magic=0x12345678).pack() + FORGED_VALUES,
-                  "drop_bad_magic", None),
+                  "passed_not_ours", None),
     "bad-version": ("member", lambda g: forged(g, version=2).pack() + FORGED_VALUES,
                     "drop_bad_version", None),
     "unknown-type": ("member", lambda g: forged(g, type=0xEE).pack() + FORGED_VALUES,
