@@ -1229,11 +1229,21 @@ def write_results(campaign: dict, out: Path) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("chaos", help="the fault campaign: workloads x faults, verdicts")
+    p = subparsers.add_parser(
+        "chaos", help="the fault campaign: workloads x faults, verdicts",
+        description="Run broadcast, allreduce and reduce-by-key under loss, burst loss, "
+        "duplication, reordering, killed and restarted nodes, concurrent and reused jobs, "
+        "a full key map and a fuzzer on the bridge, each cell on a fresh netns testbed "
+        "(needs root). Exit code 0 only when every cell is ok (docs/reliability.md).",
+        epilog="examples:\n  aggbox chaos --quick\n"
+        "  aggbox chaos --quick --only broadcast/loss --json")
     p.add_argument("--quick", action="store_true", help="small cells (what make test runs)")
     p.add_argument("--json", action="store_true", help="print the campaign as one JSON line")
-    p.add_argument("--out", default="results/chaos", help="where cells.json and table.md go")
-    p.add_argument("--only", default="", help="run only cells whose workload/fault contains this")
+    p.add_argument("--out", default="results/chaos",
+                   help="where the run's folder (cells.json, table.md) goes")
+    p.add_argument("--only", default="",
+                   help="run only the cells whose 'workload/fault' contains this text "
+                   "(default: every cell)")
     p.set_defaults(func=cmd_chaos)
 
 
