@@ -12,7 +12,7 @@ RUN_FLAGS   := $(if $(filter 1 yes true,$(FULL)),--full)
 # Steps share .venv and the kernel; running them side by side (make -j) would only race.
 .NOTPARALLEL:
 .PHONY: help setup test test-unit test-kernel lint experiment doctor clean clean-testbeds \
-	docker-up docker-down image bpf-check test-docker test-ansible clean-cloud lock notebook
+	docker-up docker-down image bpf-check test-docker test-ansible test-long clean-cloud lock notebook
 
 help: ## list the targets
 	@echo "AggBox: make <target>"
@@ -35,8 +35,11 @@ test: setup lint test-unit test-kernel ## lint, unit tests and kernel tests (nee
 test-unit: $(AGGBOX) ## unit tests (no root needed)
 	$(PYTHON) -m pytest tests/unit
 
-test-kernel: setup ## kernel tests: real eBPF in network namespaces (needs root)
-	$(PYTHON) -m pytest tests/kernel
+test-kernel: setup ## kernel tests: real eBPF in network namespaces (needs root; not 'long')
+	$(PYTHON) -m pytest -m "not long" tests/kernel
+
+test-long: setup ## the kernel tests too slow for make test (e.g. training in containers)
+	$(PYTHON) -m pytest -m long tests/kernel
 
 # ansible-lint looks for ansible-playbook and the collections on PATH: the venv's first.
 lint: $(AGGBOX) ## ruff, shellcheck, yamllint and ansible-lint (production profile)

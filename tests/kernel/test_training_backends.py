@@ -52,7 +52,10 @@ def assert_trained(run) -> pd.DataFrame:
     return samples
 
 
+# ~4-6 min here (four 2.1 GB container copies on vfs, torch imported in each): run by
+# make test-long and make test-docker, not by make test (its budget is 20 minutes).
 @pytest.mark.docker
+@pytest.mark.long
 def test_a_training_cell_on_docker_containers(image, netns_run, tmp_path):  # noqa: F811
     run, seconds = run_experiment(CELL, tmp_path / "docker", "--testbed", "docker")
     print(f"\n[timing] training cell, 2 ranks + aggregator, docker: {seconds:.1f} s")
