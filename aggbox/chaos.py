@@ -33,7 +33,6 @@ import re
 import secrets
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from aggbox.errors import AggBoxError
+from aggbox.protocol import raw_frame
 
 WORKLOADS = ("broadcast", "allreduce", "reduce-by-key")
 PORT_BASE = {"broadcast": 47100, "allreduce": 48100, "reduce-by-key": 49100}
@@ -753,33 +753,6 @@ def names_host(message: str, host) -> bool:
 
 # ---------------------------------------------------------------------------------------
 # Raw frames from the forger's namespace
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def _mac(text: str) -> bytes:
-    return bytes(int(x, 16) for x in text.split(":"))
-
-
-def raw_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, port: int,
-              data: bytes) -> bytes:
-    """Ethernet / IPv4 / UDP with right checksums."""
-    sip, dip = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
-    ulen = 8 + len(data)
-    pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
-    udp = struct.pack("!HHHH", port, port, ulen, 0) + data
-    udp = udp[:6] + struct.pack("!H", _csum(pseudo + udp) or 0xFFFF) + udp[8:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, socket.IPPROTO_UDP, 0,
-                     sip, dip)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    return _mac(dst_mac) + _mac(src_mac) + b"\x08\x00" + ip + udp
 
 
 def _targets(workload: str, tb) -> list[tuple[Any, int]]:

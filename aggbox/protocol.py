@@ -177,3 +177,38 @@ def mac_bytes(mac: str) -> bytes:
 def max_payload(mtu: int = 1500) -> int:
     """Bytes of payload one AggBox packet carries at this IP MTU."""
     return mtu - IP_UDP_OVERHEAD - HEADER_SIZE
+
+
+# -- whole frames --------------------------------------------------------------------------
+# What a host on the bridge puts on the wire, for the kernel tests and the fault
+# campaign's forger (a raw AF_PACKET socket sends them as they are).
+
+
+def inet_checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def raw_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, port: int,
+              data: bytes, break_ip: bool = False, break_udp: bool = False) -> bytes:
+    """Ethernet / IPv4 / UDP (``port`` both ends) around ``data``, with right checksums
+    unless broken on purpose (one bit flipped)."""
+    sip, dip = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
+    ulen = 8 + len(data)
+    pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
+    udp = struct.pack("!HHHH", port, port, ulen, 0) + data
+    ucs = (inet_checksum(pseudo + udp) or 0xFFFF) ^ (0x0100 if break_udp else 0)
+    udp = udp[:6] + struct.pack("!H", ucs) + udp[8:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                     sip, dip)
+    ip = ip[:10] + struct.pack("!H", inet_checksum(ip) ^ (0x0010 if break_ip else 0)) + ip[12:]
+    return _mac(dst_mac) + _mac(src_mac) + b"\x08\x00" + ip + udp
+
+
+def _mac(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))

@@ -104,3 +104,21 @@ def test_a_short_buffer_is_refused_with_a_clear_error():
 
 def test_max_payload_fits_an_ethernet_mtu():
     assert protocol.max_payload(1500) == 1500 - 20 - 8 - 32
+
+
+def test_raw_frames_carry_right_checksums_unless_broken_on_purpose():
+    import socket as s
+
+    from aggbox.protocol import inet_checksum, raw_frame
+
+    f = raw_frame("02:00:00:00:00:01", "02:00:00:00:00:02", "10.0.0.1", "10.0.0.2", 47000,
+                  b"payload")
+    ip, udp = f[14:34], f[34:]
+    assert f[:6] == bytes.fromhex("020000000002") and f[12:14] == b"\x08\x00"
+    assert inet_checksum(ip) == 0  # a header with its checksum sums to 0xffff
+    pseudo = ip[12:20] + bytes([0, s.IPPROTO_UDP]) + len(udp).to_bytes(2, "big")
+    assert inet_checksum(pseudo + udp) == 0 and udp[8:] == b"payload"
+    broken = raw_frame("02:00:00:00:00:01", "02:00:00:00:00:02", "10.0.0.1", "10.0.0.2",
+                       47000, b"payload", break_ip=True, break_udp=True)
+    assert inet_checksum(broken[14:34]) != 0
+    assert inet_checksum(pseudo + broken[34:]) != 0
