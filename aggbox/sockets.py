@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import threading
 import time
@@ -39,17 +40,25 @@ def udp_socket(port: int) -> socket.socket:
 _lingering_on: dict[int, tuple[threading.Event, threading.Thread]] = {}
 
 
-def start_linger(port: int, run: Callable[[threading.Event], None]) -> threading.Thread:
-    """Start ``run(stop)`` in a daemon thread that owns ``port`` until it returns; ``stop``
-    is set when a new endpoint wants the port. Returns the thread (to join at exit)."""
+def start_linger(port: int, sock: socket.socket, seconds: float,
+                 on_ready: Callable[[], None], release: Callable[[], None]) -> threading.Thread:
+    """For ``seconds`` (or until a new endpoint wants ``port``), call ``on_ready()`` whenever
+    ``sock`` is readable, then ``release()``; in a daemon thread, returned (to join)."""
     stop = threading.Event()
 
     def body() -> None:
+        end = time.monotonic() + seconds
         try:
-            run(stop)
+            while (left := end - time.monotonic()) > 0 and not stop.is_set():
+                ready, _, _ = select.select([sock], [], [], min(left, 0.05))
+                if ready:
+                    on_ready()
         finally:
-            if _lingering_on.get(port, (None, None))[0] is stop:
-                del _lingering_on[port]
+            try:
+                release()
+            finally:
+                if _lingering_on.get(port, (None, None))[0] is stop:
+                    del _lingering_on[port]
 
     thread = threading.Thread(target=body, daemon=True)
     _lingering_on[port] = (stop, thread)

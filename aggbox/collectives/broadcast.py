@@ -21,6 +21,7 @@ Reliability, in layers:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import select
 import socket
@@ -473,22 +474,14 @@ class Receiver(_Endpoint):
         if not linger:
             super().close()
             return
-        thread = start_linger(self.group.port, self._linger)
+        thread = start_linger(self.group.port, self.sock, LINGER_S, self._discard,
+                              lambda: _Endpoint.close(self))
         self.programs.lingering.append(thread)
         _lingering.append(thread)
 
-    def _linger(self, stop: threading.Event) -> None:
-        end = time.monotonic() + LINGER_S
-        try:
-            while (left := end - time.monotonic()) > 0 and not stop.is_set():
-                ready, _, _ = select.select([self.sock], [], [], min(left, 0.05))
-                if ready:
-                    try:
-                        self.sock.recv(65536, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        pass
-        finally:
-            _Endpoint.close(self)
+    def _discard(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.sock.recv(65536, socket.MSG_DONTWAIT)
 
     def recv(self, timeout: float | None = None) -> bytes | None:
         """The next message; blocks up to ``timeout`` (None: forever, 0: poll).

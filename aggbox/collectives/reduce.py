@@ -736,19 +736,10 @@ class ReduceByKey:
         if self.is_reducer and self.programs is not None:
             self.programs.finish_job(self.group.job_id)
         if linger and self.is_reducer and self.done_from:
-            _lingering.append(start_linger(self.group.port, self._linger))
+            _lingering.append(start_linger(self.group.port, self.sock, LINGER_S,
+                                           lambda: self._receive(0.0), self._release))
             return
         self._release()
-
-    def _linger(self, stop: threading.Event) -> None:
-        end = time.monotonic() + LINGER_S
-        try:
-            while (left := end - time.monotonic()) > 0 and not stop.is_set():
-                ready, _, _ = select.select([self.sock], [], [], min(left, 0.05))
-                if ready:
-                    self._receive(0.0)
-        finally:
-            self._release()
 
     def _release(self) -> None:
         self.sock.close()
