@@ -729,8 +729,10 @@ def _agree(store: StoreClient, rank: int, world: int, me: dict, timeout: float,
     _raise_failed(answer)
     if answer["missing"]:
         joined = store.wait(keys, 0.0)
-        who = (f"ranks {_ranks(joined['missing'])} did not join" if joined["missing"]
-               else "rank 0 published no job")
+        # Worded as rank 0's timeout is: whichever rank times out first, every rank
+        # reports the same message (the others relay the first failure).
+        who = (f"ranks {_ranks(joined['missing'])} of {world} did not join"
+               if joined["missing"] else "rank 0 published no job")
         raise AggBoxError(f"rendezvous timeout after {timeout:g} s at {store.where}: {who}")
     return json.loads(answer["values"]["job"])
 
