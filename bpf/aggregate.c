@@ -626,7 +626,7 @@ int agg_ingress(struct __sk_buff *skb)
 	/* By magic: a datagram to an aggregation port without AggBox's magic is another
 	 * program's (the ports lie where other software may use them) and passes untouched. */
 	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
-				FIND_BY_MAGIC, skb->pkt_type != PACKET_HOST);
+				skb->pkt_type != PACKET_HOST);
 	if (found != FIND_OK)
 		return found == FIND_NOT_OURS ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 	if (skb->gso_segs > 1) {

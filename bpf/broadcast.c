@@ -218,7 +218,7 @@ int tc_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
-				FIND_BY_MAGIC, 0);
+				0);
 	if (found != FIND_OK)
 		return found == FIND_NOT_OURS ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 	/* A frame for another host's MAC (flooded by a switch) is none of our business; but a
@@ -310,7 +310,7 @@ int xdp_ingress(struct xdp_md *ctx)
 {
 	struct pkt p = {};
 	int found = find_header((void *)(long)ctx->data, (void *)(long)ctx->data_end, &p,
-				FIND_BY_MAGIC, 0);
+				0);
 	if (found != FIND_OK)
 		return found == FIND_NOT_OURS ? XDP_PASS : XDP_DROP;
 	__u8 type = p.hdr->type;

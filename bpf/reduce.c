@@ -405,7 +405,7 @@ int kv_ingress(struct __sk_buff *skb)
 	/* Frames for another host's MAC are none of our business; broadcast- and
 	 * multicast-MAC frames reach this host's stack, so they are checked (then dropped). */
 	int found = find_header((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
-				FIND_BY_MAGIC, skb->pkt_type == PACKET_OTHERHOST);
+				skb->pkt_type == PACKET_OTHERHOST);
 	if (found != FIND_OK)
 		return found == FIND_NOT_OURS ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 	int reason = 0;

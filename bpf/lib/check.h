@@ -68,22 +68,15 @@ enum find_verdict {
 	FIND_DROP,         /* ours but malformed: counted here, the caller drops it */
 };
 
-enum find_mode {
-	FIND_BY_PORT = 0, /* every datagram to our ports is ours (bad magic: counted, dropped) */
-	FIND_BY_MAGIC,    /* a datagram without AggBox's magic is somebody else's: passed */
-};
-
-/* The one header finder. `ignore`: the caller's own reason to leave the frame alone
+/* The one header finder. A datagram to our ports without AggBox's magic is somebody
+ * else's: counted and passed. `ignore`: the caller's own reason to leave the frame alone
  * (e.g. another host's MAC), decided before anything is counted. */
-static __always_inline int find_header(void *data, void *data_end, struct pkt *p,
-				       enum find_mode mode, int ignore)
+static __always_inline int find_header(void *data, void *data_end, struct pkt *p, int ignore)
 {
 	struct port_config *cfg = get_config();
 	if (!cfg)
 		return FIND_NOT_OURS;
-	int r = mode == FIND_BY_MAGIC
-		? parse_aggbox_magic(data, data_end, p, cfg->port_lo, cfg->port_hi)
-		: parse_aggbox(data, data_end, p, cfg->port_lo, cfg->port_hi);
+	int r = parse_aggbox_magic(data, data_end, p, cfg->port_lo, cfg->port_hi);
 	if (r == PARSE_NOT_OURS || ignore)
 		return FIND_NOT_OURS;
 	if (r == PARSE_FOREIGN) {
