@@ -459,6 +459,7 @@ class Receiver(_Endpoint):
         # pay a map lookup per call.
         self._tail_due = 0.0
         self.stats = {"duplicates": 0, "nacks": 0, "tail_nacks": 0}
+        self._closed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -468,7 +469,7 @@ class Receiver(_Endpoint):
         in a daemon thread, the socket drained, so that the root's resends of packets
         whose ACK was lost are still acknowledged; closing the programs (or the process
         ending) waits for it."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         self._closed = True
         if not linger:

@@ -31,6 +31,8 @@ import select
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from node_client import NodeClient
@@ -210,6 +212,24 @@ class NodeProcess(NodeClient):
     def __init__(self, host, stderr_dir: Path):
         super().__init__(host, __file__, ["--ifname", host.ifname],
                          stderr_dir / f"{host.name}.stderr")
+
+
+@contextmanager
+def running_nodes(hosts, stderr_dir: Path) -> Iterator[dict[int, NodeProcess]]:
+    """A ready node on each of ``hosts`` (by host index); every one quits on exit."""
+    nodes: dict[int, NodeProcess] = {}
+    try:
+        for h in hosts:
+            nodes[h.index] = NodeProcess(h, stderr_dir)
+        for node in nodes.values():
+            assert node.reply(wait=240)["event"] == "ready"
+        yield nodes
+    finally:
+        for node in nodes.values():
+            if node.proc.poll() is None:
+                node.post("quit")
+        for node in nodes.values():
+            node.quit()
 
 
 

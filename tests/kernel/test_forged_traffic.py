@@ -12,7 +12,7 @@ import time
 
 import families
 import pytest
-from broadcast_node import NodeProcess, digest, payload
+from broadcast_node import NodeProcess, digest, payload, running_nodes
 from raw_frames import frame, send_frame
 
 from aggbox.collectives.group import Group, Member
@@ -27,20 +27,9 @@ WINDOW = 32  # the Broadcaster's default window: what one NACK may cost at most
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    with NetnsTestbed(4) as tb:
-        nodes: dict[int, NodeProcess] = {}
-        try:
-            for h in tb.hosts[:3]:
-                nodes[h.index] = NodeProcess(h, tmp_path_factory.mktemp("nodes"))
-            for node in nodes.values():
-                assert node.reply(wait=240)["event"] == "ready"
-            yield tb, nodes
-        finally:
-            for node in nodes.values():
-                if node.proc.poll() is None:
-                    node.post("quit")
-            for node in nodes.values():
-                node.quit()
+    with NetnsTestbed(4) as tb, \
+            running_nodes(tb.hosts[:3], tmp_path_factory.mktemp("nodes")) as nodes:
+        yield tb, nodes
 
 
 class Job:

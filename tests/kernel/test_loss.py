@@ -14,7 +14,7 @@ import random
 import time
 
 import pytest
-from broadcast_node import NodeProcess, digest, payload
+from broadcast_node import digest, payload, running_nodes
 from node_client import NodeError
 
 from aggbox.collectives.group import Group, Member
@@ -33,21 +33,9 @@ IMPAIRMENTS = {"random20": RANDOM_20, "burst": BURST}
 
 @pytest.fixture(scope="module")
 def bcast(tmp_path_factory):
-    with NetnsTestbed(BCAST_HOSTS) as tb:
-        nodes: dict[int, NodeProcess] = {}
-        try:
-            workdir = tmp_path_factory.mktemp("bcast")
-            for h in tb.hosts:
-                nodes[h.index] = NodeProcess(h, workdir)
-            for node in nodes.values():
-                assert node.reply(wait=240)["event"] == "ready"
-            yield tb, nodes
-        finally:
-            for node in nodes.values():
-                if node.proc.poll() is None:
-                    node.post("quit")
-            for node in nodes.values():
-                node.quit()
+    with NetnsTestbed(BCAST_HOSTS) as tb, \
+            running_nodes(tb.hosts, tmp_path_factory.mktemp("bcast")) as nodes:
+        yield tb, nodes
 
 
 def _group(tb: NetnsTestbed, job_id: int, port: int, rank: int = 0) -> dict:
