@@ -29,6 +29,7 @@ import ctypes
 import ipaddress
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -137,6 +138,7 @@ class AggregatorPrograms:
             self.family.close()
             raise
         self._index: dict[int, int] = {}
+        self._lock = threading.Lock()  # jobs installed from several threads claim apart
 
     def install_job(self, group: Group) -> int:
         """Install ``group`` (workers = members; the aggregator = group.aggregator) with
@@ -145,12 +147,14 @@ class AggregatorPrograms:
             raise AggBoxError("the group names no aggregator host")
         if not 1 <= group.size <= min(MAX_MEMBERS, 64):
             raise AggBoxError(f"an aggregation group has 1..64 workers, got {group.size}")
-        index = self._index.get(group.job_id)
-        if index is None:
-            free = sorted(set(range(MAX_JOBS)) - set(self._index.values()))
-            if not free:
-                raise AggBoxError(f"at most {MAX_JOBS} concurrent aggregation jobs")
-            index = free[0]
+        with self._lock:  # chosen and claimed at once
+            index = self._index.get(group.job_id)
+            if index is None:
+                free = sorted(set(range(MAX_JOBS)) - set(self._index.values()))
+                if not free:
+                    raise AggBoxError(f"at most {MAX_JOBS} concurrent aggregation jobs")
+                index = free[0]
+                self._index[group.job_id] = index
         self._reset_slots(index)
         workers = self.family["members"]
         for m in group.members:
@@ -169,7 +173,6 @@ class AggregatorPrograms:
             job.result_ip = ip_to_u32(grp)
             ctypes.memmove(job.result_mac, multicast_mac(grp), 6)
         jobs[jobs.Key(group.job_id)] = job
-        self._index[group.job_id] = index
         return index
 
     def _reset_slots(self, index: int) -> None:
@@ -192,7 +195,8 @@ class AggregatorPrograms:
         chunks.items_update_batch(ckeys, (chunks.Leaf * per_job)())
 
     def remove_job(self, job_id: int) -> None:
-        index = self._index.pop(job_id, None)
+        with self._lock:
+            index = self._index.pop(job_id, None)
         self.family.discard("jobs", job_id)
         if index is not None:
             self._reset_slots(index)

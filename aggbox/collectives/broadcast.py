@@ -76,6 +76,9 @@ class BroadcastPrograms:
             self.family.close()
             raise
         self._slots: dict[int, int] = {}
+        # Receivers and Broadcasters of several jobs install from their own threads: a
+        # slot is chosen and claimed under one lock, or two jobs share one fold.
+        self._lock = threading.Lock()
         self._xdp_mode_wanted = xdp_mode
         self.xdp_mode: str | None = None
         self.lingering: list[threading.Thread] = []  # closed receivers still ACKing
@@ -91,27 +94,30 @@ class BroadcastPrograms:
         """Install (or re-install) ``group``'s job; its fold and window state start at zero."""
         if group.size > MAX_MEMBERS:
             raise AggBoxError(f"a group has at most {MAX_MEMBERS} members, got {group.size}")
-        slot = self._slots.get(group.job_id)
-        if slot is None:
-            free = set(range(MAX_JOBS)) - set(self._slots.values())
-            if not free:
-                raise AggBoxError(f"at most {MAX_JOBS} broadcast jobs per host")
-            slot = min(free)
-        self._reset_slot(slot)
-        self._write_members(slot, group.members)
-        jobs = self.family["jobs"]
-        job = jobs.Leaf()
-        job.token, job.slot, job.n_members, job.my_rank = group.token, slot, group.size, group.rank
-        job.group_ip = ip_to_u32(group.group_ip) if group.group_ip else 0
-        jobs[jobs.Key(group.job_id)] = job
-        self._slots[group.job_id] = slot
-        return slot
+        with self._lock:
+            slot = self._slots.get(group.job_id)
+            if slot is None:
+                free = set(range(MAX_JOBS)) - set(self._slots.values())
+                if not free:
+                    raise AggBoxError(f"at most {MAX_JOBS} broadcast jobs per host")
+                slot = min(free)
+            self._reset_slot(slot)
+            self._write_members(slot, group.members)
+            jobs = self.family["jobs"]
+            job = jobs.Leaf()
+            job.token, job.slot = group.token, slot
+            job.n_members, job.my_rank = group.size, group.rank
+            job.group_ip = ip_to_u32(group.group_ip) if group.group_ip else 0
+            jobs[jobs.Key(group.job_id)] = job
+            self._slots[group.job_id] = slot
+            return slot
 
     def remove_job(self, job_id: int) -> None:
-        slot = self._slots.pop(job_id, None)
-        self.family.discard("jobs", job_id)
-        if slot is not None:
-            self._reset_slot(slot)
+        with self._lock:
+            slot = self._slots.pop(job_id, None)
+            self.family.discard("jobs", job_id)
+            if slot is not None:
+                self._reset_slot(slot)
 
     def _write_members(self, slot: int, members: tuple[Member, ...]) -> None:
         table = self.family["members"]

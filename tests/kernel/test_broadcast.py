@@ -424,6 +424,49 @@ def test_two_jobs_on_the_same_hosts_do_not_interfere(cluster):
         assert folds[name]["acked"][1:len(hosts)] == [seq] * (len(hosts) - 1)
 
 
+
+def test_jobs_installed_from_several_threads_get_a_slot_each():
+    """Receivers and Broadcasters of concurrent jobs install from their own threads. A
+    slot chosen before another thread claimed it gave two jobs one ACK fold: the second
+    install zeroed the first job's sent_max, every ACK was then 'beyond sent', and the
+    root timed out (the chaos cell broadcast/4-concurrent-jobs, 1 run in 4). Each reset
+    is slowed here so the window between choosing and claiming is wide every time."""
+    import threading
+
+    from aggbox.collectives import allreduce, broadcast
+
+    def install_four(make, reset_name: str, host: NetnsHost) -> list[int]:
+        programs = make(host.ifname)
+        reset = getattr(programs, reset_name)
+
+        def slow_reset(*args):
+            time.sleep(0.05)
+            return reset(*args)
+
+        setattr(programs, reset_name, slow_reset)
+        me = Member(0, host.ip, host.mac)
+        groups = [Group(job_id=9100 + j, token=j + 1, port=47050 + j, rank=0, aggregator=me,
+                        members=(me, Member(1, "10.0.0.9", "02:00:00:00:00:09")))
+                  for j in range(4)]
+        slots: list[int] = []
+        threads = [threading.Thread(target=lambda g=g: slots.append(programs.install_job(g)))
+                   for g in groups]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            programs.close()
+        return slots
+
+    with NetnsTestbed(1) as tb:
+        host = tb.hosts[0]
+        got_bc = host.call(install_four, broadcast.BroadcastPrograms, "_reset_slot", host)
+        got_ar = host.call(install_four, allreduce.AggregatorPrograms, "_reset_slots", host)
+    assert sorted(got_bc) == [0, 1, 2, 3]
+    assert sorted(got_ar) == [0, 1, 2, 3]
+
 # ------------------------------------------------------------ 4. checksums, offload off
 
 
