@@ -36,7 +36,7 @@ test-unit: $(AGGBOX) ## unit tests (no root needed)
 	$(PYTHON) -m pytest tests/unit
 
 test-kernel: setup ## kernel tests: real eBPF in network namespaces (needs root; not 'long')
-	$(PYTHON) -m pytest -m "not long" tests/kernel
+	$(PYTHON) -m pytest -m "not long" --durations=20 tests/kernel
 
 test-long: setup ## the kernel tests too slow for make test (e.g. training in containers)
 	$(PYTHON) -m pytest -m long tests/kernel

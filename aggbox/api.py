@@ -393,6 +393,7 @@ class Context:
     _reduce_calls: int = field(default=0, repr=False)
     _neighbour: str | None = field(default=None, repr=False)
     _closed: bool = field(default=False, repr=False)
+    auth_key: str = field(default="", repr=False)  # allreduce's key (hex), "" for none
 
     # -- who is who
 
@@ -517,8 +518,10 @@ class Context:
             agg = self.members[self.aggregator_rank]
             group = make_group(self.job_id, int(self._job["token"]), workers,
                                Member(0, agg.ip, agg.mac), rank=self.workers.index(self.rank),
-                               port=self._port("allreduce"), ifname=self.ifname)
-            self._allreducer = Allreducer(group, block=max_block(self.mtu),
+                               port=self._port("allreduce"), ifname=self.ifname,
+                               auth_key=self.auth_key)
+            self._allreducer = Allreducer(group,
+                                          block=max_block(self.mtu, bool(self.auth_key)),
                                           timeout=self.timeout)
         return self._allreducer
 
@@ -644,7 +647,8 @@ def _raise_failed(answer: dict) -> None:
 def init(rank: int | None = None, world: int | None = None, rendezvous: str = "env://",
          aggregator_rank: int = 0, iface: str | None = None,
          operations: Sequence[str] = OPERATIONS, broadcast_ip: str | None = None,
-         timeout: float = 30.0, setup_timeout: float = 120.0) -> Context:
+         timeout: float = 30.0, setup_timeout: float = 120.0,
+         auth_key: bytes | str | None = None) -> Context:
     """Join the AggBox job of ``world`` ranks that meet at ``rendezvous`` and install
     this host's programs; returns the :class:`Context` (close it, or use ``with``).
 
@@ -656,9 +660,15 @@ def init(rank: int | None = None, world: int | None = None, rendezvous: str = "e
     is a program to compile). ``broadcast_ip``: the broadcast group address (default:
     from the top of the subnet; it must be unused). ``timeout``: a collective that makes
     no progress that long fails; ``setup_timeout``: the rendezvous and the installs.
-    Every rank passes the same ``world``, ``aggregator_rank`` and ``operations``.
+    ``auth_key``: 16 bytes (or 32 hex digits; default: the environment's
+    AGGBOX_AUTH_KEY) that make allreduce an authenticated job: the aggregator's kernel
+    takes only blocks tagged under the key (aggbox/auth.py), so a host that sniffed the
+    token still cannot join in. Give every rank the same key out of band: it never
+    travels, not even through the rendezvous (which compares a check value only).
+    Every rank passes the same ``world``, ``aggregator_rank``, ``operations`` and key.
     """
     host, port, rank, world = parse_rendezvous(rendezvous, rank, world)
+    key_hex = _auth_key_hex(auth_key)
     operations = tuple(operations)
     unknown = sorted(set(operations) - set(OPERATIONS))
     if unknown:
@@ -680,9 +690,10 @@ def init(rank: int | None = None, world: int | None = None, rendezvous: str = "e
         raise
     me = {"ip": ip, "mac": mac, "mtu": interface_mtu(iface), "prefixlen": prefixlen,
           "world": world, "aggregator_rank": aggregator_rank,
-          "operations": list(operations)}
+          "operations": list(operations), "auth": _key_check_value(key_hex)}
     ctx = Context(rank, world, aggregator_rank, (), iface, 0, operations, timeout, {},
                   store, server)
+    ctx.auth_key = key_hex
     try:
         if not store.set(f"member/{rank}", json.dumps(me), exclusive=True):
             raise AggBoxError(f"rank {rank} joined twice: another process uses --rank "
@@ -739,6 +750,9 @@ def _agree(store: StoreClient, rank: int, world: int, me: dict, timeout: float,
 
 def _check_members(members: list[dict], me: dict) -> None:
     for r, m in enumerate(members):
+        if m.get("auth") != me["auth"]:
+            raise AggBoxError(f"rank {r} and rank 0 were given different auth keys (or only "
+                              "one of them a key): give every rank the same AGGBOX_AUTH_KEY")
         for what in ("world", "aggregator_rank", "operations"):
             if m[what] != me[what]:
                 raise AggBoxError(f"rank {r} passed {what}={m[what]}, rank 0 "
@@ -749,6 +763,34 @@ def _check_members(members: list[dict], me: dict) -> None:
             raise AggBoxError(f"ranks {seen[m['ip']]} and {r} are both on {m['ip']}: "
                               "AggBox needs one rank per host (network namespace)")
         seen[m["ip"]] = r
+
+
+def _auth_key_hex(key: bytes | str | None) -> str:
+    """The job's auth key as 32 hex digits ("" for none), from the argument or the
+    environment; a malformed key is refused before anything is set up."""
+    from aggbox.auth import KEY_SIZE
+
+    if key is None:
+        key = os.environ.get("AGGBOX_AUTH_KEY", "")
+    if isinstance(key, str):
+        try:
+            key = bytes.fromhex(key)
+        except ValueError:
+            raise AggBoxError("auth_key (AGGBOX_AUTH_KEY) must be hex digits, e.g. from "
+                              "`python -c 'import secrets; print(secrets.token_hex(16))'`"
+                              ) from None
+    if key and len(key) != KEY_SIZE:
+        raise AggBoxError(f"auth_key must be {KEY_SIZE} bytes ({2 * KEY_SIZE} hex digits), "
+                          f"got {len(key)}")
+    return key.hex()
+
+
+def _key_check_value(key_hex: str) -> str:
+    """What ranks compare to agree on the key without sending it: its tag of a header of
+    zeros (a PRF value: it says nothing of the key)."""
+    from aggbox.auth import tag
+
+    return f"{tag(bytes.fromhex(key_hex), bytes(32)):016x}" if key_hex else ""
 
 
 def _check_group_ip(group_ip: str, members: list[dict]) -> None:
@@ -784,4 +826,5 @@ def _install(ctx: Context) -> None:
                    for i, r in enumerate(ctx.workers)]
         programs.install_job(make_group(ctx.job_id, int(ctx._job["token"]), workers,
                                         ctx.members[ctx.rank], rank=0,
-                                        port=ctx._port("allreduce"), ifname=ctx.ifname))
+                                        port=ctx._port("allreduce"), ifname=ctx.ifname,
+                                        auth_key=ctx.auth_key))

@@ -242,7 +242,7 @@ def summarize_allreduce(samples: list[dict], systems: list[str], floats: int) ->
                  "max_abs_err": max((r["max_abs_err"] for r in rows), default=None),
                  "ranks_checked": min((r.get("ranks_checked", 1) for r in rows), default=0),
                  "n": t["n"]}
-        if system == "aggbox":
+        if system.startswith("aggbox"):  # AggBox's own variants carry their bound
             entry["err_bound"] = max((r["err_bound"] for r in rows), default=None)
             entry["within_bound"] = all(r["within_bound"] for r in rows)
         for key in ALLREDUCE_CPU:
@@ -277,7 +277,8 @@ def allreduce_ratios(samples: list[dict], per_system: dict[str, dict]) -> dict:
         if a is not None and b:
             ratios[f"aggbox/{base} cpu_us_per_op"] = {"ratio": round(a / b, 4), "ci95": None}
     out: dict = {"ratios": ratios}
-    timed = [b for b, s in per_system.items() if b != "aggbox" and s["p50_ms"] is not None]
+    timed = [b for b, s in per_system.items()
+             if not b.startswith("aggbox") and s["p50_ms"] is not None]
     if timed:
         strongest = min(timed, key=lambda b: per_system[b]["p50_ms"])
         out["strongest_baseline"] = strongest

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aggbox.auth import new_key
 from aggbox.errors import AggBoxError
 from aggbox.protocol import raw_frame
 
@@ -421,9 +422,12 @@ class Cell:
                 agg = hosts[0]
                 members = tuple(Member(rank=i, ip=h.ip, mac=h.mac)
                                 for i, h in enumerate(hosts[1:]))
+                # Fuzzed jobs are authenticated (aggbox/auth.py): an insider that sniffed
+                # the token and sends as a member is refused only by the header's tag.
                 g = Group(job_id=ids[j], token=token, members=members, rank=0, port=port,
                           aggregator=Member(rank=0, ip=agg.ip, mac=agg.mac),
-                          options={"results": "multicast"})
+                          options={"results": "multicast"},
+                          auth_key=new_key().hex() if s.fuzz else "")
             else:
                 members = tuple(Member(rank=i, ip=h.ip, mac=h.mac) for i, h in enumerate(hosts))
                 g = Group(job_id=ids[j], token=token, members=members, rank=0, port=port,
@@ -1080,7 +1084,8 @@ FUZZ_EXPECT = {
     "random-bytes": ("passed_not_ours", "drop_truncated", "drop_bad_magic"),
     "fields-out-of-range": ("drop_bad_version", "drop_bad_type", "drop_non_member",
                             "data_out_of_window", "kv_out_of_window", "agg_bad_scale",
-                            "agg_stale_round", "ack_beyond_sent", "agg_shape_mismatch"),
+                            "agg_stale_round", "ack_beyond_sent", "agg_shape_mismatch",
+                            "drop_bad_mac"),
     # from a member's own host (the forger's frames stop at the membership check)
     "count-beyond-payload": ("drop_truncated", "agg_shape_mismatch"),
     "wrong-token": ("drop_bad_token", "drop_non_member"),

@@ -80,6 +80,7 @@ SYSTEM_STYLE = {
     "mcast": {"label": "IP multicast", "color": "#27ae60", "marker": "h"},
     "gloo": {"label": "Gloo", "color": "#2980b9", "marker": "D"},
     "aggbox_nocombiner": {"label": "AggBox, no combiner", "color": "#e67e22", "marker": "p"},
+    "aggbox_auth": {"label": "AggBox, authenticated", "color": "#f1948a", "marker": "X"},
     "tcp_combiner": {"label": "TCP + combiner", "color": "#16a085", "marker": "P"},
     "tcp_ps": {"label": "TCP param. server", "color": "#2c3e50", "marker": "s"},
     "gloo_fp16": {"label": "Gloo fp16 compression", "color": "#16a085", "marker": "P"},

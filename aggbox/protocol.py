@@ -51,6 +51,7 @@ class Flags(IntFlag):
     OP_MAX = 0x0100  # AGG: element-wise max instead of sum (scale agreement)
     STATUS = 0x0200  # AGG_RESULT: a status, the bitmap of the workers whose block is in
     ALIGN = 0x0400  # AGG: each worker's own exponent; the kernel aligns them
+    AUTH = 0x0800  # an authenticated job: SipHash-2-4 tag of the header after the payload
 
 
 # (name, struct code, offset, size) in wire order; little-endian, no padding.
@@ -123,6 +124,7 @@ COUNTERS: tuple[str, ...] = (
     "drop_bad_csum",
     "agg_chain_broken",
     "data_no_socket",
+    "drop_bad_mac",
 )
 
 

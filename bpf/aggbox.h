@@ -43,6 +43,9 @@ enum aggbox_type {
 #define AGGBOX_F_ALIGN      0x0400 /* AGG: values quantized with each worker's own exponent
                                     * (hdr.scale_exp): the kernel aligns them to the
                                     * largest before it sums                             */
+#define AGGBOX_F_AUTH       0x0800 /* an authenticated job's packet: the 8 bytes after the
+                                    * payload are SipHash-2-4 of this header under the
+                                    * job's key (lib/siphash.h; aggbox/auth.py)           */
 
 /* The fixed header after UDP. 32 bytes, no implicit padding. */
 struct aggbox_hdr {
@@ -55,7 +58,9 @@ struct aggbox_hdr {
 	__u32 seq;       /* 16: broadcast: per-(job, sender) packet sequence, starting at 1;
 	                  *     aggregation: block number                                      */
 	__u16 round;     /* 20: broadcast: fragment index inside its message;
-	                  *     aggregation: the slot's round                                  */
+	                  *     aggregation: 0 from a worker; in the aggregator's replies, the
+	                  *     job's installation epoch (it changes when the aggregator
+	                  *     restarts and its partial sums are lost)                      */
 	__u16 rank;      /* 22: the rank of the member that sent this packet                   */
 	__u16 count;     /* 24: payload length: bytes (broadcast) or int32 values (aggregation)*/
 	__s16 scale_exp; /* 26: aggregation: the block's agreed power-of-two exponent           */
@@ -152,6 +157,7 @@ enum aggbox_counter {
 	                        * retransmission completes it)                                */
 	CNT_DATA_NO_SOCKET,    /* broadcast DATA for a member with no socket on the port (its
 	                        * application ended): not acknowledged                        */
+	CNT_DROP_BAD_MAC,      /* an authenticated job's packet without its header's tag     */
 	CNT_MAX,
 };
 

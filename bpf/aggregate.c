@@ -5,10 +5,11 @@
  *
  * The packet's path, on the aggregator's TC ingress:
  *
- *   agg_ingress  parse, check (magic, version, job, token, member, both lengths, scale
- *                exponent), find the block's pool slot (seq mod pool) and copy
- *                (round parity); under the copy's lock: a block already counted in is answered
- *                by agg_reply, never added twice; nothing is claimed here
+ *   agg_ingress  parse, check (magic, version, job, token, member, both lengths, an
+ *                authenticated job's tag, scale exponent), find the block's pool slot
+ *                (seq mod pool) and copy (round parity); under the copy's lock: a block
+ *                already counted in is answered by agg_reply, never added twice; nothing
+ *                is claimed here
  *   agg_add      x N   one chunk (AGG_CHUNK values) per program under the CHUNK's lock,
  *                then tail-calls itself for the next: a chain of ceil(count / AGG_CHUNK)
  *                programs, progress in a per-CPU map. A chunk records the workers whose
@@ -66,6 +67,7 @@
 #include "lib/maps.h"
 #include "lib/check.h"
 #include "lib/reply.h"
+#include "lib/siphash.h"
 
 _Static_assert((AGG_MAX_VALUES & (AGG_MAX_VALUES - 1)) == 0, "AGG_MAX_VALUES: power of 2");
 _Static_assert(AGG_MAX_VALUES / AGG_CHUNK <= 30, "the chain would exceed the tail-call limit");
@@ -102,6 +104,10 @@ struct agg_job {
 	__u32 result_ip; /* MULTICAST: the job's group (network order) */
 	__u8 result_mac[6];
 	__u16 pad;
+	__u32 auth;      /* 1: an authenticated job: every packet tagged under `key` */
+	__u16 epoch;     /* this installation of the job (nonzero), in every reply's round */
+	__u16 pad2;
+	struct sip_key key;
 };
 BPF_HASH(jobs, __u32, struct agg_job, JOB_SLOTS);
 
@@ -116,6 +122,7 @@ struct agg_copy {
 	__u32 count;  /* values in the block (set by the round's first accepted block) */
 	__u32 flags;  /* that block's AGGBOX_F_OP_MAX / AGGBOX_F_ALIGN */
 	__u32 shaped; /* count and flags are set */
+	__u32 fresh;  /* installed and not used since: may adopt a later round (below) */
 };
 /* key: (job slot * AGG_POOL + pool slot) * 2 + copy */
 BPF_ARRAY(slots, struct agg_copy, JOB_SLOTS * AGG_POOL * 2);
@@ -163,8 +170,9 @@ BPF_PERCPU_ARRAY(chunk_buf, struct agg_chunk, 1);
 
 /* ---------------------------------------------------------------- parse and check --- */
 
-/* The sender's checks (lib/check.h), then the block's: both lengths and the exponent.
- * Returns the job, or NULL with *reason set. */
+/* The sender's checks (lib/check.h), then the block's: the tag flag, both lengths, the
+ * tag of an authenticated job (lib/siphash.h) and the exponent. Returns the job, or NULL
+ * with *reason set. */
 static __always_inline struct agg_job *check_block(struct __sk_buff *skb, struct pkt *p,
 						   int *reason)
 {
@@ -173,9 +181,19 @@ static __always_inline struct agg_job *check_block(struct __sk_buff *skb, struct
 						   SELF_MAY_SEND, reason);
 	if (!job)
 		return NULL;
+	if (!auth_flag_matches(job->auth, p->hdr)) {
+		*reason = CNT_DROP_BAD_MAC;
+		return NULL;
+	}
 	__u32 count = p->hdr->count;
-	if (count == 0 || count > AGG_MAX_VALUES || !payload_fits(skb->len, p, count * 4)) {
+	__u32 tag_len = job->auth ? AUTH_TAG_LEN : 0;
+	if (count == 0 || count > AGG_MAX_VALUES ||
+	    !payload_fits(skb->len, p, count * 4 + tag_len)) {
 		*reason = CNT_DROP_TRUNCATED;
+		return NULL;
+	}
+	if (!authentic(skb, job->auth, &job->key, p->hdr, PAYLOAD_OFF + count * 4)) {
+		*reason = CNT_DROP_BAD_MAC;
 		return NULL;
 	}
 	if ((p->hdr->flags & AGGBOX_F_ALIGN) &&
@@ -200,6 +218,11 @@ static __always_inline int copy_verdict(struct agg_copy *cp, struct agg_progress
 {
 	int verdict = COPY_ADD;
 	bpf_spin_lock(&cp->lock);
+	/* A job installed while its workers are mid-sequence (the aggregator restarted):
+	 * a copy nobody used yet takes the first round sent to it, if later than its own
+	 * and of its parity; chunks start blank at any newer round. */
+	if (cp->fresh && (__s32)(round - cp->round) > 0 && !((round ^ cp->round) & 1))
+		cp->round = round;
 	if (cp->round != round) {
 		verdict = COPY_STALE_ROUND;
 	} else if (cp->done & bit) {
@@ -212,6 +235,7 @@ static __always_inline int copy_verdict(struct agg_copy *cp, struct agg_progress
 		cp->count = n;
 		cp->flags = flags;
 		cp->shaped = 1;
+		cp->fresh = 0;
 	}
 	bpf_spin_unlock(&cp->lock);
 	return verdict;
@@ -380,30 +404,53 @@ static __always_inline void set_scale(struct __sk_buff *skb, __u32 key)
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, scale_exp), &e, 2, 0);
 }
 
-static __always_inline void set_type(struct __sk_buff *skb, __u8 type, __u16 flags, __u32 aux)
+static __always_inline __u16 auth_flag(struct agg_job *job)
 {
+	return job->auth ? AGGBOX_F_AUTH : 0;
+}
+
+/* The reply's type, flags and aux; its round field says which installation of the job
+ * answers (a worker that sees it change mid-call knows the aggregator restarted and
+ * lost its partial sums), and an authenticated job's flag is set. */
+static __always_inline void set_type(struct __sk_buff *skb, struct agg_job *job, __u8 type,
+				     __u16 flags, __u32 aux)
+{
+	flags |= auth_flag(job);
+	__u16 epoch = job->epoch;
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, type), &type, 1, 0);
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, flags), &flags, 2, 0);
+	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, round), &epoch, 2, 0);
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, aux), &aux, 4, 0);
 	/* The UDP checksum is set once the addresses are final (udp_csum_rewritten). */
 }
 
-/* The packet becomes the finished result of copy `key`: values, type, exponent. */
-static __always_inline int make_result(struct __sk_buff *skb, struct agg_progress *pr)
+/* An authenticated job's reply carries the kernel's tag of its final header where the
+ * worker's tag was (the 8 bytes after the payload). */
+static __always_inline int tag_reply(struct __sk_buff *skb, struct agg_job *job,
+				     __u32 payload_len)
+{
+	return job->auth ? write_tag(skb, &job->key, PAYLOAD_OFF + payload_len) : 0;
+}
+
+/* The packet becomes the finished result of copy `key`: values, type, exponent (and,
+ * for an authenticated job, its tag). */
+static __always_inline int make_result(struct __sk_buff *skb, struct agg_job *job,
+				       struct agg_progress *pr)
 {
 	if (write_result(skb, pr->key, pr->count) != 0)
 		return -1;
-	set_type(skb, AGGBOX_AGG_RESULT, pr->flags, 0);
+	set_type(skb, job, AGGBOX_AGG_RESULT, pr->flags, 0);
 	if (pr->flags & AGGBOX_F_ALIGN)
 		set_scale(skb, pr->key);
-	return 0;
+	return tag_reply(skb, job, pr->count * 4);
 }
 
 /* The packet becomes a status: count 2, the payload the 64-bit bitmap of the workers
  * whose block is in (little-endian), aux its low 32 bits. */
-static __always_inline int make_status(struct __sk_buff *skb, struct agg_progress *pr)
+static __always_inline int make_status(struct __sk_buff *skb, struct agg_job *job,
+				       struct agg_progress *pr)
 {
-	__u32 plen = PAYLOAD_OFF + 8;
+	__u32 plen = PAYLOAD_OFF + 8 + (job->auth ? AUTH_TAG_LEN : 0);
 	if (bpf_skb_change_tail(skb, plen, 0) != 0)
 		return -1;
 	__u16 tot = bpf_htons(plen - IP_OFF), ulen = bpf_htons(plen - UDP_OFF);
@@ -420,8 +467,8 @@ static __always_inline int make_status(struct __sk_buff *skb, struct agg_progres
 	bpf_skb_store_bytes(skb, UDP_OFF + offsetof(struct udphdr, len), &ulen, 2, 0);
 	bpf_skb_store_bytes(skb, HDR_OFF + offsetof(struct aggbox_hdr, count), &two, 2, 0);
 	bpf_skb_store_bytes(skb, PAYLOAD_OFF, &done, 8, 0);
-	set_type(skb, AGGBOX_AGG_RESULT, pr->flags | AGGBOX_F_STATUS, (__u32)done);
-	return 0;
+	set_type(skb, job, AGGBOX_AGG_RESULT, pr->flags | AGGBOX_F_STATUS, (__u32)done);
+	return tag_reply(skb, job, 8);
 }
 
 /* Start the other copy of the pool slot on the round after this one (see the top
@@ -441,6 +488,7 @@ static __always_inline void reset_for_next_round(__u32 key, __u32 round)
 		other->count = 0;
 		other->flags = 0;
 		other->shaped = 0;
+		other->fresh = 0;
 	}
 	bpf_spin_unlock(&other->lock);
 }
@@ -574,7 +622,7 @@ int agg_finish(struct __sk_buff *skb)
 
 	/* The last block in: this packet becomes the result. */
 	reset_for_next_round(key, pr->round);
-	if (make_result(skb, pr) != 0)
+	if (make_result(skb, job, pr) != 0)
 		return TC_ACT_SHOT;
 	count(CNT_AGG_COMPLETED);
 	if (job->results == AGG_RESULTS_MULTICAST)
@@ -590,12 +638,16 @@ int agg_reply(struct __sk_buff *skb)
 	struct agg_progress *pr = get_progress();
 	if (!pr)
 		return TC_ACT_SHOT;
+	__u32 job_id = pr->job_id;
+	struct agg_job *job = jobs.lookup(&job_id);
+	if (!job)
+		return TC_ACT_SHOT;
 	if (pr->complete) {
-		if (make_result(skb, pr) != 0)
+		if (make_result(skb, job, pr) != 0)
 			return TC_ACT_SHOT;
 		count(CNT_AGG_LATE_REPLY);
 	} else {
-		if (make_status(skb, pr) != 0)
+		if (make_status(skb, job, pr) != 0)
 			return TC_ACT_SHOT;
 		count(CNT_AGG_STATUS);
 	}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import secrets
 import select
 import socket
 import threading
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggbox import quant
+from aggbox import auth, quant
 from aggbox.collectives.group import Group, Member, multicast_address
 from aggbox.collectives.rtt import RetransmitTimer
 from aggbox.errors import AggBoxError, CollectiveTimeout
@@ -63,6 +64,15 @@ TC_PRIORITY = 2  # broadcast uses 1, reduce-by-key 3
 F_OP_MAX = int(Flags.OP_MAX)  # bpf/aggbox.h AGGBOX_F_OP_MAX
 F_STATUS = int(Flags.STATUS)  # bpf/aggbox.h AGGBOX_F_STATUS
 F_ALIGN = int(Flags.ALIGN)  # bpf/aggbox.h AGGBOX_F_ALIGN
+F_AUTH = int(Flags.AUTH)  # bpf/aggbox.h AGGBOX_F_AUTH: tagged under the job's key
+
+# One header per row, as HEADER packs it: a call's headers are built (and, for an
+# authenticated job, tagged) all at once.
+HEADER_DTYPE = np.dtype([("magic", "<u4"), ("version", "u1"), ("type", "u1"),
+                         ("flags", "<u2"), ("job_id", "<u4"), ("token", "<u4"),
+                         ("seq", "<u4"), ("round", "<u2"), ("rank", "<u2"),
+                         ("count", "<u2"), ("scale_exp", "<i2"), ("aux", "<u4")])
+assert HEADER_DTYPE.itemsize == HEADER_SIZE
 
 #: a worker's spin before select() when results are due (Allreducer.spin_s)
 SPIN_S = 100e-6
@@ -76,9 +86,11 @@ def chain_length(block: int, chunk: int = CHUNK) -> int:
     return 1 + -(-block // chunk) + 1
 
 
-def max_block(mtu: int) -> int:
-    """The largest block (int32 values) one packet carries at this MTU."""
-    return min(MAX_VALUES, max_payload(mtu) // 4)
+def max_block(mtu: int, authenticated: bool = False) -> int:
+    """The largest block (int32 values) one packet carries at this MTU (an authenticated
+    job's packets also carry the 8-byte tag)."""
+    room = max_payload(mtu) - (auth.TAG_SIZE if authenticated else 0)
+    return min(MAX_VALUES, room // 4)
 
 
 # How a finished block reaches the workers (bpf/aggregate.c AGG_RESULTS_*), per job:
@@ -167,6 +179,13 @@ class AggregatorPrograms:
         job.token, job.slot, job.n_members = group.token, index, group.size
         job.my_ip = ip_to_u32(group.aggregator.ip)
         ctypes.memmove(job.my_mac, mac_bytes(group.aggregator.mac), 6)
+        # A fresh epoch per installation: the workers tell a restarted aggregator (whose
+        # partial sums are gone) from the one they started with.
+        job.epoch = secrets.randbelow(0xFFFF) + 1
+        key = group.key
+        job.auth = key is not None
+        if key is not None:
+            job.key.k0, job.key.k1 = auth.key_words(key)
         job.results = RESULTS[result_delivery(group)]
         if job.results == RESULTS["multicast"]:
             grp = result_group(group)
@@ -178,7 +197,9 @@ class AggregatorPrograms:
     def _reset_slots(self, index: int) -> None:
         """Every slot copy of job ``index`` at its first round (r uses copy r & 1: rounds 0
         and 1) with nobody in, and every chunk at round 0 with nobody in: blank for both
-        (the kernel initialises a chunk lazily, its first writer of a round stores)."""
+        (the kernel initialises a chunk lazily, its first writer of a round stores). Each
+        copy is fresh: the first block sent to it sets its round, so that a job installed
+        again while its workers are mid-call (a restarted aggregator) goes on."""
         pool = 1 << POOL_SHIFT
         slots = self.family["slots"]
         keys = (slots.Key * (pool * 2))()
@@ -186,6 +207,7 @@ class AggregatorPrograms:
         for k in range(pool * 2):
             keys[k] = slots.Key(index * pool * 2 + k)
             leaves[k].round = k & 1
+            leaves[k].fresh = 1  # may adopt its workers' round (a restarted aggregator)
         slots.items_update_batch(keys, leaves)
         chunks = self.family["chunks"]
         per_job = pool * 2 * (MAX_VALUES // CHUNK)
@@ -241,6 +263,10 @@ class _Call:
         # RTT samples: when each block was first sent; resent blocks give none (Karn).
         self.sent_at = np.zeros(self.n_blocks, dtype=np.float64)
         self.resent = np.zeros(self.n_blocks, dtype=bool)
+        # each block's header as it is sent (uint8 rows of 32) and, for an authenticated
+        # job, its tag (rows of 8): set by Allreducer._headers
+        self.headers: np.ndarray | None = None
+        self.tags: np.ndarray | None = None
 
     def span(self, i: int) -> tuple[int, int]:
         start = i * self.block
@@ -292,6 +318,15 @@ class Allreducer:
                 raise AggBoxError(f"cannot join the result group {grp} on {group.me.ip}: "
                                   f"{exc}") from exc
         self.next_seq = 0  # global block number, shared by every call of this group
+        # An authenticated job (group.auth_key): every block tagged, every result's tag
+        # checked (aggbox/auth.py); 8 bytes after each payload.
+        self.key = group.key
+        self.tag_len = auth.TAG_SIZE if self.key is not None else 0
+        self._tag_rx = bytearray(auth.TAG_SIZE)
+        # The aggregator's installation epoch (each reply's round field) in the first
+        # reply, and whether another has answered since (it restarted: partial sums lost)
+        self.epoch: int | None = None
+        self.restarted_during: int | None = None  # the call's first block seq, if so
         self.rx = bytearray(HEADER_SIZE + 4 * MAX_VALUES + 64)
         # refused: datagrams on the job's port that are not this job's results from the
         # aggregator (wrong source, magic, version, token or shape): never taken
@@ -365,6 +400,9 @@ class Allreducer:
         values = np.ascontiguousarray(values, dtype=np.int32).reshape(-1)
         call = _Call(self.next_seq, values, self.block, exponents, out)
         self.next_seq += call.n_blocks
+        if self.key is not None:
+            flags |= F_AUTH
+        self._headers(call, flags)
         last_progress, missing = time.monotonic(), None
         self.timer.progress()
         while call.low < call.n_blocks:
@@ -382,15 +420,29 @@ class Allreducer:
 
     # -- sending -----------------------------------------------------------------------
 
+    def _headers(self, call: _Call, flags: int) -> None:
+        """Every block's header of the call at once (and its tag, for an authenticated
+        job: one vectorised SipHash for the whole call, not one per packet)."""
+        h = np.zeros(call.n_blocks, dtype=HEADER_DTYPE)
+        h["magic"], h["version"], h["type"], h["flags"] = MAGIC, VERSION, MsgType.AGG, flags
+        h["job_id"], h["token"], h["rank"] = self.group.job_id, self.group.token, self.group.rank
+        h["seq"] = call.base + np.arange(call.n_blocks, dtype=np.uint32)
+        h["count"] = call.block
+        h["count"][-1] = call.values.size - (call.n_blocks - 1) * call.block
+        if call.exponents is not None:
+            h["scale_exp"] = call.exponents
+        call.headers = h.view(np.uint8).reshape(call.n_blocks, HEADER_SIZE)
+        if self.key is not None:
+            call.tags = auth.tags(self.key, call.headers).view(np.uint8).reshape(-1, 8)
+
     def _packet(self, call: _Call, i: int, flags: int) -> list:
-        """Block i's datagram as sendmsg's buffers: its header and a view of its values
-        in the send buffer (the kernel gathers them: no copy in user space)."""
+        """Block i's datagram as sendmsg's buffers: its header, a view of its values in
+        the send buffer (the kernel gathers them: no copy in user space) and its tag."""
         start, end = call.span(i)
-        exp = int(call.exponents[i]) if call.exponents is not None else 0
-        hdr = HEADER.pack(MAGIC, VERSION, MsgType.AGG, flags, self.group.job_id,
-                          self.group.token, call.base + i, 0, self.group.rank, end - start,
-                          exp, 0)
-        return [hdr, memoryview(call.values[start:end])]
+        bufs = [call.headers[i], memoryview(call.values[start:end])]
+        if call.tags is not None:
+            bufs.append(call.tags[i])
+        return bufs
 
     def _send_window(self, call: _Call, flags: int) -> None:
         """Send every block the window allows: block i reuses the slot of block i - pool,
@@ -520,7 +572,7 @@ class Allreducer:
         its values received, into their block's slice."""
         if n < HEADER_SIZE or src != self.dest[0]:
             return self._refuse()
-        (magic, version, mtype, flags, job, token, seq, _r, _rank, count, exp,
+        (magic, version, mtype, flags, job, token, seq, epoch, _rank, count, exp,
          aux) = HEADER.unpack_from(hdr)
         if (magic != MAGIC or version != VERSION or mtype != MsgType.AGG_RESULT
                 or job != self.group.job_id or token != self.group.token):
@@ -532,6 +584,12 @@ class Allreducer:
         if flags & F_STATUS:
             # the payload holds the 64-bit bitmap of the workers whose block is in
             n = self.sock.recv_into(self.rx, len(self.rx), socket.MSG_DONTWAIT)
+            if self.key is not None and not (
+                    count == 2 and n == HEADER_SIZE + 8 + auth.TAG_SIZE
+                    and self._authentic(self.rx, self.rx[HEADER_SIZE + 8:n])):
+                self.stats["refused"] += 1
+                return False
+            self._note_epoch(epoch, call)
             done = (int.from_bytes(self.rx[HEADER_SIZE:HEADER_SIZE + 8], "little")
                     if count >= 2 and n >= HEADER_SIZE + 8 else aux)
             self._missing = [r for r in range(self.group.size) if not done >> r & 1]
@@ -541,10 +599,20 @@ class Allreducer:
             self.stats["duplicates"] += 1
             return self._discard()
         start, end = call.span(i)
-        if count != end - start or n < HEADER_SIZE + 4 * count:
+        if count != end - start or n < HEADER_SIZE + 4 * count + self.tag_len:
             return self._refuse()
-        self.sock.recvmsg_into([hdr, memoryview(call.out[start:end])], 0,
-                               socket.MSG_DONTWAIT)
+        if self.key is None:
+            self.sock.recvmsg_into([hdr, memoryview(call.out[start:end])], 0,
+                                   socket.MSG_DONTWAIT)
+        else:
+            # Into place, tag last: a result whose tag is wrong was never the kernel's;
+            # its values are overwritten when the real result (or its resend) comes.
+            self.sock.recvmsg_into([hdr, memoryview(call.out[start:end]), self._tag_rx], 0,
+                                   socket.MSG_DONTWAIT)
+            if not self._authentic(hdr, self._tag_rx):
+                self.stats["refused"] += 1
+                return False
+        self._note_epoch(epoch, call)
         call.out_exp[i] = exp
         call.done[i] = True
         if not call.resent[i]:
@@ -554,8 +622,29 @@ class Allreducer:
             call.low += 1
         return True
 
+    def _note_epoch(self, epoch: int, call: _Call) -> None:
+        """A reply from another installation of the job than the first: the aggregator
+        restarted, and the blocks it had partly summed are gone."""
+        if self.epoch is None:
+            self.epoch = epoch
+        elif epoch != self.epoch:
+            self.epoch = epoch
+            self.restarted_during = call.base
+            self.stats["aggregator_restarts"] = self.stats.get("aggregator_restarts", 0) + 1
+
+    def _authentic(self, header: bytearray | memoryview, tag: bytearray | memoryview) -> bool:
+        """An authenticated job's reply: the kernel's tag of its header under the key."""
+        return len(tag) == auth.TAG_SIZE and auth.tag_of(tag) == auth.tag(self.key, header)
+
     def _give_up(self, call: _Call, missing: list[int] | None) -> None:
         seq = call.base + call.low
+        if self.restarted_during == call.base:
+            # The likely root cause: a worker whose block the old aggregator had (and
+            # answered) never sends it again, and the new one waits for it.
+            raise CollectiveTimeout(
+                f"allreduce block {seq} made no progress for {self.timeout:g} s: the "
+                f"aggregator ({self.dest[0]}) restarted during this call and lost the "
+                "blocks it had partly summed; run the call again", missing or [])
         if missing:
             who = ", ".join(f"rank {r} ({self.group.members[r].ip})" for r in missing)
             detail = f"the aggregator is still waiting for {who}"
@@ -576,7 +665,9 @@ class Allreducer:
 
 
 def make_group(job_id: int, token: int, workers: list[Member], aggregator: Member,
-               rank: int, port: int = DEFAULT_PORTS[0], ifname: str = "eth0") -> Group:
-    """The Group an allreduce needs: members are the workers, plus the aggregator."""
+               rank: int, port: int = DEFAULT_PORTS[0], ifname: str = "eth0",
+               auth_key: str = "") -> Group:
+    """The Group an allreduce needs: members are the workers, plus the aggregator;
+    ``auth_key`` (32 hex digits) makes it an authenticated job (aggbox/auth.py)."""
     return Group(job_id=job_id, token=token, members=tuple(workers), rank=rank, port=port,
-                 ifname=ifname, aggregator=aggregator)
+                 ifname=ifname, aggregator=aggregator, auth_key=auth_key)

@@ -55,6 +55,9 @@ class Group:
     group_mac: str = "02:ab:ff:ff:ff:fe"
     root: int = 0
     aggregator: Member | None = None
+    # An authenticated job's key (aggbox/auth.py), 16 bytes as 32 hex digits; "" is off.
+    # A secret like the token, but one that no packet ever carries.
+    auth_key: str = ""
     options: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -68,6 +71,11 @@ class Group:
     @property
     def receivers(self) -> list[Member]:
         return [m for m in self.members if m.rank != self.root]
+
+    @property
+    def key(self) -> bytes | None:
+        """The job's auth key as bytes, or None for a job without authentication."""
+        return bytes.fromhex(self.auth_key) if self.auth_key else None
 
     def with_rank(self, rank: int) -> Group:
         data = asdict(self)

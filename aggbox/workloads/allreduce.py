@@ -45,13 +45,17 @@ from pathlib import Path
 
 import numpy as np
 
+from aggbox.auth import new_key
 from aggbox.collectives.group import Group, Member
 from aggbox.errors import AggBoxError
 from aggbox.testbed.base import Testbed
 from aggbox.workloads.broadcast import json_group, make_schedule
 
-SYSTEMS = ("aggbox", "gloo", "tcp_ps")
-PORTS = {"aggbox": 48000, "gloo": 29500, "tcp_ps": 45500}
+# aggbox_auth: AggBox with authenticated packets (aggbox/auth.py: the kernel checks each
+# block's SipHash tag and tags each result), its own job beside aggbox's: the tag's cost.
+SYSTEMS = ("aggbox", "aggbox_auth", "gloo", "tcp_ps")
+PORTS = {"aggbox": 48000, "aggbox_auth": 48001, "gloo": 29500, "tcp_ps": 45500}
+IN_KERNEL = ("aggbox", "aggbox_auth")
 CONTROL_PORT = 46500  # the workers' barrier connections to rank 0
 DISTRIBUTIONS = ("gaussian", "uniform", "heavy", "zeros")
 PROMISE = "app"  # every system: each worker's application holds the sum
@@ -85,7 +89,10 @@ def reference(n_workers: int, floats: int, distribution: str, seed: int) -> np.n
 
 
 def _group(spec: dict, system: str, rank: int) -> Group:
-    return replace(Group.from_dict(spec["group"]), rank=rank, port=PORTS[system])
+    group = replace(Group.from_dict(spec["group"]), rank=rank, port=PORTS[system])
+    if system == "aggbox_auth":  # a job of its own on the same aggregator
+        group = replace(group, job_id=group.job_id ^ 1, auth_key=spec["auth_key"])
+    return group
 
 
 def segments(schedule: list[tuple[str, int]] | list[list], warmup: int,
@@ -257,12 +264,14 @@ def aggregator_node(spec: dict, rank: int) -> int:
     server = None
     proc = ProcessCpu()
     try:
-        if "aggbox" in spec["systems"]:
+        ours = [s for s in IN_KERNEL if s in spec["systems"]]
+        if ours:
             from aggbox.collectives.allreduce import AggregatorPrograms
 
             tag = f"{spec['pin_tag']}-agg" if spec.get("pin_tag") else ""
             programs = AggregatorPrograms(spec["group"]["ifname"], pin_tag=tag)
-            programs.install_job(_group(spec, "aggbox", 0))
+            for system in ours:
+                programs.install_job(_group(spec, system, 0))
         if "tcp_ps" in spec["systems"]:
             from aggbox.baselines.tcp_ps import ParameterServer
 
@@ -283,9 +292,12 @@ def aggregator_node(spec: dict, rank: int) -> int:
             # AggBox's per-call work here is the kernel's (softirq); what this process
             # spent outside tcp_ps calls and their accepts is an upper bound of its own share.
             served = sum(t.busy_ns for t in proc.tallies.values())
-            calls = sum(n for s, n in spec["schedule"] if s == "aggbox")
-            process_cpu["aggbox"] = {"busy_ns": max(0, busy - served), "wall_ns": wall,
-                                     "ops": calls, "windows": 1}
+            calls = {system: sum(n for s, n in spec["schedule"] if s == system)
+                     for system in ours}
+            for system, n in calls.items():  # shared by call count
+                share = n / max(1, sum(calls.values()))
+                process_cpu[system] = {"busy_ns": int(max(0, busy - served) * share),
+                                       "wall_ns": wall, "ops": n, "windows": 1}
         done = {"event": "done", "role": "aggregator", "process_cpu": process_cpu,
                 "placement": placement()}
         if programs is not None:
@@ -301,10 +313,11 @@ def aggregator_node(spec: dict, rank: int) -> int:
 
 def _reducer(system: str, spec: dict, rank: int):
     group = _group(spec, system, rank)
-    if system == "aggbox":
+    if system in IN_KERNEL:
         from aggbox.collectives.allreduce import Allreducer
 
-        return Allreducer(group, block=spec["block"], timeout=spec["timeout_s"])
+        block = spec["block"] if system == "aggbox" else spec["auth_block"]
+        return Allreducer(group, block=block, timeout=spec["timeout_s"])
     if system == "gloo":
         from aggbox.baselines.gloo import GlooAllreducer
 
@@ -326,7 +339,7 @@ def _check(system: str, reducer, rank: int, ref: np.ndarray,
                "max_abs_err": float(err.max())}
         if rank == 0:
             rec["time_ns"] = ns
-        if system == "aggbox":
+        if system in IN_KERNEL:
             reducer.last_exponents = exponents  # the bound of THAT call, not of the last
             bound = reducer.error_bound(y)
             rec["err_bound"] = float(bound.max())
@@ -420,11 +433,13 @@ def build_spec(testbed: Testbed, params: dict, systems: list[str], iters: int, w
                   options={"results": results})
     mtu = getattr(testbed, "mtu", 1500)
     block = int(params.get("block", 0)) or max_block(mtu)
-    return {"group": json_group(group), "systems": list(systems),
+    return {"group": json_group(group), "systems": list(systems), "auth_key": new_key().hex(),
             "schedule": make_schedule(list(systems), warmup + iters, seed),
             "floats": int(params["floats"]), "distribution": params.get("distribution",
                                                                          "gaussian"),
             "block": min(block, max_block(mtu)), "timeout_s": float(params.get("timeout_s", 20)),
+            # the tag takes 8 bytes of each authenticated packet
+            "auth_block": min(block, max_block(mtu, authenticated=True)),
             "seed": seed, "warmup": warmup, "pin_tag": getattr(testbed, "run_id", "")}
 
 

@@ -68,7 +68,7 @@ PRIMARY_METRIC: dict[str, str] = {
 #: workload name -> systems it can compare (AggBox and its baselines).
 SYSTEMS: dict[str, list[str]] = {
     "broadcast": ["aggbox", "tcp_kack", "tcp", "udp", "mcast", "gloo"],
-    "allreduce": ["aggbox", "gloo", "tcp_ps"],
+    "allreduce": ["aggbox", "aggbox_auth", "gloo", "tcp_ps"],
     "mapreduce": ["aggbox", "aggbox_nocombiner", "tcp", "tcp_combiner"],
     "training": ["aggbox", "gloo", "gloo_fp16"],
 }

@@ -30,10 +30,11 @@ import pytest
 from allreduce_node import WorkerProcess, decode, float_input, int32_input, negative_input
 from bcc import BPF
 
-from aggbox import quant
+from aggbox import auth, quant
 from aggbox.collectives.allreduce import (
     CHUNK,
     F_ALIGN,
+    F_AUTH,
     AggregatorPrograms,
     Allreducer,
     chain_length,
@@ -105,7 +106,7 @@ class Job:
     def __init__(self, box: Box, hosts: list[int], job_id: int, token: int, port: int = PORT,
                  block: int = K, scale: str = "align", timeout: float = 10.0,
                  name: str = "job", nodes: dict[int, WorkerProcess | None] | None = None,
-                 results: str | None = None):
+                 results: str | None = None, key: bytes | None = None):
         self.box, self.name, self.hosts = box, name, hosts
         agg = box.host(0)
         members = [Member(rank=r, ip=box.host(h).ip, mac=box.host(h).mac)
@@ -114,6 +115,8 @@ class Job:
                                 port=port, ifname=agg.ifname)
         if results is not None:  # else the default delivery (DEFAULT_RESULTS)
             self.group = replace(self.group, options={"results": results})
+        if key is not None:  # an authenticated job (aggbox/auth.py)
+            self.group = replace(self.group, auth_key=key.hex())
         self.results = result_delivery(self.group)
         self.index = box.programs.install_job(self.group)
         chosen = {**box.workers, **(nodes or {})}
@@ -601,6 +604,26 @@ def test_a_member_that_never_calls_makes_the_others_time_out_naming_it(box):
         assert 2.0 <= a["elapsed"] < 15.0, a["elapsed"]
 
 
+
+def test_a_restarted_aggregator_is_named_as_the_cause_of_a_stuck_call(box):
+    """A restarted aggregator has lost its partial sums: a worker whose block the old one
+    had answered never sends it again, and the others wait for it. Every reply carries
+    the job's installation epoch, so the waiting worker's error names the restart, not
+    the worker that did nothing wrong (the chaos cell allreduce/aggregator-killed-
+    restarted named that worker whenever the restart fell between two sends)."""
+    job = Job(box, [4, 5], job_id=7010, token=0x7010, timeout=1.5)
+    try:
+        calls = [int32_call(1000, 76)]
+        assert_exact_int32(job.run(calls), calls, job.n)
+        box.programs.install_job(job.group)  # what a restarted aggregator does: new epoch
+        job.post([int32_call(600, 77)], ranks=[1])  # rank 0 "already had" the result
+        answer = job.collect(ranks=[1], check=False, wait=60)[1]
+    finally:
+        job.close()
+    assert not answer["ok"] and answer["error"] == "CollectiveTimeout", answer
+    assert f"the aggregator ({box.host(0).ip}) restarted during this call" in answer["message"]
+
+
 # ------------------------------------------------------------ 8. the tail-call chain
 
 
@@ -805,6 +828,71 @@ def test_workers_refuse_forged_results_and_still_sum_right(box):
     forged_each = 3 * len(FORGED_RESULTS)
     assert stats[0]["refused"] >= forged_each and stats[1]["refused"] >= forged_each, stats
     assert stats[2]["refused"] == 0, stats
+
+
+
+def insider_blocks(group: Group, seqs: range, count: int) -> list[tuple[bytes, None]]:
+    """What a host that sniffed the job's token sends from a member's own IP and MAC
+    (rank 0's host): blocks of the right shape for the job's next seqs, unflagged and
+    untagged, with a zero tag, and with a tag under another key."""
+    garbage = np.full(count, 1 << 20, np.int32).tobytes()
+    other = auth.new_key()
+    out = []
+    for seq in seqs:
+        h = Header(type=MsgType.AGG, flags=F_AUTH, job_id=group.job_id, token=group.token,
+                   seq=seq, rank=0, count=count)
+        out += [(replace(h, flags=0).pack() + garbage, None),
+                (h.pack() + garbage + bytes(8), None),
+                (h.pack() + garbage + auth.tag_bytes(other, h.pack()), None)]
+    return out
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_an_insider_with_the_token_is_kept_out_only_by_a_keyed_job(box, keyed):
+    """Issue 11's insider: the token alone does not keep out a host that sniffed it and
+    sends with a member's IP and MAC; its blocks, sent before the member's, are summed
+    in place of the member's. A job with a key (Group.auth_key) takes only blocks whose
+    header carries the key's tag: the same blocks are counted in drop_bad_mac and the
+    sums stay exact, and the workers take only tagged results (forged ones with the
+    token, from the aggregator's address, are refused)."""
+    job = Job(box, [1, 2, 3], job_id=9105 + keyed, token=0x9105, key=auth.new_key() if keyed
+              else None)
+    calls = [int32_call(3 * K, 95), float_call(5 * K + 7, 96, "gaussian")]
+    n_blocks = blocks(c["size"] for c in calls)
+    try:
+        before = box.counters()
+        send_raw(box.host(1), box.host(0).ip, insider_blocks(job.group, range(3), K))
+        garbage = np.full(K, 7, np.int32).tobytes()
+        result = Header(type=MsgType.AGG_RESULT, flags=F_AUTH, job_id=job.group.job_id,
+                        token=job.group.token, rank=0, count=K)
+        for victim in (1, 2):
+            send_ip(box.host(OUTSIDER), box.host(victim).ip, [
+                udp_datagram(box.host(0).ip, box.host(victim).ip, PORT, PORT,
+                             replace(result, seq=seq).pack() + garbage + bytes(8))
+                for seq in range(3)])
+        time.sleep(0.1)  # they wait in the aggregator's ingress and the workers' sockets
+        job.post(calls)
+        answers = job.collect(check=False)
+        after = wait_for(box, {"drop_bad_mac": before["drop_bad_mac"] + (9 if keyed else 6)})
+        stats = {r: node.call("stats", name=job.name)["stats"] for r, node in job.nodes.items()}
+    finally:
+        job.close()
+    d = delta(after, before)
+    if not keyed:
+        # The hole the key closes: the insider's untagged blocks were summed in place of
+        # rank 0's (its own came second, as duplicates). Tagged ones: for a keyed job.
+        assert d["drop_bad_mac"] == 6
+        want = int32_reference(job.n, calls[0]["size"], calls[0]["seed"])
+        got = [decode(a["results"][0]["result"], "int32") for a in answers.values() if a["ok"]]
+        assert got and not any(np.array_equal(g, want) for g in got)
+        return
+    assert all(a["ok"] for a in answers.values()), answers
+    results = {r: a["results"] for r, a in answers.items()}
+    assert_exact_int32({r: a[:1] for r, a in results.items()}, calls[:1], job.n)
+    assert_within_bound(results, 1, calls[1], job.n)
+    assert d["drop_bad_mac"] == 9 and "drop_truncated" not in d
+    assert d["agg_added"] == job.n * n_blocks
+    assert stats[0]["refused"] >= 3 and stats[1]["refused"] >= 3, stats
 
 
 def test_a_timeout_in_a_group_of_40_names_exactly_the_missing_rank(box):

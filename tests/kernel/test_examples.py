@@ -43,12 +43,16 @@ def tb():
         yield testbed
 
 
-def run_ranks(tb: NetnsTestbed, argv_of, ranks=range(WORLD)) -> dict[int, tuple[int, str]]:
-    """Start ``argv_of(rank, rendezvous)`` on host ``rank`` for each rank at once; return
-    {rank: (exit status, output)} once every process ended."""
+def run_ranks(tb: NetnsTestbed, argv_of, ranks=range(WORLD), env_extra: dict | None = None,
+              argv_extra: dict[int, list[str]] | None = None) -> dict[int, tuple[int, str]]:
+    """Start ``argv_of(rank, rendezvous)`` (plus ``argv_extra[rank]``) on host ``rank``
+    for each rank at once; return {rank: (exit status, output)} once every process
+    ended."""
     rendezvous = f"tcp://{tb.hosts[0].ip}:{next(_ports)}"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    procs = {r: tb.hosts[r].popen(argv_of(r, rendezvous), stdout=subprocess.PIPE,
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), **(env_extra or {}))
+    extra = argv_extra or {}
+    procs = {r: tb.hosts[r].popen(argv_of(r, rendezvous) + extra.get(r, []),
+                                  stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
              for r in ranks}
     results = {}
@@ -191,6 +195,36 @@ def test_a_rank_that_never_comes_is_named(tb):
         assert status == 3, out
         line = error_line(out)
         assert "rendezvous timeout" in line and "ranks 2 of 3 did not join" in line, line
+
+
+
+def test_ranks_given_different_auth_keys_are_refused_before_anything_is_installed(tb):
+    """Rank 2 was given another key: every rank stops with one line that says so (the
+    ranks compare a check value of the key; the key itself never travels)."""
+    results = run_ranks(tb, snippet(setup_timeout="60",
+                                    auth_key="sys.argv[1] if len(sys.argv) > 1 else None"),
+                        argv_extra={2: ["ab" * 16]},
+                        env_extra={"AGGBOX_AUTH_KEY": "cd" * 16})
+    for r in (0, 1, 2):
+        status, out = results[r]
+        assert status == 3, out
+        assert "different auth keys" in error_line(out) or "rank 0 failed" in out, out
+    assert "rank 2 and rank 0 were given different auth keys" in error_line(results[0][1])
+    assert_nothing_installed(tb)
+
+
+def test_an_authenticated_allreduce_is_within_the_bound(tb, tmp_path):
+    """The allreduce example with AGGBOX_AUTH_KEY set on every rank: every block tagged,
+    every result's tag checked, the same sums."""
+    n, seed = 20_000, 8
+    results = run_ranks(tb, example("allreduce.py", "--floats", str(n), "--seed", str(seed),
+                                    "--out", str(tmp_path / "r{rank}.npz")),
+                        env_extra={"AGGBOX_AUTH_KEY": "5a" * 16})
+    assert_all_ok(results, checking=(1, 2))
+    exact = sum(expected_inputs(seed, r, n).astype(np.float64) for r in (1, 2))
+    for r in (1, 2):
+        got = np.load(tmp_path / f"r{r}.npz")
+        assert (np.abs(got["total"].astype(np.float64) - exact) <= got["bound"]).all()
 
 
 def test_an_interface_that_does_not_exist_is_one_line(tb):
