@@ -74,6 +74,8 @@ HEADER_DTYPE = np.dtype([("magic", "<u4"), ("version", "u1"), ("type", "u1"),
                          ("count", "<u2"), ("scale_exp", "<i2"), ("aux", "<u4")])
 assert HEADER_DTYPE.itemsize == HEADER_SIZE
 
+#: later blocks with their result before a block without one is taken for lost
+FAST_RESEND_GAP = 3
 #: a worker's spin before select() when results are due (Allreducer.spin_s)
 SPIN_S = 100e-6
 # the header of the queued datagram, and (MSG_TRUNC) its whole length, without taking it
@@ -267,6 +269,8 @@ class _Call:
         # job, its tag (rows of 8): set by Allreducer._headers
         self.headers: np.ndarray | None = None
         self.tags: np.ndarray | None = None
+        self.flags = 0  # the blocks' header flags (set by Allreducer._reduce)
+        self.fast_resent = np.zeros(self.n_blocks, dtype=bool)
 
     def span(self, i: int) -> tuple[int, int]:
         start = i * self.block
@@ -402,6 +406,7 @@ class Allreducer:
         self.next_seq += call.n_blocks
         if self.key is not None:
             flags |= F_AUTH
+        call.flags = flags
         self._headers(call, flags)
         last_progress, missing = time.monotonic(), None
         self.timer.progress()
@@ -620,7 +625,21 @@ class Allreducer:
         self.stats["results"] += 1
         while call.low < call.n_blocks and call.done[call.low]:
             call.low += 1
+        if i >= call.low + FAST_RESEND_GAP:
+            self._fast_resend(call, i)
         return True
+
+    def _fast_resend(self, call: _Call, i: int) -> None:
+        """Results come back in block order: a block still without its result when
+        FAST_RESEND_GAP later ones have theirs was lost (it or its result), and is resent
+        now, once, instead of after the retransmission timeout (whose 5 ms floor made a
+        call at 5 % loss 10x slower than without)."""
+        span = slice(call.low, i - FAST_RESEND_GAP + 1)
+        lost = np.flatnonzero(~call.done[span] & ~call.fast_resent[span]) + call.low
+        if lost.size:
+            call.fast_resent[lost] = call.resent[lost] = True
+            self._send_blocks(call, lost.tolist(), call.flags)
+            self.stats["fast_retransmits"] = self.stats.get("fast_retransmits", 0) + lost.size
 
     def _note_epoch(self, epoch: int, call: _Call) -> None:
         """A reply from another installation of the job than the first: the aggregator
