@@ -395,6 +395,7 @@ class Cell:
         self.fuzz_result: dict = {}
         self.phases: dict[str, float] = {}
         self.progs: set[int] = set()  # eBPF programs attached in the cell's namespaces
+        self.impaired: dict[str, int] = {}  # bpf/impair.c's counters, network faults only
 
     # -- layout and specs
 
@@ -506,6 +507,10 @@ class Cell:
                     self.phases["run"] = time.monotonic() - t0
                     self.stop_all()
                     self.phases["stop"] = time.monotonic() - t0
+                    if netem is not None:  # what the impairment did: the fault happened
+                        from aggbox.testbed.impair import read_counters
+
+                        self.impaired = read_counters(tb.switch_ns, "h0")
         except AggBoxError as exc:
             outcome = {"setup_error": str(exc)}
         self.phases["down"] = time.monotonic() - t0
@@ -652,6 +657,7 @@ class Cell:
                     total.update({f"app_{k}": int(v) for k, v in st.items()
                                   if isinstance(v, int) and v and not k.startswith("t_")})
         total.update({f"fuzz_{k}": v for k, v in self.fuzz_result.items() if isinstance(v, int)})
+        total.update({f"impair_{k}": v for k, v in self.impaired.items()})
         return dict(sorted(total.items()))
 
     def verdict(self, outcome: dict, counters: dict) -> tuple[str, str]:
@@ -705,6 +711,10 @@ class Cell:
         if s.fuzz == "non-aggbox" and not self.fuzz_result.get("delivered"):
             problems.append("non-AggBox UDP to an AggBox port did not reach its socket "
                             f"({self.fuzz_result})")
+        # (from 5 %: a quick cell's few hundred packets may see no loss at 1 %)
+        made = [c for key, c in IMPAIRED_BY.items() if s.netem.get(key, 0) >= 5]
+        if made and not any(counters.get(c, 0) for c in made):
+            problems.append("the impairment did nothing (" + ", ".join(made) + " stayed 0)")
         if s.expect and not errors and not any(counters.get(c, 0) for c in s.expect):
             problems.append("no expected counter moved (" + ", ".join(s.expect) + ")")
         if problems:
@@ -1071,6 +1081,10 @@ NETWORK_FAULTS: list[tuple[str, dict]] = [
     ("duplicate-5%", {"duplicate_pct": 5.0}),
     ("reorder-5%", {"reorder_pct": 5.0}),
 ]
+# A network fault's own counters (bpf/impair.c, read in the cell's switch namespace, as
+# impair_*): at least one must have moved, or the cell tested nothing.
+IMPAIRED_BY = {"loss_pct": "impair_lost", "burst_loss_pct": "impair_burst_lost",
+               "duplicate_pct": "impair_duplicated", "reorder_pct": "impair_held"}
 FUZZ = ("random-bytes", "fields-out-of-range", "count-beyond-payload", "wrong-token",
         "spoofed-member-ip", "64k-datagrams", "non-aggbox")
 VICTIM = {"broadcast": "bc-member", "allreduce": "ar-worker", "reduce-by-key": "kv-mapper"}

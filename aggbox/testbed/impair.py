@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import subprocess
 import sys
 
@@ -145,6 +146,54 @@ def apply_impairment(switch_netns: str, links: list[str], loss: float = 0.0,
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         raise TestbedError(f"could not impair links in {switch_netns}: {tail}")
+
+
+#: enum impair_counter of bpf/impair.c, in order
+IMPAIR_COUNTERS = ("lost", "duplicated", "held", "released", "burst_lost", "bursts",
+                   "bad_seen")
+
+
+def read_counters(switch_netns: str, link: str) -> dict[str, int]:
+    """What bpf/impair.c did on this testbed so far: its per-CPU counters, summed (every
+    link of a testbed shares one program family). {} when no impairment is attached.
+
+    The programs outlive the short-lived process that attached them, so the counters are
+    read through bpftool: the filter on ``link`` names the program, the program its maps."""
+    def run(*argv: str) -> object:
+        proc = subprocess.run(["nsenter", f"--net=/run/netns/{switch_netns}", "--", *argv],
+                              capture_output=True, text=True)
+        return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else []
+
+    filters = run("tc", "-j", "filter", "show", "dev", link, "ingress")
+    prog_ids = [f["options"]["prog"]["id"] for f in filters if isinstance(f, dict)
+                and f.get("kind") == "bpf" and "impair" in str(f.get("options", {}))]
+    for prog_id in prog_ids:
+        prog = run("bpftool", "-j", "prog", "show", "id", str(prog_id))
+        for map_id in (prog.get("map_ids", []) if isinstance(prog, dict) else []):
+            info = run("bpftool", "-j", "map", "show", "id", str(map_id))
+            if isinstance(info, dict) and info.get("name", "").startswith("impair_counte"):
+                return _sum_percpu(run("bpftool", "-j", "map", "dump", "id", str(map_id)))
+    return {}
+
+
+def _sum_percpu(entries: object) -> dict[str, int]:
+    out = {}
+    for e in entries if isinstance(entries, list) else []:
+        key = e.get("key")
+        key = int(key) if isinstance(key, int) else int.from_bytes(
+            bytes(int(b, 16) for b in key), "little")
+        total = sum(_as_int(v.get("value")) for v in e.get("values", []))
+        if key < len(IMPAIR_COUNTERS) and total:
+            out[IMPAIR_COUNTERS[key]] = total
+    return out
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list):  # raw bytes as hex strings
+        return int.from_bytes(bytes(int(b, 16) for b in value), "little")
+    return 0
 
 
 if __name__ == "__main__":
