@@ -42,3 +42,33 @@ def test_the_unimpaired_tcp_ports_are_the_workloads_control_channels():
     assert set(EXEMPT_TCP_PORTS) == {broadcast.CONTROL_PORT, allreduce.CONTROL_PORT,
                                      mapreduce.CONTROL_PORT}
     assert len(EXEMPT_TCP_PORTS) <= 4  # bpf/impair.c's exempt_tcp[4]
+
+
+def test_impair_counters_are_summed_over_cpus_from_bpftools_json():
+    """bpftool prints a per-CPU array's keys and values as numbers (with BTF) or as
+    little-endian hex bytes (without); both sum to the same counters, zeros left out."""
+    from aggbox.testbed.impair import IMPAIR_COUNTERS, _sum_percpu
+
+    with_btf = [{"key": 0, "values": [{"cpu": 0, "value": 3}, {"cpu": 1, "value": 4}]},
+                {"key": 4, "values": [{"cpu": 0, "value": 0}, {"cpu": 1, "value": 9}]},
+                {"key": 1, "values": [{"cpu": 0, "value": 0}, {"cpu": 1, "value": 0}]}]
+    raw = [{"key": ["0x00", "0x00", "0x00", "0x00"],
+            "values": [{"cpu": 0, "value": ["0x03"] + ["0x00"] * 7},
+                       {"cpu": 1, "value": ["0x04"] + ["0x00"] * 7}]},
+           {"key": ["0x04", "0x00", "0x00", "0x00"],
+            "values": [{"cpu": 1, "value": ["0x09"] + ["0x00"] * 7}]}]
+    want = {"lost": 7, "burst_lost": 9}
+    assert _sum_percpu(with_btf) == _sum_percpu(raw) == want
+    assert IMPAIR_COUNTERS[4] == "burst_lost" and len(IMPAIR_COUNTERS) == 7
+
+
+def test_impair_counter_names_follow_the_c_enum():
+    import re
+    from pathlib import Path
+
+    from aggbox.testbed.impair import IMPAIR_COUNTERS
+
+    text = (Path(__file__).resolve().parents[2] / "bpf" / "impair.c").read_text()
+    body = re.search(r"enum impair_counter \{(.*?)\};", text, re.S).group(1)
+    names = [n.strip().removeprefix("IMP_").lower() for n in body.replace("= 0", "").split(",")]
+    assert tuple(n for n in names if n and n != "max") == IMPAIR_COUNTERS
