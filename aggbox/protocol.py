@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
+import numpy as np
+
 MAGIC = 0x58424741  # "AGBX" as little-endian bytes
 VERSION = 1
 MAX_MEMBERS = 64
@@ -72,6 +74,10 @@ FIELDS: tuple[tuple[str, str, int, int], ...] = (
 HEADER = struct.Struct("<" + "".join(code for _, code, _, _ in FIELDS))
 HEADER_SIZE = HEADER.size
 assert HEADER_SIZE == 32
+# The same layout as a numpy record, one header per row: a worker builds (and tags) a
+# whole call's headers at once.
+HEADER_DTYPE = np.dtype([(name, "<" + code) for name, code, _, _ in FIELDS])
+assert HEADER_DTYPE.itemsize == HEADER_SIZE
 
 # Same order as enum aggbox_counter in bpf/aggbox.h.
 COUNTERS: tuple[str, ...] = (

@@ -186,9 +186,8 @@ static __always_inline struct agg_job *check_block(struct __sk_buff *skb, struct
 		return NULL;
 	}
 	__u32 count = p->hdr->count;
-	__u32 tag_len = job->auth ? AUTH_TAG_LEN : 0;
 	if (count == 0 || count > AGG_MAX_VALUES ||
-	    !payload_fits(skb->len, p, count * 4 + tag_len)) {
+	    !payload_fits(skb->len, p, count * 4 + auth_tag_len(job->auth))) {
 		*reason = CNT_DROP_TRUNCATED;
 		return NULL;
 	}
@@ -457,7 +456,7 @@ static __always_inline int make_result(struct __sk_buff *skb, struct agg_job *jo
 static __always_inline int make_status(struct __sk_buff *skb, struct agg_job *job,
 				       struct agg_progress *pr)
 {
-	__u32 plen = PAYLOAD_OFF + 8 + (job->auth ? AUTH_TAG_LEN : 0);
+	__u32 plen = PAYLOAD_OFF + 8 + auth_tag_len(job->auth);
 	if (bpf_skb_change_tail(skb, plen, 0) != 0)
 		return -1;
 	__u16 tot = bpf_htons(plen - IP_OFF), ulen = bpf_htons(plen - UDP_OFF);

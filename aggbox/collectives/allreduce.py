@@ -42,6 +42,7 @@ from aggbox.collectives.rtt import RetransmitTimer
 from aggbox.errors import AggBoxError, CollectiveTimeout
 from aggbox.protocol import (
     HEADER,
+    HEADER_DTYPE,
     HEADER_SIZE,
     MAGIC,
     MAX_MEMBERS,
@@ -66,13 +67,6 @@ F_STATUS = int(Flags.STATUS)  # bpf/aggbox.h AGGBOX_F_STATUS
 F_ALIGN = int(Flags.ALIGN)  # bpf/aggbox.h AGGBOX_F_ALIGN
 F_AUTH = int(Flags.AUTH)  # bpf/aggbox.h AGGBOX_F_AUTH: tagged under the job's key
 
-# One header per row, as HEADER packs it: a call's headers are built (and, for an
-# authenticated job, tagged) all at once.
-HEADER_DTYPE = np.dtype([("magic", "<u4"), ("version", "u1"), ("type", "u1"),
-                         ("flags", "<u2"), ("job_id", "<u4"), ("token", "<u4"),
-                         ("seq", "<u4"), ("round", "<u2"), ("rank", "<u2"),
-                         ("count", "<u2"), ("scale_exp", "<i2"), ("aux", "<u4")])
-assert HEADER_DTYPE.itemsize == HEADER_SIZE
 
 #: later blocks with their result before a block without one is taken for lost
 FAST_RESEND_GAP = 3
@@ -269,7 +263,6 @@ class _Call:
         # job, its tag (rows of 8): set by Allreducer._headers
         self.headers: np.ndarray | None = None
         self.tags: np.ndarray | None = None
-        self.flags = 0  # the blocks' header flags (set by Allreducer._reduce)
         self.fast_resent = np.zeros(self.n_blocks, dtype=bool)
 
     def span(self, i: int) -> tuple[int, int]:
@@ -406,12 +399,11 @@ class Allreducer:
         self.next_seq += call.n_blocks
         if self.key is not None:
             flags |= F_AUTH
-        call.flags = flags
         self._headers(call, flags)
         last_progress, missing = time.monotonic(), None
         self.timer.progress()
         while call.low < call.n_blocks:
-            self._send_window(call, flags)
+            self._send_window(call)
             if self._receive(call, self.timer.current_s):
                 self.timer.progress()
                 last_progress = time.monotonic()
@@ -419,7 +411,7 @@ class Allreducer:
             missing = self._missing or missing
             if time.monotonic() - last_progress > self.timeout:
                 self._give_up(call, missing)
-            self._resend_outstanding(call, flags)
+            self._resend_outstanding(call)
             self.timer.expired()
         return call.out, call.out_exp
 
@@ -440,7 +432,7 @@ class Allreducer:
         if self.key is not None:
             call.tags = auth.tags(self.key, call.headers).view(np.uint8).reshape(-1, 8)
 
-    def _packet(self, call: _Call, i: int, flags: int) -> list:
+    def _packet(self, call: _Call, i: int) -> list:
         """Block i's datagram as sendmsg's buffers: its header, a view of its values in
         the send buffer (the kernel gathers them: no copy in user space) and its tag."""
         start, end = call.span(i)
@@ -449,7 +441,7 @@ class Allreducer:
             bufs.append(call.tags[i])
         return bufs
 
-    def _send_window(self, call: _Call, flags: int) -> None:
+    def _send_window(self, call: _Call) -> None:
         """Send every block the window allows: block i reuses the slot of block i - pool,
         so it goes only once everything below i - pool + 1 came back."""
         first = call.next_send
@@ -457,18 +449,18 @@ class Allreducer:
         if first >= last:
             return
         call.sent_at[first:last] = time.monotonic()
-        self._send_blocks(call, range(first, last), flags)
+        self._send_blocks(call, range(first, last))
         call.next_send = last
         self.stats["blocks"] += last - first
 
-    def _send_blocks(self, call: _Call, blocks: range | list[int], flags: int) -> None:
+    def _send_blocks(self, call: _Call, blocks: range | list[int]) -> None:
         # One datagram per block: the aggregator drops GSO super-packets (one skb holding
         # several blocks), so there is no GSO option.
         sendmsg, dest = self.sock.sendmsg, self.dest
         for i in blocks:
-            sendmsg(self._packet(call, i, flags), (), 0, dest)
+            sendmsg(self._packet(call, i), (), 0, dest)
 
-    def _resend_outstanding(self, call: _Call, flags: int) -> None:
+    def _resend_outstanding(self, call: _Call) -> None:
         outstanding = [i for i in range(call.low, call.next_send) if not call.done[i]]
         if call.waiting_on_others:
             # A worker descheduled past the timeout (busy CPUs) made every waiting worker
@@ -479,7 +471,7 @@ class Allreducer:
             outstanding = outstanding[:1]
             call.waiting_on_others = False
         call.resent[outstanding] = True
-        self._send_blocks(call, outstanding, flags)
+        self._send_blocks(call, outstanding)
         self.stats["retransmits"] += len(outstanding)
 
     # -- receiving ---------------------------------------------------------------------
@@ -638,7 +630,7 @@ class Allreducer:
         lost = np.flatnonzero(~call.done[span] & ~call.fast_resent[span]) + call.low
         if lost.size:
             call.fast_resent[lost] = call.resent[lost] = True
-            self._send_blocks(call, lost.tolist(), call.flags)
+            self._send_blocks(call, lost.tolist())
             self.stats["fast_retransmits"] = self.stats.get("fast_retransmits", 0) + lost.size
 
     def _note_epoch(self, epoch: int, call: _Call) -> None:

@@ -90,6 +90,12 @@ static __always_inline int tag_matches(struct __sk_buff *skb, const struct sip_k
 
 #define AUTH_TAG_LEN 8
 
+/* The bytes an (un)authenticated job's packets carry after their payload. */
+static __always_inline __u32 auth_tag_len(__u32 auth)
+{
+	return auth ? AUTH_TAG_LEN : 0;
+}
+
 /* An authenticated job (`auth`) takes only packets flagged AGGBOX_F_AUTH, a job without
  * a key only unflagged ones (a tag there would be payload it does not expect): checked
  * first, so that a packet without the tag it must carry is counted as such. */
