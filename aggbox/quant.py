@@ -147,14 +147,29 @@ def _scales(exponents: np.ndarray, bits: int, dtype: np.dtype,
     float64 the product is still exact (x times a power of two) and the float64 to
     float32 cast at the end is the one rounding, which the bound covers. All-zero blocks
     (ZERO_BLOCK_EXPONENT) do not count: their values are 0 whatever the scale."""
-    e = exponents.astype(np.int64)
-    k = e - bits if inverse else bits - e
+    # A handful of numpy calls on a few dozen values: their count, not their size, is
+    # the cost (this runs two or three times per call).
+    k = exponents.astype(np.int64)
+    k = k - bits if inverse else bits - k
+    live = k[exponents > ZERO_BLOCK_EXPONENT]
+    lo, hi = _NORMAL_EXPONENTS[dtype]
+    if live.size and (live.min() < lo or live.max() > hi):
+        dtype = FLOAT64
+        lo, hi = _NORMAL_EXPONENTS[dtype]
+    return _powers_of_two(np.minimum(np.maximum(k, lo), hi), dtype)  # np.clip: 3x slower
+
+
+#: the exponents k whose 2**k is a normal number of the dtype
+_NORMAL_EXPONENTS = {d: (int(np.finfo(d).minexp), int(np.finfo(d).maxexp) - 1)
+                     for d in (FLOAT32, FLOAT64)}
+
+
+def _powers_of_two(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """2**k as ``dtype`` (k within its normal exponents), built from the bits: the
+    biased exponent in its field, a zero mantissa (exact; np.ldexp did the same slower)."""
     info = np.finfo(dtype)
-    live = e > ZERO_BLOCK_EXPONENT
-    if (live & ((k < info.minexp) | (k > info.maxexp - 1))).any():
-        dtype, info = FLOAT64, np.finfo(FLOAT64)
-    k = np.clip(k, info.minexp, info.maxexp - 1)
-    return np.ldexp(np.ones(k.shape, dtype=dtype), k.astype(np.int32))
+    itype = np.int32 if dtype == np.float32 else np.int64
+    return ((k.astype(itype) + (info.maxexp - 1)) << info.nmant).view(dtype)
 
 
 #: values quantize works through at a time: 1 MiB of float32 scratch, which stays in a
@@ -162,15 +177,26 @@ def _scales(exponents: np.ndarray, bits: int, dtype: np.dtype,
 CACHE_VALUES = 262144
 
 
+def _step(block: int) -> int:
+    return max(1, CACHE_VALUES // block) * block
+
+
 def scratch_size(size: int, block: int) -> int:
     """The scratch (values of the work dtype) quantize_into needs for ``size`` values."""
-    return min(size, max(block, CACHE_VALUES // block * block))
+    step = _step(block)
+    return min(size, step + step // 2)
 
 
 def _chunks(size: int, block: int):
-    """(start, end) of groups of whole blocks of at most ~CACHE_VALUES values."""
-    step = max(1, CACHE_VALUES // block) * block
-    return ((lo, min(lo + step, size)) for lo in range(0, size, step))
+    """(start, end) of groups of whole blocks of ~CACHE_VALUES values; a last group under
+    half that joins the one before (a group's fixed cost is ~25 us of numpy calls: 256 Ki
+    values in blocks of 16 235 were a group of 16 blocks and one of 1)."""
+    step = _step(block)
+    lo = 0
+    while lo < size:
+        hi = size if size - lo < step + step // 2 else lo + step
+        yield lo, hi
+        lo = hi
 
 
 def _scale_rint(flat: np.ndarray, scales: np.ndarray, block: int, out: np.ndarray,
@@ -182,14 +208,18 @@ def _scale_rint(flat: np.ndarray, scales: np.ndarray, block: int, out: np.ndarra
     qfull, qtail = _split(out, block)
     if scratch.dtype != scales.dtype:  # tiny blocks of a float32 tensor: float64 scales
         scratch = np.empty(flat.size, dtype=scales.dtype)
+    # rint in place, then the cast: 20 % faster than rint casting into int32 (numpy's
+    # buffered cast loop), the same values (rint's are integers: the cast is exact)
     if nf:
         sfull = scratch[: nf * block].reshape(nf, block)
         np.multiply(full, scales[:nf, None], out=sfull)
-        np.rint(sfull, out=qfull, casting="unsafe")
+        np.rint(sfull, out=sfull)
+        np.copyto(qfull, sfull, casting="unsafe")
     if tail.size:
         stail = scratch[: tail.size]
         np.multiply(tail, scales[nf], out=stail)
-        np.rint(stail, out=qtail, casting="unsafe")
+        np.rint(stail, out=stail)
+        np.copyto(qtail, stail, casting="unsafe")
 
 
 def quantize_into(x: np.ndarray, exponents: np.ndarray, block: int, n_workers: int,
@@ -264,14 +294,15 @@ def dequantize_into(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_work
         return out
     scales = _scales(exponents, headroom_bits(n_workers), out.dtype, inverse=True)
     target = out if scales.dtype == out.dtype else np.empty(out.size, dtype=scales.dtype)
-    qfull, qtail = _split(q_sum[: out.size], block)
     ofull, otail = _split(target, block)
-    nf = qfull.shape[0]
-    dtype = target.dtype
+    nf = ofull.shape[0]
+    # the cast (one rounding), then the exact multiply in place: the same operations as
+    # one multiply with dtype=, without numpy's slower buffered cast loop
+    np.copyto(target, q_sum[: out.size], casting="unsafe")
     if nf:
-        np.multiply(qfull, scales[:nf, None], out=ofull, dtype=dtype, casting="unsafe")
-    if qtail.size:
-        np.multiply(qtail, scales[nf], out=otail, dtype=dtype, casting="unsafe")
+        np.multiply(ofull, scales[:nf, None], out=ofull)
+    if otail.size:
+        np.multiply(otail, scales[nf], out=otail)
     if mean:
         target /= n_workers
     if target is not out:
