@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from aggbox.baselines import result_buffer
 from aggbox.collectives.group import Group
 from aggbox.errors import AggBoxError
 
@@ -37,14 +38,23 @@ class GlooAllreducer:
                                 rank=group.rank, world_size=group.size,
                                 timeout=timedelta(seconds=timeout_s))
 
-    def allreduce(self, tensor: np.ndarray, op: str = "sum") -> np.ndarray:
-        # all_reduce works in place: reduce a copy, as the AggBox API returns a new array.
-        t = self.torch.from_numpy(np.array(tensor, copy=True))
+    def allreduce(self, tensor: np.ndarray, op: str = "sum",
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """The sum (or mean) over the group; ``out`` (float32, C-contiguous, the tensor's
+        size) holds it if given, else a new array. all_reduce works in place: it reduces
+        ``out`` (or a new copy) holding the tensor's values."""
+        if out is None:
+            t = self.torch.from_numpy(np.array(tensor, copy=True))
+        else:
+            np.copyto(result_buffer(out, tensor), np.asarray(tensor).reshape(-1))
+            t = self.torch.from_numpy(out)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM)
-        out = t.numpy()
+        result = t.numpy()
         if op == "mean":
-            out = out / self.group.size
-        return out
+            if out is None:
+                return result / self.group.size
+            result /= self.group.size
+        return result
 
     def close(self) -> None:
         if self.dist.is_initialized():

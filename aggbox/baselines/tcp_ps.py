@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from aggbox.baselines import result_buffer
 from aggbox.collectives.group import Group
 from aggbox.cpu import ProcessCpu
 from aggbox.errors import AggBoxError
@@ -120,18 +121,21 @@ class TcpPsAllreducer:
         _tune(self.sock)
         self.calls = 0
 
-    def allreduce(self, tensor: np.ndarray, op: str = "sum") -> np.ndarray:
+    def allreduce(self, tensor: np.ndarray, op: str = "sum",
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """The sum (or mean) over the group, received into ``out`` if given (float32,
+        C-contiguous, the tensor's size), else into a new array."""
         x = np.ascontiguousarray(tensor, dtype=np.float32).reshape(-1)
         self.calls += 1
         self.sock.sendall(FRAME.pack(self.calls, x.nbytes))
         self.sock.sendall(memoryview(x).cast("B"))
         head = bytearray(FRAME.size)
         _recv_exact(self.sock, memoryview(head))
-        out = np.empty_like(x)
-        _recv_exact(self.sock, memoryview(out).cast("B"))
+        result = np.empty_like(x) if out is None else result_buffer(out, x)
+        _recv_exact(self.sock, memoryview(result).cast("B"))
         if op == "mean":
-            out /= self.group.size
-        return out.reshape(np.shape(tensor))
+            result /= self.group.size
+        return result.reshape(np.shape(tensor)) if out is None else out
 
     def close(self) -> None:
         self.sock.close()
