@@ -53,10 +53,10 @@
 #define AGG_CHUNK 1024 /* values one program of the chain walks */
 #endif
 #ifndef AGG_POOL_SHIFT
-#define AGG_POOL_SHIFT 6 /* 64 pool slots per job: a worker's window */
+#define AGG_POOL_SHIFT 5 /* 32 pool slots per job: a worker's window */
 #endif
 #ifndef AGG_MAX_JOBS
-#define AGG_MAX_JOBS 4 /* < AGGBOX_MAX_JOBS: each job slot holds 8 MiB of chunks */
+#define AGG_MAX_JOBS 4 /* < AGGBOX_MAX_JOBS: each job slot holds 4 MiB of chunks */
 #endif
 #define JOB_SLOTS AGG_MAX_JOBS
 #define AGG_POOL (1u << AGG_POOL_SHIFT)

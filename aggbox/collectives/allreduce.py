@@ -58,7 +58,7 @@ from aggbox.sockets import udp_socket
 DEFAULT_PORTS = (48000, 48999)
 MAX_VALUES = 16384  # AGG_MAX_VALUES: the largest block the programs are compiled for
 CHUNK = 1024  # AGG_CHUNK: values one program of the tail-call chain adds
-POOL_SHIFT = 6  # AGG_POOL_SHIFT: 64 slots per job, the workers' window
+POOL_SHIFT = 5  # AGG_POOL_SHIFT: 32 slots per job, the workers' window (docs/allreduce.md)
 MAX_JOBS = 4
 TC_PRIORITY = 2  # broadcast uses 1, reduce-by-key 3
 
@@ -464,7 +464,7 @@ class Allreducer:
         outstanding = [i for i in range(call.low, call.next_send) if not call.done[i]]
         if call.waiting_on_others:
             # A worker descheduled past the timeout (busy CPUs) made every waiting worker
-            # resend its whole window (64 blocks of up to 64 KiB) each timeout, and the
+            # resend its whole window (32 blocks of up to 64 KiB) each timeout, and the
             # aggregator answer each copy with a status. The lowest block alone probes:
             # its status (or result) tells whether that still holds, and if this worker's
             # block was lost, the probe is that block.

@@ -167,7 +167,7 @@ from test_allreduce import (  # noqa: E402 - the allreduce half reuses its fixtu
 
 @pytest.mark.parametrize("impairment", sorted(IMPAIRMENTS))
 def test_allreduce_is_exact_under_heavy_loss(box, impairment):  # noqa: F811
-    """One block (200 values) and many (40000 values: 157 blocks, each of the 64 slots
+    """One block (200 values) and many (40000 values: 157 blocks, each of the 32 slots
     reused), int32 exact at every rank, a float call within its bound; every block added
     once however many copies the workers resent."""
     n = len(WORKERS)
