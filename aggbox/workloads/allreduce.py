@@ -353,8 +353,11 @@ def result_store(x: np.ndarray, calls: int) -> np.ndarray:
     every system as ``out=``: a result in memory never touched before costs a page fault
     per 4 KiB inside the timed call (~0.45 ms per 1 MiB here, a quarter of a 256 Ki call),
     which a training loop reusing its buffers never pays. The rows are kept until the
-    segment's check; warm-up calls (not kept) cycle through them."""
-    return np.zeros((max(1, calls), x.size), dtype=x.dtype)
+    segment's check; warm-up calls (not kept) cycle through them. Zero-filled here, so
+    every page is present (np.zeros alone maps them lazily)."""
+    store = np.empty((max(1, calls), x.size), dtype=x.dtype)
+    store.fill(0)
+    return store
 
 
 def worker_node(spec: dict, rank: int) -> int:
@@ -373,6 +376,10 @@ def worker_node(spec: dict, rank: int) -> int:
     try:
         for system in spec["systems"]:
             reducers[system] = _reducer(system, spec, rank)
+        # Faulted in before anything is measured (rank 0's background calibration below
+        # included: 256 MiB of zeros at 4 Mi floats read as a busy CPU of background).
+        plan = segments(spec["schedule"], spec["warmup"], floats)
+        store = result_store(x, max((n for _, n, m in plan if m), default=0))
         emit({"event": "ready"})
         barrier.connect()
         if account is not None:
@@ -380,12 +387,9 @@ def worker_node(spec: dict, rank: int) -> int:
             account.calibrate(seconds=0.3)
         records: list[dict] = []
         counts: dict[str, int] = defaultdict(int)
-        plan = segments(spec["schedule"], spec["warmup"], floats)
-        store = result_store(x, max((n for _, n, m in plan if m), default=0))
         for system, n, measured in plan:
             reducer = reducers.get(system)
             kept: list[tuple[int, int, np.ndarray, object]] = []
-            store.fill(0)  # every page of the results present before the window opens
 
             def run(system=system, n=n, measured=measured, reducer=reducer, kept=kept):
                 own = proc.window(system, n) if measured and n else contextlib.nullcontext()
