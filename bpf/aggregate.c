@@ -77,6 +77,21 @@ _Static_assert(AGG_MAX_VALUES / AGG_CHUNK <= 30, "the chain would exceed the tai
 #define AGG_EXP_MIN (-1074)
 #define AGG_EXP_MAX 1024
 
+/* A block's round is the high 32 - AGG_POOL_SHIFT bits of its seq, and seq wraps (a long
+ * job sends 2^32 blocks: ~10 million calls of 25 MiB buckets): rounds are compared as
+ * serial numbers of that width, and the round after the last is 0. */
+#define ROUND_MASK (0xffffffffu >> AGG_POOL_SHIFT)
+
+static __always_inline int round_after(__u32 a, __u32 b)
+{
+	return (__s32)((a - b) << AGG_POOL_SHIFT) > 0;
+}
+
+static __always_inline __u32 next_round(__u32 round)
+{
+	return (round + 1) & ROUND_MASK;
+}
+
 /* ---------------------------------------------------------------- maps -------------- */
 
 /* `config` (ports) and `members` (the workers; key: job slot * AGGBOX_MAX_MEMBERS +
@@ -122,7 +137,7 @@ struct agg_copy {
 	__u32 count;  /* values in the block (set by the round's first accepted block) */
 	__u32 flags;  /* that block's AGGBOX_F_OP_MAX / AGGBOX_F_ALIGN */
 	__u32 shaped; /* count and flags are set */
-	__u32 fresh;  /* installed and not used since: may adopt a later round (below) */
+	__u32 fresh;  /* installed and not used since: may adopt any round of its parity (below) */
 };
 /* key: (job slot * AGG_POOL + pool slot) * 2 + copy */
 BPF_ARRAY(slots, struct agg_copy, JOB_SLOTS * AGG_POOL * 2);
@@ -217,10 +232,10 @@ static __always_inline int copy_verdict(struct agg_copy *cp, struct agg_progress
 {
 	int verdict = COPY_ADD;
 	bpf_spin_lock(&cp->lock);
-	/* A job installed while its workers are mid-sequence (the aggregator restarted):
-	 * a copy nobody used yet takes the first round sent to it, if later than its own
-	 * and of its parity; chunks start blank at any newer round. */
-	if (cp->fresh && (__s32)(round - cp->round) > 0 && !((round ^ cp->round) & 1))
+	/* A job installed while its workers are mid-sequence (the aggregator restarted, or
+	 * its seqs are near the wrap): a copy nobody used yet takes the first round of its
+	 * parity sent to it, whatever it is (nothing older to protect); so do blank chunks. */
+	if (cp->fresh && round != cp->round && !((round ^ cp->round) & 1))
 		cp->round = round;
 	if (cp->round != round) {
 		verdict = COPY_STALE_ROUND;
@@ -259,7 +274,9 @@ static __always_inline int chunk_mode(struct agg_chunk_state *ch, struct agg_pro
 				      __u32 *d)
 {
 	if (ch->round != pr->round) {
-		if ((__s32)(pr->round - ch->round) < 0)
+		/* a chunk nobody wrote since the job was installed (added 0) is blank at any
+		 * round: its round 0 may look newer than a job's first round near the wrap */
+		if (ch->added && round_after(ch->round, pr->round))
 			return MODE_STALE;
 		ch->round = pr->round; /* older values: blank for this round */
 		ch->added = 0;
@@ -486,9 +503,10 @@ static __always_inline void reset_for_next_round(__u32 key, __u32 round)
 	struct agg_copy *other = slots.lookup(&other_key);
 	if (!other)
 		return;
+	__u32 next = next_round(round);
 	bpf_spin_lock(&other->lock);
-	if ((__s32)(round + 1 - other->round) > 0) {
-		other->round = round + 1;
+	if (round_after(next, other->round)) {
+		other->round = next;
 		other->done = 0;
 		other->arrived = 0;
 		other->count = 0;

@@ -58,6 +58,7 @@ from aggbox.sockets import udp_socket
 DEFAULT_PORTS = (48000, 48999)
 MAX_VALUES = 16384  # AGG_MAX_VALUES: the largest block the programs are compiled for
 CHUNK = 1024  # AGG_CHUNK: values one program of the tail-call chain adds
+SEQ_MASK = 0xFFFFFFFF  # block seqs wrap with the header's 32-bit field (rounds with them)
 POOL_SHIFT = 5  # AGG_POOL_SHIFT: 32 slots per job, the workers' window (docs/allreduce.md)
 MAX_JOBS = 4
 TC_PRIORITY = 2  # broadcast uses 1, reduce-by-key 3
@@ -396,7 +397,7 @@ class Allreducer:
         values.size) and, with F_ALIGN, the exponent each result block came back with."""
         values = np.ascontiguousarray(values, dtype=np.int32).reshape(-1)
         call = _Call(self.next_seq, values, self.block, exponents, out)
-        self.next_seq += call.n_blocks
+        self.next_seq = (self.next_seq + call.n_blocks) & SEQ_MASK  # the header's 32 bits
         if self.key is not None:
             flags |= F_AUTH
         self._headers(call, flags)
@@ -574,7 +575,7 @@ class Allreducer:
         if (magic != MAGIC or version != VERSION or mtype != MsgType.AGG_RESULT
                 or job != self.group.job_id or token != self.group.token):
             return self._refuse()
-        i = seq - call.base
+        i = (seq - call.base) & SEQ_MASK  # a call may straddle the wrap
         if not 0 <= i < call.n_blocks:
             self.stats["duplicates"] += 1  # a late answer to an earlier call
             return self._discard()
@@ -648,7 +649,7 @@ class Allreducer:
         return len(tag) == auth.TAG_SIZE and auth.tag_of(tag) == auth.tag(self.key, header)
 
     def _give_up(self, call: _Call, missing: list[int] | None) -> None:
-        seq = call.base + call.low
+        seq = (call.base + call.low) & SEQ_MASK
         if self.restarted_during == call.base:
             # The likely root cause: a worker whose block the old aggregator had (and
             # answered) never sends it again, and the new one waits for it.

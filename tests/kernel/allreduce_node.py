@@ -7,7 +7,7 @@ test process itself. It prints ``{"ok": true, "event": "ready"}`` and then answe
 JSON line per command line:
 
     {"cmd": "reducer", "name": "a", "group": {...}, "block": 256, "timeout": 10,
-     "scale": "align"}                                  Allreducer(group, ...)
+     "scale": "align", "first_seq": 0}                  Allreducer(group, ...)
     {"cmd": "run", "name": "a", "calls": [call, ...]}   the calls one after the other
     {"cmd": "parallel", "runs": [{"name": "a", "calls": [...]}, ...]}
                                                         each run in its own thread, at once
@@ -89,13 +89,17 @@ class _Node:
         self.reducers: dict[str, object] = {}
 
     def reducer(self, name: str, group: dict, block: int = 256, timeout: float = 10.0,
-                scale: str = "align", rto: float = 0.02) -> dict:
+                scale: str = "align", rto: float = 0.02, first_seq: int = 0) -> dict:
+        """``first_seq``: the seq of the first block (a job that has run for a long time:
+        next to the 32-bit wrap)."""
         from aggbox.collectives.allreduce import Allreducer
         from aggbox.collectives.group import Group
 
         self.close(name)
-        self.reducers[name] = Allreducer(Group.from_dict(group), block=block, timeout=timeout,
-                                         rto=rto, scale=scale)
+        reducer = Allreducer(Group.from_dict(group), block=block, timeout=timeout, rto=rto,
+                             scale=scale)
+        reducer.next_seq = first_seq
+        self.reducers[name] = reducer
         return {}
 
     def _call(self, reducer, call: dict) -> dict:

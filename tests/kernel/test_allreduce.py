@@ -55,7 +55,7 @@ OUTSIDER = 9
 MTU = 65000
 K = 256
 PORT = 48000
-SIZES = (1, 255, 257, 1000, 4097, 40000)  # 40000: 157 blocks, every slot reused twice
+SIZES = (1, 255, 257, 1000, 4097, 40000)  # 40000: 157 blocks, each of 32 slots reused
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Job:
     def __init__(self, box: Box, hosts: list[int], job_id: int, token: int, port: int = PORT,
                  block: int = K, scale: str = "align", timeout: float = 10.0,
                  name: str = "job", nodes: dict[int, WorkerProcess | None] | None = None,
-                 results: str | None = None, key: bytes | None = None):
+                 results: str | None = None, key: bytes | None = None, first_seq: int = 0):
         self.box, self.name, self.hosts = box, name, hosts
         agg = box.host(0)
         members = [Member(rank=r, ip=box.host(h).ip, mac=box.host(h).mac)
@@ -125,7 +125,7 @@ class Job:
         try:
             for r, node in self.nodes.items():
                 node.call("reducer", name=name, group=as_dict(self.group, r), block=block,
-                          timeout=timeout, scale=scale)
+                          timeout=timeout, scale=scale, first_seq=first_seq)
                 self._open.append(node)
         except BaseException:
             self.close()
@@ -255,6 +255,25 @@ def test_int32_sums_are_exact_for_2_to_8_workers_and_sizes_off_the_block(box, n)
     assert d["agg_added"] == n * total
     assert d["fanout_copies"] == job.copies_per_block() * total
     assert not {k: d[k] for k in DROPS if k in d}, d
+
+
+def test_sums_stay_exact_across_the_32_bit_seq_wrap(box):
+    """A long job's block seqs pass 2**32 (a few days of 25 MiB buckets): the rounds in the
+    kernel wrap with them and the workers' seq arithmetic too. Calls before, across and
+    after the wrap (the job is installed fresh there, as after an aggregator restart)."""
+    job = Job(box, [1, 2, 3], job_id=1090, token=0x1090ABC, first_seq=2**32 - 200)
+    calls = [int32_call(40000, 1091), int32_call(40000, 1092), int32_call(4097, 1093),
+             float_call(20000, 1094, "gaussian")]  # 157, 157, 17 and 79 blocks
+    before = box.counters()
+    try:
+        answers = job.run(calls)
+    finally:
+        job.close()
+    assert_exact_int32(answers, calls[:3], 3)
+    assert_within_bound(answers, 3, calls[3], 3)
+    d = delta(box.counters(), before)
+    assert d["agg_completed"] == blocks(c["size"] for c in calls)
+    assert not d.get("agg_stale_round"), d
 
 
 # ------------------------------------------------------------ 2. float error bound
