@@ -294,15 +294,16 @@ def dequantize_into(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_work
         return out
     scales = _scales(exponents, headroom_bits(n_workers), out.dtype, inverse=True)
     target = out if scales.dtype == out.dtype else np.empty(out.size, dtype=scales.dtype)
+    # one ufunc per run of full blocks: the int to float cast (one rounding) and the exact
+    # multiply (a cast first and a multiply in place was faster at 256 Ki, 71 against 86
+    # us, but 10-30 % slower from 1 Mi on: left out)
+    qfull, qtail = _split(q_sum[: out.size], block)
     ofull, otail = _split(target, block)
-    nf = ofull.shape[0]
-    # the cast (one rounding), then the exact multiply in place: the same operations as
-    # one multiply with dtype=, without numpy's slower buffered cast loop
-    np.copyto(target, q_sum[: out.size], casting="unsafe")
+    nf = qfull.shape[0]
     if nf:
-        np.multiply(ofull, scales[:nf, None], out=ofull)
-    if otail.size:
-        np.multiply(otail, scales[nf], out=otail)
+        np.multiply(qfull, scales[:nf, None], out=ofull, dtype=target.dtype, casting="unsafe")
+    if qtail.size:
+        np.multiply(qtail, scales[nf], out=otail, dtype=target.dtype, casting="unsafe")
     if mean:
         target /= n_workers
     if target is not out:
