@@ -382,9 +382,14 @@ class Allreducer:
             buf = buffers[name] = np.empty(size, dtype=dtype)
         return buf[:size]
 
-    def error_bound(self, result: np.ndarray) -> np.ndarray:
-        """Per element, the bound on the last float call's error (aggbox/quant.py)."""
-        return quant.error_bound(result, self.last_exponents, self.block, self.group.size,
+    def error_bound(self, result: np.ndarray, exponents: np.ndarray | None = None,
+                    block: int | None = None) -> np.ndarray:
+        """Per element, the bound on the last float call's error (aggbox/quant.py); or on
+        ``result``'s, had its blocks of ``block`` values (default: this reducer's) come
+        back with ``exponents`` (default: the last call's)."""
+        return quant.error_bound(result,
+                                 self.last_exponents if exponents is None else exponents,
+                                 self.block if block is None else block, self.group.size,
                                  np.dtype(result.dtype), aligned=self.scale == "align")
 
     def reduce_int32(self, values: np.ndarray, op_max: bool = False) -> np.ndarray:

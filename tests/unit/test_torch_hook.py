@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from aggbox.collectives.allreduce import make_group
+from aggbox import quant
+from aggbox.collectives.allreduce import Allreducer, make_group
 from aggbox.collectives.group import Member
 from aggbox.errors import AggBoxError
-from aggbox.torch import AggBoxState, allreduce_hook
+from aggbox.torch import AggBoxState, _mean_bound, _mean_bound_max, allreduce_hook
 
 
 class FakeReducer:
@@ -17,12 +18,13 @@ class FakeReducer:
 
     def __init__(self, n: int):
         self.n, self.seen = n, []
+        self.block = 256
 
     def allreduce(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
         self.seen.append(x)
         return x.astype(np.float32) * self.n
 
-    def error_bound(self, result: np.ndarray) -> np.ndarray:
+    def error_bound(self, result: np.ndarray, exponents=None, block=None) -> np.ndarray:
         return np.zeros(result.shape)
 
     def close(self) -> None:
@@ -83,3 +85,30 @@ def test_the_hook_passes_ddps_signature_check():
     sig = inspect.signature(allreduce_hook)
     assert sig.parameters["bucket"].annotation is torch.distributed.GradBucket
     assert sig.return_annotation == torch.futures.Future[torch.Tensor]
+
+
+class QuantReducer:
+    """The bound side of a real Allreducer (Allreducer.error_bound), without a kernel."""
+
+    error_bound = Allreducer.error_bound
+
+    def __init__(self, n: int, block: int, exponents: np.ndarray, scale: str):
+        members = [Member(r, f"10.0.0.{r + 2}") for r in range(n)]
+        self.group = make_group(1, 2, members, Member(0, "10.0.0.1"), rank=0)
+        self.block, self.last_exponents, self.scale = block, exponents, scale
+
+
+@pytest.mark.parametrize("size", [1, 257, 16235, 40001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", ["align", "agree"])
+def test_the_largest_bound_from_one_value_per_block_is_the_largest_of_every_element(
+        size, dtype, scale):
+    rng = np.random.default_rng(size)
+    n, block = 3, 4000
+    total = (rng.standard_normal(size) * 10.0 ** rng.integers(-6, 3, size)).astype(np.float32)
+    exponents = quant.block_exponents(total, block)
+    s = AggBoxState(QuantReducer(n, block, exponents, scale), state(n).group, timeout=1.0)
+    mean = np.divide(total, np.float32(n), dtype=np.float32)
+    full = _mean_bound(s, total, mean, exponents, dtype)
+    assert full.shape == (size,)
+    assert _mean_bound_max(s, total, mean, exponents, dtype) == full.max()
