@@ -21,6 +21,7 @@ class FakeReducer:
         self.block = 256
 
     def allreduce(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
+        quant.block_peaks(x, self.block)  # as the real one: NaN/Inf refused before sending
         self.seen.append(x)
         return x.astype(np.float32) * self.n
 
@@ -112,3 +113,16 @@ def test_the_largest_bound_from_one_value_per_block_is_the_largest_of_every_elem
     full = _mean_bound(s, total, mean, exponents, dtype)
     assert full.shape == (size,)
     assert _mean_bound_max(s, total, mean, exponents, dtype) == full.max()
+
+
+@pytest.mark.parametrize("size", [1, 7, 4000, 4001, 12345])
+def test_largest_per_block_finds_each_blocks_largest_magnitude(size):
+    from aggbox.torch import _largest_per_block
+
+    x = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+    x[:: 5] *= -3  # large negatives too
+    at = _largest_per_block(x, 4000)
+    peaks = [np.abs(x[lo:lo + 4000]).max() for lo in range(0, size, 4000)]
+    assert at.size == len(peaks)
+    assert np.array_equal(np.abs(x[at]), np.array(peaks, dtype=np.float32))
+    assert all(lo <= i < lo + 4000 for lo, i in zip(range(0, size, 4000), at, strict=True))
