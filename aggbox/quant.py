@@ -300,10 +300,11 @@ def dequantize_into(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_work
     qfull, qtail = _split(q_sum[: out.size], block)
     ofull, otail = _split(target, block)
     nf = qfull.shape[0]
+    dtype = target.dtype
     if nf:
-        np.multiply(qfull, scales[:nf, None], out=ofull, dtype=target.dtype, casting="unsafe")
+        np.multiply(qfull, scales[:nf, None], out=ofull, dtype=dtype, casting="unsafe")
     if qtail.size:
-        np.multiply(qtail, scales[nf], out=otail, dtype=target.dtype, casting="unsafe")
+        np.multiply(qtail, scales[nf], out=otail, dtype=dtype, casting="unsafe")
     if mean:
         target /= n_workers
     if target is not out:

@@ -53,6 +53,7 @@ from aggbox.collectives.allreduce import DEFAULT_PORTS, Allreducer, make_group, 
 from aggbox.collectives.group import Group, Member
 from aggbox.errors import AggBoxError, CollectiveTimeout
 from aggbox.quant import QuantizationError
+from aggbox.quant import _split as quant_split  # full blocks as rows, and the short tail
 
 STORE_PREFIX = "aggbox"
 INSTALLED = "installed"
@@ -251,15 +252,13 @@ def _mean_bound_max(state: AggBoxState, total: np.ndarray, mean: np.ndarray,
 def _largest_per_block(x: np.ndarray, block: int) -> np.ndarray:
     """Per block of ``x``, the index of a value of the largest magnitude: the block's
     argmax or argmin, whichever is further from 0 (two passes, no |x| array)."""
-    full = x.size // block
-    rows = x[: full * block].reshape(full, block)
+    rows, tail = quant_split(x, block)
     hi, lo = rows.argmax(axis=1), rows.argmin(axis=1)
-    base = np.arange(full) * block
+    base = np.arange(rows.shape[0]) * block
     at = np.where(np.abs(x[base + hi]) >= np.abs(x[base + lo]), hi, lo) + base
-    if full * block < x.size:
-        tail = x[full * block:]
+    if tail.size:
         t = int(tail.argmax()) if abs(tail.max()) >= abs(tail.min()) else int(tail.argmin())
-        at = np.append(at, full * block + t)
+        at = np.append(at, rows.size + t)
     return at
 
 
