@@ -499,7 +499,7 @@ def bench_quant(args: argparse.Namespace) -> int:
     result array, its page faults (docs/allreduce.md, where the time goes)."""
     import time
 
-    from aggbox import quant
+    from aggbox import native, quant
     from aggbox.collectives.allreduce import max_block
 
     block = args.block or max_block(args.mtu)
@@ -520,7 +520,8 @@ def bench_quant(args: argparse.Namespace) -> int:
         def dequantize(exps=exps, sums=sums, y=y):
             quant.dequantize_into(sums, exps, block, args.workers, y)
 
-        row = {"floats": floats, "bytes": x.nbytes, "block": block, "workers": args.workers}
+        row = {"floats": floats, "bytes": x.nbytes, "block": block, "workers": args.workers,
+               "edge": native.status()}
         for name, fn in (("quantize", quantize), ("dequantize", dequantize)):
             times = []
             for _ in range(args.warmup):
@@ -534,7 +535,7 @@ def bench_quant(args: argparse.Namespace) -> int:
             row[f"{name}_gbps"] = round(x.nbytes / p50, 2)  # bytes per ns = GB/s
         results.append(row)
     print(f"{'floats':>10} {'block':>6}  {'quantize us':>11} {'GB/s':>6}  "
-          f"{'dequantize us':>13} {'GB/s':>6}   (one core, p50)")
+          f"{'dequantize us':>13} {'GB/s':>6}   (one core, p50; edge: {native.status()})")
     for r in results:
         print(f"{r['floats']:>10} {r['block']:>6}  {r['quantize_us_p50']:>11.1f} "
               f"{r['quantize_gbps']:>6.2f}  {r['dequantize_us_p50']:>13.1f} "

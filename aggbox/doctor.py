@@ -346,9 +346,21 @@ def check_tools(ctx: Context) -> Check:
     return Check("tools", True, ", ".join(TOOLS))
 
 
+def check_edge(ctx: Context) -> Check:
+    """The allreduce edge's C loops (aggbox/native.py): without them numpy does the same,
+    bit for bit, about twice as slowly."""
+    from aggbox import native
+
+    if native.library() is not None:
+        return Check("edge", True, native.status())
+    return Check("edge", False, native.status(), severity="warn",
+                 fix="install a C compiler (sudo make setup installs clang); "
+                     "AggBox's allreduce works without it, only slower")
+
+
 CHECKS: list[Callable[[Context], Check | list[Check]]] = [
     check_privileges, check_kernel, check_btf, check_bpf_syscall, check_bpffs,
-    check_bcc, check_headers, check_tools, check_trial_load, check_attach,
+    check_bcc, check_headers, check_tools, check_trial_load, check_attach, check_edge,
 ]
 
 

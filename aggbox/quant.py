@@ -19,8 +19,11 @@ and casting the float64 result to float32 adds at most ``|sum_hat| * 2**-24``.
 ``error_bound`` returns both terms for every element; for a mean, divide by N.
 Inputs with NaN or Inf are refused before anything is sent (found from the block peaks).
 
-Cost: each direction is one pass per block in numpy ufuncs, no padding copy: quantize
-is peaks (max, min), multiply into a scratch, rint cast into the int32 send buffer;
+Cost: for float32, each direction is one C loop per block (aggbox/edge.c, built by
+aggbox/native.py): quantize finds the block's peak and writes rint(x * s) into the int32
+send buffer while the block is in cache; dequantize writes float(q) * s into the result.
+Without a C compiler (or with AGGBOX_NATIVE=0) the numpy path below gives the same bits:
+quantize is peaks (max, min), multiply into a scratch, rint cast into the send buffer;
 dequantize is one multiply that casts int32 to the result's dtype into the result
 (``aggbox bench quant`` measures both; docs/allreduce.md).
 
@@ -43,6 +46,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from aggbox import native
 
 #: exponent for an all-zero block (smaller than any float32's): its step is tiny, its q 0.
 ZERO_BLOCK_EXPONENT = -200
@@ -241,6 +246,11 @@ def quantize_into(x: np.ndarray, exponents: np.ndarray, block: int, n_workers: i
     if (np.rint(peaks.astype(dtype) * scales) > float(2**bits)).any():
         raise QuantizationError("a value exceeds its block's agreed exponent: every worker "
                                 "must quantize with the group's MAX exponents")
+    lib = _native_for(flat, out)
+    exps = _int32s(exponents)  # held here: ctypes gets only its address
+    if lib is not None and lib.aggbox_quantize_f32(
+            flat.ctypes.data, flat.size, block, bits, exps.ctypes.data, out.ctypes.data) == 0:
+        return out
     if scratch is None:
         scratch = np.empty(scratch_size(flat.size, block), dtype=dtype)
     for lo, hi in _chunks(flat.size, block):
@@ -264,9 +274,14 @@ def quantize_own_into(x: np.ndarray, block: int, n_workers: int, out: np.ndarray
     bits = headroom_bits(n_workers)
     dtype = _work_dtype(x)
     flat = _flat(x, dtype)
+    exps = np.full(n_blocks(flat.size, block), ZERO_BLOCK_EXPONENT, dtype=np.int32)
+    lib = _native_for(flat, out)
+    if lib is not None and lib.aggbox_quantize_own_f32(
+            flat.ctypes.data, flat.size, block, bits, out.ctypes.data, exps.ctypes.data) == 0:
+        return exps
+    # numpy: also what raises on NaN/Inf, and a block whose scale float32 cannot hold
     if scratch is None:
         scratch = np.empty(scratch_size(flat.size, block), dtype=dtype)
-    exps = np.full(n_blocks(flat.size, block), ZERO_BLOCK_EXPONENT, dtype=np.int32)
     for lo, hi in _chunks(flat.size, block):
         peaks = _peaks(flat[lo:hi], block)
         if not np.isfinite(peaks).all():
@@ -292,7 +307,14 @@ def dequantize_into(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_work
                                np.empty(out.size, dtype=FLOAT32), mean)
         _cast_into(wide, out, mean)
         return out
-    scales = _scales(exponents, headroom_bits(n_workers), out.dtype, inverse=True)
+    bits = headroom_bits(n_workers)
+    lib = _native_for(out, q_sum)
+    exps = _int32s(exponents)  # held here: ctypes gets only its address
+    if lib is not None and lib.aggbox_dequantize_f32(
+            q_sum.ctypes.data, out.size, block, bits, exps.ctypes.data,
+            n_workers if mean else 0, out.ctypes.data) == 0:
+        return out
+    scales = _scales(exponents, bits, out.dtype, inverse=True)
     target = out if scales.dtype == out.dtype else np.empty(out.size, dtype=scales.dtype)
     # one ufunc per run of full blocks: the int to float cast (one rounding) and the exact
     # multiply (a cast first and a multiply in place was faster at 256 Ki, 71 against 86
@@ -310,6 +332,19 @@ def dequantize_into(q_sum: np.ndarray, exponents: np.ndarray, block: int, n_work
     if target is not out:
         out[...] = target  # the one rounding to out.dtype (subnormals included)
     return out
+
+
+def _native_for(floats: np.ndarray, ints: np.ndarray):
+    """The C edge (aggbox/native.py) when it loads and takes these arrays: C-contiguous
+    native-order float32 and int32 (``ints`` at least as long); else None (numpy)."""
+    if (floats.dtype != FLOAT32 or ints.dtype != np.int32 or ints.size < floats.size
+            or not (floats.flags.c_contiguous and ints.flags.c_contiguous)):
+        return None
+    return native.library()
+
+
+def _int32s(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.int32)
 
 
 def _cast_into(wide: np.ndarray, out: np.ndarray, mean: bool) -> None:

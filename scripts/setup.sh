@@ -193,6 +193,13 @@ verify() {
         "(fix: rm -rf $VENV && sudo make setup)"
 }
 
+# (e) The allreduce edge's C loops (aggbox/native.py), built now rather than by the
+# first allreduce; cached per machine, so this is instant once done. Without a compiler
+# the numpy path does the same work: say so, do not fail.
+build_edge() {
+    say "allreduce edge: $("$VENV/bin/python" -c 'from aggbox import native; print(native.status())')"
+}
+
 main() {
     preflight
     install_packages
@@ -201,6 +208,7 @@ main() {
     pip_install
     torch_install
     verify
+    build_edge
     say "ready (run 'make help' to see what to do next)"
 }
 

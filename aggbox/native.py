@@ -1,0 +1,116 @@
+"""The edge's C loops (aggbox/edge.c), compiled once per machine and loaded with ctypes.
+
+aggbox/quant.py calls them for float32 tensors when they load, and its numpy path
+otherwise: the results are bit for bit the same either way (tests/unit/test_native_edge.py),
+only the speed differs (``aggbox bench quant`` shows which path ran).
+
+The shared library is built with the machine's C compiler (``$CC``, else cc, gcc or
+clang) with ``-march=native`` into ``$AGGBOX_CACHE`` (default ``~/.cache/aggbox``), named
+after a hash of the source, the flags, the compiler and the CPU's feature flags: another
+CPU (an image moved to another host) gets its own build, never an instruction it lacks.
+A build is written under a temporary name and renamed, so processes that start together
+(the workers of one run) may all build, and none loads a half-written file.
+``AGGBOX_NATIVE=0`` turns the C path off; ``aggbox doctor`` says which path is in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("edge.c")
+# no -ffast-math: rintf must round half to even and x * s must round like numpy's
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
+BUILD_TIMEOUT_S = 120
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "aggbox_quantize_own_f32": [_P, _I64, _I64, _INT, _P, _P],
+    "aggbox_quantize_f32": [_P, _I64, _I64, _INT, _P, _P],
+    "aggbox_dequantize_f32": [_P, _I64, _I64, _INT, _P, ctypes.c_int32, _P],
+}
+
+_library: ctypes.CDLL | None = None
+_tried = False
+#: why the C path is off ("" while it is on or not yet tried)
+unavailable_reason = ""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AGGBOX_CACHE") or Path.home() / ".cache" / "aggbox")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _build(cc: str) -> Path:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
+                 _cpu_flags().encode()):
+        digest.update(part)
+    target = cache_dir() / f"edge-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".edge-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+                             text=True, timeout=BUILD_TIMEOUT_S)
+        if run.returncode != 0:
+            raise OSError(f"{Path(cc).name} failed: {run.stderr.strip()[:300]}")
+        os.replace(tmp, target)  # atomic: a concurrent loader sees all of it or nothing
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded edge library, or None (then :data:`unavailable_reason` says why)."""
+    global _library, _tried, unavailable_reason
+    if _tried:
+        return _library
+    _tried = True
+    if os.environ.get("AGGBOX_NATIVE", "1").lower() in ("0", "no", "false", "off"):
+        unavailable_reason = "AGGBOX_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        unavailable_reason = "no C compiler (cc, gcc or clang) on PATH"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        unavailable_reason = f"the C edge did not build or load: {exc}"
+        return None
+    _library = lib
+    return lib
+
+
+def status() -> str:
+    """One line: which edge path quantize and dequantize take on this machine."""
+    lib = library()
+    return "C (aggbox/edge.c)" if lib is not None else f"numpy ({unavailable_reason})"
