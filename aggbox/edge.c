@@ -1,7 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0
  *
- * edge.c: the allreduce edge's float32 loops in one pass per block each way, called from
- * aggbox/quant.py through ctypes (aggbox/native.py compiles this file once per machine).
+ * edge.c: a worker's hot loops, called through ctypes (aggbox/native.py compiles this
+ * file once per machine): the allreduce edge's float32 loops, one pass per block each way
+ * (from aggbox/quant.py), and the blocks' socket I/O (from aggbox/collectives/allreduce.py):
+ * a window of blocks sent with one sendmmsg, and the plain results taken into place
+ * without a Python step per datagram.
  *
  * Every function gives bit for bit what quant.py's numpy path gives, or returns non-zero
  * and writes nothing that the caller keeps: the caller then runs the numpy path, which
@@ -14,9 +17,17 @@
  * but in the subnormal range, where it rounds like numpy's), rintf rounds half to even
  * like np.rint, and the cast of an integer-valued float to int32 is exact.
  */
+#define _GNU_SOURCE /* sendmmsg */
+#include <errno.h>
+#include <linux/types.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "aggbox.h" /* bpf/aggbox.h: the wire header, as the kernel programs see it */
 
 #define ZERO_BLOCK_EXPONENT (-200) /* quant.ZERO_BLOCK_EXPONENT */
 #define ABS_BITS 0x7fffffffu
@@ -137,4 +148,123 @@ int aggbox_dequantize_f32(const int32_t *q, int64_t size, int64_t block, int bit
 		}
 	}
 	return EDGE_OK;
+}
+
+/* ------------------------------------------------------------------ block I/O ----- */
+
+/* One call's blocks as the socket loops see them (aggbox/native.py: BlockIO). Block i
+ * is header i, its values values[i * block, min((i + 1) * block, size)) and, for an
+ * authenticated job, tag i; its result goes to out at the same place. */
+struct aggbox_blocks {
+	const uint8_t *headers; /* n_blocks rows of sizeof(struct aggbox_hdr) */
+	const int32_t *values;
+	int32_t *out;
+	int32_t *out_exp;       /* each result's scale exponent */
+	uint8_t *done;          /* 1 once block i's result is in out */
+	int64_t block, size, n_blocks;
+	uint32_t base;          /* seq of block 0 */
+	uint32_t aggregator_ip; /* network order: the only source of results */
+	uint16_t aggregator_port; /* network order: where blocks go */
+	uint16_t pad;
+	uint32_t job_id, token;
+	int32_t epoch;          /* the aggregator's installation; -1: not known yet */
+};
+
+#define SEND_BATCH 64
+
+static inline int64_t span_of(const struct aggbox_blocks *c, int64_t i, int64_t *lo)
+{
+	*lo = i * c->block;
+	return block_end(*lo, c->block, c->size) - *lo;
+}
+
+/* Send blocks idx[0 .. count) (idx NULL: first .. first + count), SEND_BATCH per
+ * sendmmsg. Returns 0, or -errno (EINTR is retried: nothing is sent twice). */
+int aggbox_send_blocks(int fd, const struct aggbox_blocks *c, const int64_t *idx,
+		       int64_t first, int64_t count)
+{
+	struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = c->aggregator_port,
+				  .sin_addr = {.s_addr = c->aggregator_ip}};
+	struct mmsghdr msgs[SEND_BATCH];
+	struct iovec iov[SEND_BATCH][2];
+	for (int64_t sent = 0; sent < count;) {
+		int n = count - sent < SEND_BATCH ? (int)(count - sent) : SEND_BATCH;
+		for (int k = 0; k < n; k++) {
+			int64_t i = idx ? idx[sent + k] : first + sent + k, lo;
+			int64_t len = span_of(c, i, &lo);
+			iov[k][0] = (struct iovec){(void *)(c->headers + i * sizeof(struct aggbox_hdr)),
+						   sizeof(struct aggbox_hdr)};
+			iov[k][1] = (struct iovec){(void *)(c->values + lo), (size_t)len * 4};
+			msgs[k] = (struct mmsghdr){.msg_hdr = {.msg_name = &dst,
+							       .msg_namelen = sizeof(dst),
+							       .msg_iov = iov[k], .msg_iovlen = 2}};
+		}
+		int r = sendmmsg(fd, msgs, n, 0);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		sent += r;
+	}
+	return 0;
+}
+
+enum { TAKE_EMPTY = 0, TAKE_OTHER = 1, TAKE_FULL = 2 };
+
+/* Is the peeked datagram (n bytes from src) a result this loop takes: from the
+ * aggregator, the job's, of the known epoch, not a status, for a block of this call
+ * still without its result, with that block's count and all its values? Anything else
+ * is left queued for the caller, which refuses it, counts it or learns from it. */
+static int plain_result(const struct aggbox_blocks *c, const struct aggbox_hdr *h,
+			ssize_t n, uint32_t src, int64_t *i, int64_t *lo, int64_t *len)
+{
+	if (n < (ssize_t)sizeof(*h) || src != c->aggregator_ip)
+		return 0;
+	if (h->magic != AGGBOX_MAGIC || h->version != AGGBOX_VERSION ||
+	    h->type != AGGBOX_AGG_RESULT || h->job_id != c->job_id || h->token != c->token ||
+	    (h->flags & AGGBOX_F_STATUS) || c->epoch < 0 || h->round != (uint32_t)c->epoch)
+		return 0;
+	*i = (uint32_t)(h->seq - c->base); /* a call may straddle the seq wrap */
+	if (*i >= c->n_blocks || c->done[*i])
+		return 0;
+	*len = span_of(c, *i, lo);
+	return h->count == *len && n >= (ssize_t)(sizeof(*h) + *len * 4);
+}
+
+/* Take queued plain results into place (header peeked, then header and values received
+ * in one recvmsg, the values straight into out), their block numbers into taken (at most
+ * cap). Returns TAKE_EMPTY (nothing queued), TAKE_OTHER (the next datagram is the
+ * caller's), TAKE_FULL (cap taken), or -errno; *n_taken says how many were taken. */
+int aggbox_take_results(int fd, const struct aggbox_blocks *c, int64_t *taken, int64_t cap,
+			int64_t *n_taken)
+{
+	*n_taken = 0;
+	for (;;) {
+		if (*n_taken >= cap)
+			return TAKE_FULL;
+		struct aggbox_hdr h;
+		struct sockaddr_in src;
+		socklen_t slen = sizeof(src);
+		ssize_t n = recvfrom(fd, &h, sizeof(h), MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT,
+				     (struct sockaddr *)&src, &slen);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return errno == EAGAIN || errno == EWOULDBLOCK ? TAKE_EMPTY : -errno;
+		}
+		int64_t i, lo, len;
+		if (!plain_result(c, &h, n, src.sin_addr.s_addr, &i, &lo, &len))
+			return TAKE_OTHER;
+		struct iovec iov[2] = {{&h, sizeof(h)}, {c->out + lo, (size_t)len * 4}};
+		struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+		if (recvmsg(fd, &m, MSG_DONTWAIT) < 0) {
+			if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
+				continue;
+			return -errno;
+		}
+		c->out_exp[i] = h.scale_exp;
+		c->done[i] = 1;
+		taken[(*n_taken)++] = i;
+	}
 }

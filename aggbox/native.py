@@ -1,8 +1,10 @@
-"""The edge's C loops (aggbox/edge.c), compiled once per machine and loaded with ctypes.
+"""A worker's C loops (aggbox/edge.c), compiled once per machine and loaded with ctypes.
 
-aggbox/quant.py calls them for float32 tensors when they load, and its numpy path
+aggbox/quant.py calls the edge's float32 loops when they load, and its numpy path
 otherwise: the results are bit for bit the same either way (tests/unit/test_native_edge.py),
-only the speed differs (``aggbox bench quant`` shows which path ran).
+only the speed differs (``aggbox bench quant`` shows which path ran). The allreduce worker
+(aggbox/collectives/allreduce.py) sends its blocks and takes its plain results through
+:class:`Blocks`, and falls back to its Python socket calls the same way.
 
 The shared library is built with the machine's C compiler (``$CC``, else cc, gcc or
 clang) with ``-march=native`` into ``$AGGBOX_CACHE`` (default ``~/.cache/aggbox``), named
@@ -23,16 +25,41 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from aggbox import BPF_DIR
+
 SOURCE = Path(__file__).with_name("edge.c")
+WIRE_HEADER = BPF_DIR / "aggbox.h"  # the header layout, shared with the kernel programs
 # no -ffast-math: rintf must round half to even and x * s must round like numpy's
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 BUILD_TIMEOUT_S = 120
 
+
+
+class Blocks(ctypes.Structure):
+    """One allreduce call's blocks as edge.c's socket loops see them (struct
+    aggbox_blocks): pointers into the call's numpy arrays, which the call keeps alive."""
+
+    _fields_ = [("headers", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("out_exp", ctypes.c_void_p),
+                ("done", ctypes.c_void_p), ("block", ctypes.c_int64),
+                ("size", ctypes.c_int64), ("n_blocks", ctypes.c_int64),
+                ("base", ctypes.c_uint32), ("aggregator_ip", ctypes.c_uint32),
+                ("aggregator_port", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+                ("job_id", ctypes.c_uint32), ("token", ctypes.c_uint32),
+                ("epoch", ctypes.c_int32)]
+
+
+#: aggbox_take_results' answers
+TAKE_EMPTY, TAKE_OTHER, TAKE_FULL = 0, 1, 2
+
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_BLOCKS = ctypes.POINTER(Blocks)
 _SIGNATURES = {
     "aggbox_quantize_own_f32": [_P, _I64, _I64, _INT, _P, _P],
     "aggbox_quantize_f32": [_P, _I64, _I64, _INT, _P, _P],
     "aggbox_dequantize_f32": [_P, _I64, _I64, _INT, _P, ctypes.c_int32, _P],
+    "aggbox_send_blocks": [_INT, _BLOCKS, _P, _I64, _I64],
+    "aggbox_take_results": [_INT, _BLOCKS, _P, _I64, ctypes.POINTER(ctypes.c_int64)],
 }
 
 _library: ctypes.CDLL | None = None
@@ -64,8 +91,8 @@ def _cpu_flags() -> str:
 
 def _build(cc: str) -> Path:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
-                 _cpu_flags().encode()):
+    for part in (SOURCE.read_bytes(), WIRE_HEADER.read_bytes(), " ".join(FLAGS).encode(),
+                 cc.encode(), _cpu_flags().encode()):
         digest.update(part)
     target = cache_dir() / f"edge-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -74,8 +101,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".edge-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
-                             text=True, timeout=BUILD_TIMEOUT_S)
+        run = subprocess.run([cc, *FLAGS, f"-I{WIRE_HEADER.parent}", "-o", tmp, str(SOURCE)],
+                             capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if run.returncode != 0:
             raise OSError(f"{Path(cc).name} failed: {run.stderr.strip()[:300]}")
         os.replace(tmp, target)  # atomic: a concurrent loader sees all of it or nothing

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import os
 import secrets
 import select
 import socket
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggbox import auth, quant
+from aggbox import auth, native, quant
 from aggbox.collectives.group import Group, Member, multicast_address
 from aggbox.collectives.rtt import RetransmitTimer
 from aggbox.errors import AggBoxError, CollectiveTimeout
@@ -265,6 +266,8 @@ class _Call:
         self.headers: np.ndarray | None = None
         self.tags: np.ndarray | None = None
         self.fast_resent = np.zeros(self.n_blocks, dtype=bool)
+        # the call as edge.c's socket loops see it (Allreducer._native_blocks), or None
+        self.io: native.Blocks | None = None
 
     def span(self, i: int) -> tuple[int, int]:
         start = i * self.block
@@ -326,6 +329,13 @@ class Allreducer:
         self.epoch: int | None = None
         self.restarted_during: int | None = None  # the call's first block seq, if so
         self.rx = bytearray(HEADER_SIZE + 4 * MAX_VALUES + 64)
+        # Blocks sent and plain results taken by edge.c (aggbox/native.py): one sendmmsg
+        # per window, no Python step per result. Authenticated jobs keep the Python path
+        # (their tags are checked there), as does a machine without the C library.
+        self._io = native.library() if self.key is None else None
+        self._fd = self.sock.fileno()
+        self._taken = np.zeros(64, dtype=np.int64)  # block numbers one take returns
+        self._n_taken = ctypes.c_int64()
         # refused: datagrams on the job's port that are not this job's results from the
         # aggregator (wrong source, magic, version, token or shape): never taken
         self.stats = {"blocks": 0, "retransmits": 0, "results": 0, "duplicates": 0,
@@ -406,6 +416,7 @@ class Allreducer:
         if self.key is not None:
             flags |= F_AUTH
         self._headers(call, flags)
+        call.io = self._native_blocks(call)
         last_progress, missing = time.monotonic(), None
         self.timer.progress()
         while call.low < call.n_blocks:
@@ -438,6 +449,20 @@ class Allreducer:
         if self.key is not None:
             call.tags = auth.tags(self.key, call.headers).view(np.uint8).reshape(-1, 8)
 
+    def _native_blocks(self, call: _Call) -> native.Blocks | None:
+        if self._io is None:
+            return None
+        # values and out may be one buffer (allreduce): block i's result lands over its
+        # values, which are not needed once it came
+        return native.Blocks(
+            headers=call.headers.ctypes.data, values=call.values.ctypes.data,
+            out=call.out.ctypes.data, out_exp=call.out_exp.ctypes.data,
+            done=call.done.ctypes.data, block=call.block, size=call.values.size,
+            n_blocks=call.n_blocks, base=call.base,
+            aggregator_ip=int.from_bytes(socket.inet_aton(self.dest[0]), "little"),
+            aggregator_port=socket.htons(self.dest[1]), job_id=self.group.job_id,
+            token=self.group.token, epoch=-1 if self.epoch is None else self.epoch)
+
     def _packet(self, call: _Call, i: int) -> list:
         """Block i's datagram as sendmsg's buffers: its header, a view of its values in
         the send buffer (the kernel gathers them: no copy in user space) and its tag."""
@@ -462,6 +487,17 @@ class Allreducer:
     def _send_blocks(self, call: _Call, blocks: range | list[int]) -> None:
         # One datagram per block: the aggregator drops GSO super-packets (one skb holding
         # several blocks), so there is no GSO option.
+        if call.io is not None:
+            if isinstance(blocks, range):
+                rc = self._io.aggbox_send_blocks(self._fd, call.io, None, blocks.start,
+                                                 len(blocks))
+            else:
+                idx = np.asarray(blocks, dtype=np.int64)  # held: C gets its address
+                rc = self._io.aggbox_send_blocks(self._fd, call.io, idx.ctypes.data, 0,
+                                                 idx.size)
+            if rc < 0:
+                raise OSError(-rc, os.strerror(-rc))
+            return
         sendmsg, dest = self.sock.sendmsg, self.dest
         for i in blocks:
             sendmsg(self._packet(call, i), (), 0, dest)
@@ -533,7 +569,9 @@ class Allreducer:
         resend, a storm of retransmissions that lasted as long as a slow worker did.
         Each datagram's header is peeked first (MSG_PEEK, 32 bytes; MSG_TRUNC gives the
         datagram's whole length): only a checked result is then received, header and
-        values in one recvmsg_into, straight into its block's slice of ``call.out``."""
+        values in one recvmsg_into, straight into its block's slice of ``call.out``.
+        edge.c does that for the plain results (_take_plain) and leaves the rest, each
+        datagram it does not take, to _take."""
         self._missing = None
         hdr = self._peek_header()
         deadline = None
@@ -551,6 +589,14 @@ class Allreducer:
             spun = False
             progressed = False
             while True:
+                if call.io is not None:
+                    code, took = self._take_plain(call)
+                    progressed |= took
+                    if code == native.TAKE_EMPTY:
+                        break
+                    if code == native.TAKE_FULL:
+                        continue
+                    # TAKE_OTHER: the next datagram is not a plain result: checked here
                 try:
                     n, src = self.sock.recvfrom_into(hdr, HEADER_SIZE, _PEEK)
                 except BlockingIOError:
@@ -558,6 +604,30 @@ class Allreducer:
                 progressed |= self._take(call, n, src[0], hdr)
             if progressed:
                 return True
+
+    def _take_plain(self, call: _Call) -> tuple[int, bool]:
+        """edge.c takes the queued plain results (the ones _take would take without a
+        second look: the job's, from the aggregator, of its known epoch, each for a block
+        without its result, whole) into place; the rest of _take's bookkeeping is done
+        here once per batch: one RTT sample (the batch's last block, unless resent)."""
+        code = self._io.aggbox_take_results(self._fd, call.io, self._taken.ctypes.data,
+                                            self._taken.size, ctypes.byref(self._n_taken))
+        if code < 0:
+            raise OSError(-code, os.strerror(-code))
+        k = self._n_taken.value
+        if not k:
+            return code, False
+        taken = self._taken[:k]
+        self.stats["results"] += k
+        last = int(taken[-1])
+        if not call.resent[last]:
+            self.timer.sample(time.monotonic() - call.sent_at[last])
+        while call.low < call.n_blocks and call.done[call.low]:
+            call.low += 1
+        top = int(taken.max())
+        if top >= call.low + FAST_RESEND_GAP:
+            self._fast_resend(call, top)
+        return code, True
 
     def _refuse(self) -> bool:
         self.stats["refused"] += 1
@@ -648,6 +718,8 @@ class Allreducer:
             self.epoch = epoch
             self.restarted_during = call.base
             self.stats["aggregator_restarts"] = self.stats.get("aggregator_restarts", 0) + 1
+        if call.io is not None:
+            call.io.epoch = epoch  # edge.c takes this installation's results from now on
 
     def _authentic(self, header: bytearray | memoryview, tag: bytearray | memoryview) -> bool:
         """An authenticated job's reply: the kernel's tag of its header under the key."""

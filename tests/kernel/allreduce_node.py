@@ -89,9 +89,12 @@ class _Node:
         self.reducers: dict[str, object] = {}
 
     def reducer(self, name: str, group: dict, block: int = 256, timeout: float = 10.0,
-                scale: str = "align", rto: float = 0.02, first_seq: int = 0) -> dict:
+                scale: str = "align", rto: float = 0.02, first_seq: int = 0,
+                io: str = "c") -> dict:
         """``first_seq``: the seq of the first block (a job that has run for a long time:
-        next to the 32-bit wrap)."""
+        next to the 32-bit wrap); ``io``: "c" (edge.c's socket loops, the default where
+        it builds: required then) or "python" (the fallback's)."""
+        from aggbox import native
         from aggbox.collectives.allreduce import Allreducer
         from aggbox.collectives.group import Group
 
@@ -99,6 +102,10 @@ class _Node:
         reducer = Allreducer(Group.from_dict(group), block=block, timeout=timeout, rto=rto,
                              scale=scale)
         reducer.next_seq = first_seq
+        if io == "python":
+            reducer._io = None
+        elif reducer.key is None and reducer._io is None:
+            raise RuntimeError(f"edge.c's socket loops are off: {native.unavailable_reason}")
         self.reducers[name] = reducer
         return {}
 

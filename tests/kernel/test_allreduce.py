@@ -106,7 +106,10 @@ class Job:
     def __init__(self, box: Box, hosts: list[int], job_id: int, token: int, port: int = PORT,
                  block: int = K, scale: str = "align", timeout: float = 10.0,
                  name: str = "job", nodes: dict[int, WorkerProcess | None] | None = None,
-                 results: str | None = None, key: bytes | None = None, first_seq: int = 0):
+                 results: str | None = None, key: bytes | None = None, first_seq: int = 0,
+                 io: str = "c"):
+        """``io="python"``: the workers' socket loops in Python, as on a machine without
+        aggbox/edge.c (the default takes edge.c's wherever it builds)."""
         self.box, self.name, self.hosts = box, name, hosts
         agg = box.host(0)
         members = [Member(rank=r, ip=box.host(h).ip, mac=box.host(h).mac)
@@ -125,7 +128,7 @@ class Job:
         try:
             for r, node in self.nodes.items():
                 node.call("reducer", name=name, group=as_dict(self.group, r), block=block,
-                          timeout=timeout, scale=scale, first_seq=first_seq)
+                          timeout=timeout, scale=scale, first_seq=first_seq, io=io)
                 self._open.append(node)
         except BaseException:
             self.close()
@@ -234,10 +237,10 @@ DROPS = ("drop_truncated", "drop_bad_magic", "drop_bad_version", "drop_bad_type"
 # ------------------------------------------------------------ 1. exact int32 sums
 
 
-@pytest.mark.parametrize("n", [2, 3, 5, 8])
-def test_int32_sums_are_exact_for_2_to_8_workers_and_sizes_off_the_block(box, n):
+@pytest.mark.parametrize(("n", "io"), [(2, "c"), (3, "c"), (3, "python"), (5, "c"), (8, "c")])
+def test_int32_sums_are_exact_for_2_to_8_workers_and_sizes_off_the_block(box, n, io):
     hosts = random.Random(n).sample(WORKERS, n)  # a different subset and rank order each
-    job = Job(box, hosts, job_id=1000 + n, token=0x1000ABC + n)
+    job = Job(box, hosts, job_id=1000 + n, token=0x1000ABC + n, io=io)
     calls = [int32_call(s, 10 * n + i) for i, s in enumerate(SIZES)]
     calls.append(int32_call(777, 99, kind="reduce_int32"))  # the lower-level entry point
     before = box.counters()
@@ -308,9 +311,10 @@ def test_float_error_is_within_the_documented_bound(box, scale, dist):
 # ------------------------------------------------------------ 3. loss, duplication, reorder
 
 
-def test_sums_are_exact_under_loss_duplication_and_reordering(box):
+@pytest.mark.parametrize("io", ["c", "python"])
+def test_sums_are_exact_under_loss_duplication_and_reordering(box, io):
     n = 8
-    job = Job(box, list(WORKERS), job_id=3003, token=0x3003BEEF)
+    job = Job(box, list(WORKERS), job_id=3003, token=0x3003BEEF, io=io)
     calls = [int32_call(40000, 31), int32_call(4097, 32), int32_call(1, 33),
              int32_call(20000, 34)]
     fcall = float_call(5000, 35, "gaussian")
