@@ -22,10 +22,12 @@
 #include <linux/types.h>
 #include <math.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include "aggbox.h" /* bpf/aggbox.h: the wire header, as the kernel programs see it */
 
@@ -210,8 +212,6 @@ int aggbox_send_blocks(int fd, const struct aggbox_blocks *c, const int64_t *idx
 	return 0;
 }
 
-enum { TAKE_EMPTY = 0, TAKE_OTHER = 1, TAKE_FULL = 2 };
-
 /* Is the peeked datagram (n bytes from src) a result this loop takes: from the
  * aggregator, the job's, of the known epoch, not a status, for a block of this call
  * still without its result, with that block's count and all its values? Anything else
@@ -232,17 +232,14 @@ static int plain_result(const struct aggbox_blocks *c, const struct aggbox_hdr *
 	return h->count == *len && n >= (ssize_t)(sizeof(*h) + *len * 4);
 }
 
-/* Take queued plain results into place (header peeked, then header and values received
- * in one recvmsg, the values straight into out), their block numbers into taken (at most
- * cap). Returns TAKE_EMPTY (nothing queued), TAKE_OTHER (the next datagram is the
- * caller's), TAKE_FULL (cap taken), or -errno; *n_taken says how many were taken. */
-int aggbox_take_results(int fd, const struct aggbox_blocks *c, int64_t *taken, int64_t cap,
-			int64_t *n_taken)
+enum { TAKE_EMPTY = 0, TAKE_OTHER = 1, TAKE_ONE = 2 };
+
+/* Take the queued datagram if it is a plain result: its header peeked, then header and
+ * values received in one recvmsg, the values straight into out. TAKE_ONE (*i: its
+ * block), TAKE_EMPTY (nothing queued), TAKE_OTHER (left queued), or -errno. */
+static int take_one(int fd, const struct aggbox_blocks *c, int64_t *i)
 {
-	*n_taken = 0;
 	for (;;) {
-		if (*n_taken >= cap)
-			return TAKE_FULL;
 		struct aggbox_hdr h;
 		struct sockaddr_in src;
 		socklen_t slen = sizeof(src);
@@ -253,8 +250,8 @@ int aggbox_take_results(int fd, const struct aggbox_blocks *c, int64_t *taken, i
 				continue;
 			return errno == EAGAIN || errno == EWOULDBLOCK ? TAKE_EMPTY : -errno;
 		}
-		int64_t i, lo, len;
-		if (!plain_result(c, &h, n, src.sin_addr.s_addr, &i, &lo, &len))
+		int64_t lo, len;
+		if (!plain_result(c, &h, n, src.sin_addr.s_addr, i, &lo, &len))
 			return TAKE_OTHER;
 		struct iovec iov[2] = {{&h, sizeof(h)}, {c->out + lo, (size_t)len * 4}};
 		struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
@@ -263,8 +260,147 @@ int aggbox_take_results(int fd, const struct aggbox_blocks *c, int64_t *taken, i
 				continue;
 			return -errno;
 		}
-		c->out_exp[i] = h.scale_exp;
-		c->done[i] = 1;
-		taken[(*n_taken)++] = i;
+		c->out_exp[*i] = h.scale_exp;
+		c->done[*i] = 1;
+		return TAKE_ONE;
+	}
+}
+
+/* A call's progress, shared by the run loop and the caller (aggbox/native.py: Progress),
+ * which keeps everything that is not the steady state: resends after a timeout, status
+ * replies, refusals, the give-up. */
+struct aggbox_progress {
+	double *sent_at;      /* each block's first send, CLOCK_MONOTONIC s (time.monotonic) */
+	uint8_t *resent;      /* sent again: its round trip is no RTT sample (Karn) */
+	uint8_t *fast_resent; /* resent once already for a gap below later results */
+	int64_t low;          /* every block below has its result */
+	int64_t next_send;    /* blocks below were sent */
+	int64_t pool;         /* the window: block i goes once every block < i - pool + 1 is in */
+	int64_t fast_gap;     /* FAST_RESEND_GAP */
+	double spin_s;        /* busy-poll this long before sleeping while results are due */
+	/* out: added to by each run */
+	int64_t sent, results, fast_retransmits, waits, spin_hits, spin_misses;
+	double rtt_s;         /* the round trip of the last block taken, -1: none */
+	double progress_at;   /* when a result last came */
+};
+
+enum { RUN_DONE = 0, RUN_OTHER = 1, RUN_IDLE = 2, RUN_INTR = 3 };
+
+static double now_s(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* Blocks in [low, top - gap] still without a result, not fast-resent yet: lost (results
+ * come back in block order), resent once now rather than after the timeout. */
+static int fast_resend(int fd, const struct aggbox_blocks *c, struct aggbox_progress *p,
+		       int64_t top)
+{
+	int64_t lost[SEND_BATCH], n = 0;
+	for (int64_t j = p->low; j <= top - p->fast_gap; j++) {
+		if (c->done[j] || p->fast_resent[j])
+			continue;
+		p->fast_resent[j] = p->resent[j] = 1;
+		lost[n++] = j;
+		if (n == SEND_BATCH) {
+			int r = aggbox_send_blocks(fd, c, lost, 0, n);
+			if (r < 0)
+				return r;
+			p->fast_retransmits += n;
+			n = 0;
+		}
+	}
+	int r = n ? aggbox_send_blocks(fd, c, lost, 0, n) : 0;
+	p->fast_retransmits += n;
+	return r;
+}
+
+/* Take every queued plain result; *progressed when one came. TAKE_EMPTY, TAKE_OTHER or
+ * -errno. */
+static int take_queued(int fd, const struct aggbox_blocks *c, struct aggbox_progress *p,
+		       int *progressed)
+{
+	for (;;) {
+		int64_t i = 0;
+		int r = take_one(fd, c, &i);
+		if (r != TAKE_ONE)
+			return r;
+		*progressed = 1;
+		p->results++;
+		p->progress_at = now_s();
+		if (!p->resent[i])
+			p->rtt_s = p->progress_at - p->sent_at[i];
+		while (p->low < c->n_blocks && c->done[p->low])
+			p->low++;
+		if (i >= p->low + p->fast_gap && (r = fast_resend(fd, c, p, i)) < 0)
+			return r;
+	}
+}
+
+/* Busy-poll for a queued datagram, at most spin_s: 1 when one is. */
+static int spin(int fd, struct aggbox_progress *p)
+{
+	double until = now_s() + p->spin_s;
+	struct aggbox_hdr h;
+	do {
+		if (recv(fd, &h, sizeof(h), MSG_PEEK | MSG_DONTWAIT) >= 0) {
+			p->spin_hits++;
+			return 1;
+		}
+	} while (now_s() < until);
+	p->spin_misses++;
+	return 0;
+}
+
+/* The steady state of a call, without the caller: send what the window allows, take the
+ * plain results into place (fast-resending gaps below them), sleep in poll while waiting;
+ * until every block has its result (RUN_DONE), the next datagram is the caller's
+ * (RUN_OTHER), no result comes for first_wait_s, or for wait_s after one that came
+ * (RUN_IDLE: the caller resends), a signal comes (RUN_INTR: the caller runs its handler,
+ * then calls again) or an error (-errno). */
+int aggbox_run(int fd, const struct aggbox_blocks *c, struct aggbox_progress *p,
+	       double wait_s, double first_wait_s)
+{
+	double deadline = now_s() + first_wait_s;
+	for (;;) {
+		int64_t last = p->low + p->pool < c->n_blocks ? p->low + p->pool : c->n_blocks;
+		if (p->next_send < last) {
+			double t = now_s();
+			for (int64_t i = p->next_send; i < last; i++)
+				p->sent_at[i] = t;
+			int r = aggbox_send_blocks(fd, c, NULL, p->next_send, last - p->next_send);
+			if (r < 0)
+				return r;
+			p->sent += last - p->next_send;
+			p->next_send = last;
+		}
+		int progressed = 0;
+		int r = take_queued(fd, c, p, &progressed);
+		if (r < 0)
+			return r;
+		if (p->low >= c->n_blocks)
+			return RUN_DONE;
+		if (r == TAKE_OTHER)
+			return RUN_OTHER;
+		if (progressed) {
+			deadline = now_s() + wait_s;
+			continue;
+		}
+		if (p->spin_s > 0 && p->next_send > p->low && spin(fd, p))
+			continue;
+		double left = deadline - now_s();
+		if (left <= 0)
+			return RUN_IDLE;
+		struct pollfd pfd = {.fd = fd, .events = POLLIN};
+		struct timespec ts = {.tv_sec = (time_t)left,
+				      .tv_nsec = (long)((left - (time_t)left) * 1e9)};
+		p->waits++;
+		int ready = ppoll(&pfd, 1, &ts, NULL);
+		if (ready < 0)
+			return errno == EINTR ? RUN_INTR : -errno;
+		if (ready == 0)
+			return RUN_IDLE;
 	}
 }

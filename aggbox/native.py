@@ -49,8 +49,25 @@ class Blocks(ctypes.Structure):
                 ("epoch", ctypes.c_int32)]
 
 
-#: aggbox_take_results' answers
-TAKE_EMPTY, TAKE_OTHER, TAKE_FULL = 0, 1, 2
+class Progress(ctypes.Structure):
+    """A call's progress as edge.c's run loop and the caller share it (struct
+    aggbox_progress): the window, per-block send times and resend marks (the call's
+    numpy arrays), and counters the loop adds to (the caller folds and zeroes them)."""
+
+    _fields_ = [("sent_at", ctypes.c_void_p), ("resent", ctypes.c_void_p),
+                ("fast_resent", ctypes.c_void_p), ("low", ctypes.c_int64),
+                ("next_send", ctypes.c_int64), ("pool", ctypes.c_int64),
+                ("fast_gap", ctypes.c_int64), ("spin_s", ctypes.c_double),
+                ("sent", ctypes.c_int64), ("results", ctypes.c_int64),
+                ("fast_retransmits", ctypes.c_int64), ("waits", ctypes.c_int64),
+                ("spin_hits", ctypes.c_int64), ("spin_misses", ctypes.c_int64),
+                ("rtt_s", ctypes.c_double), ("progress_at", ctypes.c_double)]
+
+    COUNTERS = ("sent", "results", "fast_retransmits", "waits", "spin_hits", "spin_misses")
+
+
+#: aggbox_run's answers
+RUN_DONE, RUN_OTHER, RUN_IDLE, RUN_INTR = 0, 1, 2, 3
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _BLOCKS = ctypes.POINTER(Blocks)
@@ -59,7 +76,7 @@ _SIGNATURES = {
     "aggbox_quantize_f32": [_P, _I64, _I64, _INT, _P, _P],
     "aggbox_dequantize_f32": [_P, _I64, _I64, _INT, _P, ctypes.c_int32, _P],
     "aggbox_send_blocks": [_INT, _BLOCKS, _P, _I64, _I64],
-    "aggbox_take_results": [_INT, _BLOCKS, _P, _I64, ctypes.POINTER(ctypes.c_int64)],
+    "aggbox_run": [_INT, _BLOCKS, ctypes.POINTER(Progress), ctypes.c_double, ctypes.c_double],
 }
 
 _library: ctypes.CDLL | None = None
