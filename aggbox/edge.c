@@ -131,23 +131,28 @@ int aggbox_quantize_f32(const float *x, int64_t size, int64_t block, int bits,
 
 /* y = float(q) * 2**(e - bits), then / n_mean when n_mean > 1 (a mean): the same two
  * float32 roundings, in the same order, as quant.dequantize_into. */
+static void dequantize_block(const int32_t *q, int64_t lo, int64_t hi, int e, int bits,
+			     int32_t n_mean, float *y)
+{
+	float s = pow2(clamp_k(e - bits)), d = (float)n_mean;
+	if (n_mean > 1) {
+		for (int64_t i = lo; i < hi; i++)
+			y[i] = ((float)q[i] * s) / d;
+	} else {
+		for (int64_t i = lo; i < hi; i++)
+			y[i] = (float)q[i] * s;
+	}
+}
+
 int aggbox_dequantize_f32(const int32_t *q, int64_t size, int64_t block, int bits,
 			  const int32_t *exps, int32_t n_mean, float *y)
 {
 	int64_t n = blocks_of(size, block);
 	if (out_of_range(exps, n, bits, -1))
 		return EDGE_OUT_OF_RANGE;
-	float d = (float)n_mean;
 	for (int64_t b = 0; b < n; b++) {
-		int64_t lo = b * block, hi = block_end(lo, block, size);
-		float s = pow2(clamp_k(exps[b] - bits));
-		if (n_mean > 1) {
-			for (int64_t i = lo; i < hi; i++)
-				y[i] = ((float)q[i] * s) / d;
-		} else {
-			for (int64_t i = lo; i < hi; i++)
-				y[i] = (float)q[i] * s;
-		}
+		int64_t lo = b * block;
+		dequantize_block(q, lo, block_end(lo, block, size), exps[b], bits, n_mean, y);
 	}
 	return EDGE_OK;
 }
@@ -158,8 +163,8 @@ int aggbox_dequantize_f32(const int32_t *q, int64_t size, int64_t block, int bit
  * is header i, its values values[i * block, min((i + 1) * block, size)) and, for an
  * authenticated job, tag i; its result goes to out at the same place. */
 struct aggbox_blocks {
-	const uint8_t *headers; /* n_blocks rows of sizeof(struct aggbox_hdr) */
-	const int32_t *values;
+	uint8_t *headers;       /* n_blocks rows of struct aggbox_hdr */
+	int32_t *values;
 	int32_t *out;
 	int32_t *out_exp;       /* each result's scale exponent */
 	uint8_t *done;          /* 1 once block i's result is in out */
@@ -170,9 +175,37 @@ struct aggbox_blocks {
 	uint16_t pad;
 	uint32_t job_id, token;
 	int32_t epoch;          /* the aggregator's installation; -1: not known yet */
+	/* A fused float32 call (aggbox_quantize_call): each result dequantized into y as it
+	 * is taken, while in cache; NULL: the caller dequantizes. */
+	float *y;
+	int32_t bits, n_mean;   /* quant.headroom_bits; n_mean > 1: y is the mean */
+	int64_t dequantized;    /* results dequantized into y */
+	int32_t deq_failed;     /* a result's scale is not a normal float32: the caller
+				 * dequantizes the whole call again (numpy's float64 path) */
+	int32_t pad2;
 };
 
 #define SEND_BATCH 64
+
+/* A fused float32 call's edge before anything is sent: x quantized block by block into
+ * the send buffer (c->values) with each block's own exponent, which goes into its header
+ * with its seq (c->base + i). EDGE_NONFINITE or EDGE_OUT_OF_RANGE: nothing may be sent,
+ * the caller takes quant.py's path (which raises, or scales in float64). */
+int aggbox_quantize_call(const float *x, struct aggbox_blocks *c)
+{
+	int32_t exps[1]; /* per block, written to its header as soon as it is known */
+	struct aggbox_hdr *h = (struct aggbox_hdr *)c->headers;
+	for (int64_t b = 0; b < c->n_blocks; b++) {
+		int64_t lo = b * c->block, hi = block_end(lo, c->block, c->size);
+		int r = aggbox_quantize_own_f32(x + lo, hi - lo, hi - lo, c->bits, c->values + lo,
+						exps);
+		if (r != EDGE_OK)
+			return r;
+		h[b].seq = c->base + (uint32_t)b;
+		h[b].scale_exp = (int16_t)exps[0];
+	}
+	return EDGE_OK;
+}
 
 static inline int64_t span_of(const struct aggbox_blocks *c, int64_t i, int64_t *lo)
 {
@@ -317,9 +350,24 @@ static int fast_resend(int fd, const struct aggbox_blocks *c, struct aggbox_prog
 	return r;
 }
 
+/* A fused call's result i into y while its values are in cache (see struct
+ * aggbox_blocks). */
+static void dequantize_taken(struct aggbox_blocks *c, int64_t i)
+{
+	int32_t e = c->out_exp[i];
+	if (out_of_range(&e, 1, c->bits, -1)) {
+		c->deq_failed = 1;
+		return;
+	}
+	int64_t lo = i * c->block;
+	dequantize_block(c->out, lo, block_end(lo, c->block, c->size), e, c->bits, c->n_mean,
+			 c->y);
+	c->dequantized++;
+}
+
 /* Take every queued plain result; *progressed when one came. TAKE_EMPTY, TAKE_OTHER or
  * -errno. */
-static int take_queued(int fd, const struct aggbox_blocks *c, struct aggbox_progress *p,
+static int take_queued(int fd, struct aggbox_blocks *c, struct aggbox_progress *p,
 		       int *progressed)
 {
 	for (;;) {
@@ -329,6 +377,8 @@ static int take_queued(int fd, const struct aggbox_blocks *c, struct aggbox_prog
 			return r;
 		*progressed = 1;
 		p->results++;
+		if (c->y)
+			dequantize_taken(c, i);
 		p->progress_at = now_s();
 		if (!p->resent[i])
 			p->rtt_s = p->progress_at - p->sent_at[i];
@@ -360,7 +410,7 @@ static int spin(int fd, struct aggbox_progress *p)
  * (RUN_OTHER), no result comes for first_wait_s, or for wait_s after one that came
  * (RUN_IDLE: the caller resends), a signal comes (RUN_INTR: the caller runs its handler,
  * then calls again) or an error (-errno). */
-int aggbox_run(int fd, const struct aggbox_blocks *c, struct aggbox_progress *p,
+int aggbox_run(int fd, struct aggbox_blocks *c, struct aggbox_progress *p,
 	       double wait_s, double first_wait_s)
 {
 	double deadline = now_s() + first_wait_s;

@@ -46,7 +46,9 @@ class Blocks(ctypes.Structure):
                 ("base", ctypes.c_uint32), ("aggregator_ip", ctypes.c_uint32),
                 ("aggregator_port", ctypes.c_uint16), ("pad", ctypes.c_uint16),
                 ("job_id", ctypes.c_uint32), ("token", ctypes.c_uint32),
-                ("epoch", ctypes.c_int32)]
+                ("epoch", ctypes.c_int32), ("y", ctypes.c_void_p), ("bits", ctypes.c_int32),
+                ("n_mean", ctypes.c_int32), ("dequantized", ctypes.c_int64),
+                ("deq_failed", ctypes.c_int32), ("pad2", ctypes.c_int32)]
 
 
 class Progress(ctypes.Structure):
@@ -76,6 +78,7 @@ _SIGNATURES = {
     "aggbox_quantize_f32": [_P, _I64, _I64, _INT, _P, _P],
     "aggbox_dequantize_f32": [_P, _I64, _I64, _INT, _P, ctypes.c_int32, _P],
     "aggbox_send_blocks": [_INT, _BLOCKS, _P, _I64, _I64],
+    "aggbox_quantize_call": [_P, _BLOCKS],
     "aggbox_run": [_INT, _BLOCKS, ctypes.POINTER(Progress), ctypes.c_double, ctypes.c_double],
 }
 

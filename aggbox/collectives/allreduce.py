@@ -54,6 +54,7 @@ from aggbox.protocol import (
     mac_bytes,
     max_payload,
 )
+from aggbox.quant import n_blocks
 from aggbox.sockets import udp_socket
 
 DEFAULT_PORTS = (48000, 48999)
@@ -270,6 +271,12 @@ class _Call:
         self.io: native.Blocks | None = None
         self.progress: native.Progress | None = None
 
+    def restart(self, base: int, epoch: int) -> None:
+        """The same blocks again as a new call from seq ``base`` (a fused call reused)."""
+        self.base, self.low, self.next_send, self.waiting_on_others = base, 0, 0, False
+        self.done[:] = self.resent[:] = self.fast_resent[:] = False
+        self.io.base, self.io.epoch = base, epoch
+
     def span(self, i: int) -> tuple[int, int]:
         start = i * self.block
         return start, min(start + self.block, self.values.size)
@@ -365,6 +372,12 @@ class Allreducer:
         # blocks without a result are resent) and dequantized straight into the result;
         # NaN/Inf are refused from the block peaks, before anything is sent.
         flat = np.ascontiguousarray(x).reshape(-1)
+        total = np.empty(x.shape, dtype=x.dtype) if out is None else out
+        if self._io is not None and self.scale == "align" and flat.dtype == quant.FLOAT32:
+            exponents = self._fused(flat, total.reshape(-1), op == "mean")
+            if exponents is not None:
+                self.last_exponents = exponents
+                return total
         work = quant.FLOAT32 if flat.dtype == np.float32 else quant.FLOAT64
         scratch = self._buffer("scratch", quant.scratch_size(flat.size, self.block), work)
         q = sums = self._buffer("send", flat.size, np.int32)
@@ -376,12 +389,51 @@ class Allreducer:
         else:
             own = quant.quantize_own_into(flat, self.block, n, q, scratch)
             _, exponents = self._reduce(q, F_ALIGN, own, out=sums)
-        total = np.empty(x.shape, dtype=x.dtype) if out is None else out
         # the mean is divided before the cast: a float16 sum may overflow where its mean fits
         self.last_exponents = exponents
         quant.dequantize_into(sums, exponents, self.block, n, total.reshape(-1),
                               mean=op == "mean")
         return total
+
+    #: tensor sizes whose fused calls are kept (a DDP model has a few bucket sizes)
+    FUSED_SIZES = 8
+
+    def _fused(self, flat: np.ndarray, y: np.ndarray, mean: bool) -> np.ndarray | None:
+        """A float32 aligned-mode call with its edge in edge.c: quantized into the send
+        buffer with the headers' seqs and exponents in one pass before anything is sent
+        (None on NaN/Inf or a scale float32 cannot hold: then quant.py's path runs, which
+        raises or scales in float64), each result dequantized into ``y`` as it is taken.
+        The call's buffers and structs are kept per tensor size and reused. Returns the
+        results' exponents."""
+        call = self._fused_call(flat.size)
+        call.restart(self.next_seq, -1 if self.epoch is None else self.epoch)
+        io = call.io
+        io.y, io.n_mean = y.ctypes.data, self.group.size if mean else 0
+        io.dequantized = io.deq_failed = 0
+        if self._io.aggbox_quantize_call(flat.ctypes.data, io) != 0:
+            return None
+        self.next_seq = (call.base + call.n_blocks) & SEQ_MASK
+        self._drive(call)
+        if io.dequantized != call.n_blocks or io.deq_failed:
+            # results _take took (not edge.c), or a scale outside float32: all again
+            quant.dequantize_into(call.out, call.out_exp, self.block, self.group.size, y,
+                                  mean=mean)
+        return call.out_exp.copy()
+
+    def _fused_call(self, size: int) -> _Call:
+        calls = self.__dict__.setdefault("_fused_calls", {})
+        call = calls.pop(size, None)
+        if call is None:
+            if len(calls) >= self.FUSED_SIZES:
+                calls.pop(next(iter(calls)))  # the least recently used size
+            values = np.zeros(size, dtype=np.int32)  # its own send buffer, results over it
+            call = _Call(0, values, self.block, np.zeros(n_blocks(size, self.block),
+                                                         dtype=np.int32), values)
+            self._headers(call, F_ALIGN)
+            self._attach_native(call)
+            call.io.bits = quant.headroom_bits(self.group.size)
+        calls[size] = call  # most recently used last
+        return call
 
     def _buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
         """``size`` values of a buffer kept across calls (grown for a bigger tensor), so
@@ -416,12 +468,21 @@ class Allreducer:
         if self.key is not None:
             flags |= F_AUTH
         self._headers(call, flags)
+        self._attach_native(call)
+        self._drive(call)
+        return call.out, call.out_exp
+
+    def _attach_native(self, call: _Call) -> None:
+        """The structs edge.c runs the call through (none without the C library)."""
         call.io = self._native_blocks(call)
         if call.io is not None:
             call.progress = native.Progress(
                 sent_at=call.sent_at.ctypes.data, resent=call.resent.ctypes.data,
                 fast_resent=call.fast_resent.ctypes.data, pool=self.pool,
                 fast_gap=FAST_RESEND_GAP)
+
+    def _drive(self, call: _Call) -> None:
+        """Every block of the call to its result: sends, resends, timeouts."""
         last_progress, missing = time.monotonic(), None
         self.timer.progress()
         while call.low < call.n_blocks:
@@ -441,7 +502,6 @@ class Allreducer:
                 self._give_up(call, missing)
             self._resend_outstanding(call)
             self.timer.expired()
-        return call.out, call.out_exp
 
     # -- sending -----------------------------------------------------------------------
 
