@@ -73,16 +73,27 @@ static inline int64_t blocks_of(int64_t size, int64_t block)
 	return size ? (size + block - 1) / block : 1; /* quant.n_blocks */
 }
 
-static void scale_rint(const float *x, int64_t lo, int64_t hi, float s, int32_t *q)
+static void scale_rint(const float *x, int64_t lo, int64_t hi, float s, int32_t bias,
+		       int32_t *q)
 {
 	for (int64_t i = lo; i < hi; i++)
-		q[i] = (int32_t)rintf(x[i] * s);
+		q[i] = (int32_t)rintf(x[i] * s) + bias;
 }
+
+static int quantize_own(const float *x, int64_t size, int64_t block, int bits,
+			int32_t bias, int32_t *q, int32_t *exps);
 
 /* Aligned mode: per block its peak, its own exponent into exps, q = rint(x * 2**(bits -
  * e)). The block is still in L1/L2 for the second loop. */
 int aggbox_quantize_own_f32(const float *x, int64_t size, int64_t block, int bits,
 			    int32_t *q, int32_t *exps)
+{
+	return quantize_own(x, size, block, bits, 0, q, exps);
+}
+
+/* ... + bias on every value (a fused call's biased blocks) */
+static int quantize_own(const float *x, int64_t size, int64_t block, int bits,
+			int32_t bias, int32_t *q, int32_t *exps)
 {
 	const uint32_t *xu = (const uint32_t *)x;
 	for (int64_t b = 0, n = blocks_of(size, block); b < n; b++) {
@@ -98,7 +109,7 @@ int aggbox_quantize_own_f32(const float *x, int64_t size, int64_t block, int bit
 		if (peak && (k < MIN_NORMAL_K || k > MAX_NORMAL_K))
 			return EDGE_OUT_OF_RANGE;
 		exps[b] = e;
-		scale_rint(x, lo, hi, pow2(clamp_k(k)), q);
+		scale_rint(x, lo, hi, pow2(clamp_k(k)), bias, q);
 	}
 	return EDGE_OK;
 }
@@ -124,23 +135,25 @@ int aggbox_quantize_f32(const float *x, int64_t size, int64_t block, int bits,
 		return EDGE_OUT_OF_RANGE;
 	for (int64_t b = 0; b < n; b++) {
 		int64_t lo = b * block;
-		scale_rint(x, lo, block_end(lo, block, size), pow2(clamp_k(bits - exps[b])), q);
+		scale_rint(x, lo, block_end(lo, block, size), pow2(clamp_k(bits - exps[b])), 0, q);
 	}
 	return EDGE_OK;
 }
 
 /* y = float(q) * 2**(e - bits), then / n_mean when n_mean > 1 (a mean): the same two
  * float32 roundings, in the same order, as quant.dequantize_into. */
+/* y = float(q - bias) * 2**(e - bits), / n_mean for a mean; the subtraction wraps like
+ * numpy's int32 (a biased sum may sit at 2**31). */
 static void dequantize_block(const int32_t *q, int64_t lo, int64_t hi, int e, int bits,
-			     int32_t n_mean, float *y)
+			     int32_t n_mean, uint32_t bias, float *y)
 {
 	float s = pow2(clamp_k(e - bits)), d = (float)n_mean;
 	if (n_mean > 1) {
 		for (int64_t i = lo; i < hi; i++)
-			y[i] = ((float)q[i] * s) / d;
+			y[i] = ((float)(int32_t)((uint32_t)q[i] - bias) * s) / d;
 	} else {
 		for (int64_t i = lo; i < hi; i++)
-			y[i] = (float)q[i] * s;
+			y[i] = (float)(int32_t)((uint32_t)q[i] - bias) * s;
 	}
 }
 
@@ -152,7 +165,7 @@ int aggbox_dequantize_f32(const int32_t *q, int64_t size, int64_t block, int bit
 		return EDGE_OUT_OF_RANGE;
 	for (int64_t b = 0; b < n; b++) {
 		int64_t lo = b * block;
-		dequantize_block(q, lo, block_end(lo, block, size), exps[b], bits, n_mean, y);
+		dequantize_block(q, lo, block_end(lo, block, size), exps[b], bits, n_mean, 0, y);
 	}
 	return EDGE_OK;
 }
@@ -182,14 +195,15 @@ struct aggbox_blocks {
 	int64_t dequantized;    /* results dequantized into y */
 	int32_t deq_failed;     /* a result's scale is not a normal float32: the caller
 				 * dequantizes the whole call again (numpy's float64 path) */
-	int32_t pad2;
+	int32_t n_workers;      /* aligned blocks are biased: each value + 2**bits is sent,
+				 * each result carries n_workers * 2**bits (bpf/aggregate.c) */
 };
 
 #define SEND_BATCH 64
 
 /* A fused float32 call's edge before anything is sent: x quantized block by block into
  * the send buffer (c->values) with each block's own exponent, which goes into its header
- * with its seq (c->base + i). EDGE_NONFINITE or EDGE_OUT_OF_RANGE: nothing may be sent,
+ * with its seq (c->base + i); each value biased by 2**bits (struct aggbox_blocks). EDGE_NONFINITE or EDGE_OUT_OF_RANGE: nothing may be sent,
  * the caller takes quant.py's path (which raises, or scales in float64). */
 int aggbox_quantize_call(const float *x, struct aggbox_blocks *c)
 {
@@ -197,8 +211,8 @@ int aggbox_quantize_call(const float *x, struct aggbox_blocks *c)
 	struct aggbox_hdr *h = (struct aggbox_hdr *)c->headers;
 	for (int64_t b = 0; b < c->n_blocks; b++) {
 		int64_t lo = b * c->block, hi = block_end(lo, c->block, c->size);
-		int r = aggbox_quantize_own_f32(x + lo, hi - lo, hi - lo, c->bits, c->values + lo,
-						exps);
+		int r = quantize_own(x + lo, hi - lo, hi - lo, c->bits, 1 << c->bits,
+				     c->values + lo, exps);
 		if (r != EDGE_OK)
 			return r;
 		h[b].seq = c->base + (uint32_t)b;
@@ -361,7 +375,7 @@ static void dequantize_taken(struct aggbox_blocks *c, int64_t i)
 	}
 	int64_t lo = i * c->block;
 	dequantize_block(c->out, lo, block_end(lo, c->block, c->size), e, c->bits, c->n_mean,
-			 c->y);
+			 (uint32_t)c->n_workers << c->bits, c->y);
 	c->dequantized++;
 }
 

@@ -48,7 +48,7 @@ class Blocks(ctypes.Structure):
                 ("job_id", ctypes.c_uint32), ("token", ctypes.c_uint32),
                 ("epoch", ctypes.c_int32), ("y", ctypes.c_void_p), ("bits", ctypes.c_int32),
                 ("n_mean", ctypes.c_int32), ("dequantized", ctypes.c_int64),
-                ("deq_failed", ctypes.c_int32), ("pad2", ctypes.c_int32)]
+                ("deq_failed", ctypes.c_int32), ("n_workers", ctypes.c_int32)]
 
 
 class Progress(ctypes.Structure):

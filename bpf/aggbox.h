@@ -41,8 +41,9 @@ enum aggbox_type {
                                     * bitmap of the workers whose block is in (aux: its
                                     * low half)                                          */
 #define AGGBOX_F_ALIGN      0x0400 /* AGG: values quantized with each worker's own exponent
-                                    * (hdr.scale_exp): the kernel aligns them to the
-                                    * largest before it sums                             */
+                                    * (hdr.scale_exp), each + 2**B (biased, B the job's
+                                    * headroom bits): the kernel aligns them to the
+                                    * largest before it sums; results carry n * 2**B     */
 #define AGGBOX_F_AUTH       0x0800 /* an authenticated job's packet: the 8 bytes after the
                                     * payload are SipHash-2-4 of this header under the
                                     * job's key (lib/siphash.h; aggbox/auth.py)           */

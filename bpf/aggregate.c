@@ -169,7 +169,7 @@ struct agg_progress {
 	__u32 complete;  /* agg_reply: the copy is finished (else: send a status) */
 	__s32 exp;       /* AGGBOX_F_ALIGN: the contribution's exponent */
 	__u32 round;
-	__u32 pad;
+	__u32 bias;      /* AGGBOX_F_ALIGN: what each value carries, 2**B (align_bias) */
 	__u64 bit;       /* the sender's rank bit */
 	__u64 done;      /* agg_reply: the workers whose block is in */
 };
@@ -261,13 +261,30 @@ static __always_inline int copy_verdict(struct agg_copy *cp, struct agg_progress
 enum add_mode {
 	MODE_STALE = 0, /* the chunk is at a newer round: a late packet, dropped */
 	MODE_SKIP,      /* this worker's values of the chunk are already in */
-	MODE_STORE,     /* the round's first writer (or the sum shifted out entirely) */
-	MODE_ADD,       /* sum += in */
+	MODE_STORE,     /* the round's first writer */
+	MODE_ADD,       /* sum += in, each int32 lane wrapping (SWAR) */
 	MODE_SHIFT_SUM, /* sum = round(sum / 2**d) + in: the contribution has a larger exponent */
 	MODE_SHIFT_IN,  /* sum += round(in / 2**d) */
 	MODE_MAX,       /* sum = max(sum, in) */
-	MODE_NONE,      /* the input shifts out entirely: nothing to add, but it is in */
+	MODE_NONE,      /* aligned: the input shifts out entirely: only its bias is added */
+	MODE_ADD_LANES, /* aligned: sum += in as plain 64-bit words (biased lanes never carry) */
+	MODE_STORE_OVER, /* aligned: the sum shifts out entirely: sum = in + the others' bias */
 };
+
+/* Aligned blocks are biased (AGGBOX_F_ALIGN, aggbox/collectives/allreduce.py): a worker
+ * sends each value plus 2**B (B = quant.headroom_bits(n): |q| <= 2**B), so every value
+ * is non-negative, and a chunk holding c contributions holds sum(q) + c * 2**B <=
+ * 2 n 2**B <= 2**31 in each lane: two lanes of a 64-bit word add with one add and no
+ * carry between them. The alignment shifts take the bias off, shift, and put it back. */
+static __always_inline __u32 align_bias(__u32 n_members)
+{
+	__u32 ceil_log2 = 0;
+#pragma clang loop unroll(full)
+	for (int k = 0; k < 7; k++) /* n <= 64 */
+		if ((1u << ceil_log2) < n_members)
+			ceil_log2++;
+	return 1u << (30 - ceil_log2);
+}
 
 /* Decide the chunk's mode under its lock (and start the chunk's round if it is blank). */
 static __always_inline int chunk_mode(struct agg_chunk_state *ch, struct agg_progress *pr,
@@ -297,11 +314,11 @@ static __always_inline int chunk_mode(struct agg_chunk_state *ch, struct agg_pro
 	if (mine > cur) {
 		ch->exp = mine;
 		*d = mine - cur;
-		return *d > 30 ? MODE_STORE : MODE_SHIFT_SUM;
+		return *d > 30 ? MODE_STORE_OVER : MODE_SHIFT_SUM;
 	}
 	*d = cur - mine;
 	if (*d == 0)
-		return MODE_ADD;
+		return MODE_ADD_LANES;
 	return *d > 30 ? MODE_NONE : MODE_SHIFT_IN;
 }
 
@@ -356,30 +373,38 @@ struct agg_pairs {
 };
 _Static_assert(__builtin_offsetof(struct agg_chunk_state, values) % 8 == 0, "values 8-aligned");
 
-/* Combine n values of `buf` into the chunk, as `mode` says (under the chunk's lock). */
+/* Combine n values of `buf` into the chunk, as `mode` says (under the chunk's lock);
+ * `bias`: an aligned value's (align_bias), `others`: the bias of the contributions the
+ * chunk holds already. */
 static __always_inline void combine(struct agg_chunk_state *ch, struct agg_chunk *buf,
-				    __u32 n, int mode, __u32 d)
+				    __u32 n, int mode, __u32 d, __u32 bias, __u32 others)
 {
-	if (mode == MODE_STORE || mode == MODE_ADD) {
-		/* Eight values per iteration, in two int32 lanes of four words. */
-		struct agg_pairs *dst = (void *)ch->values, *src = (void *)buf->v;
-		__u32 nq = (n + 7) / 8;
-		if (mode == MODE_STORE) {
-			PAIR_LOOP(dst->w[j] = src->w[j]);
-		} else {
-			PAIR_LOOP(dst->w[j] = add_lanes(dst->w[j], src->w[j]));
-		}
+	/* Eight values per iteration, in two int32 lanes of four words. */
+	struct agg_pairs *dst = (void *)ch->values, *src = (void *)buf->v;
+	__u32 nq = (n + 7) / 8;
+	/* x / 2**d rounded to nearest, 1 <= d <= 30 (|x| <= 2**30: no overflow) */
+	__u32 dd = d & 31;
+	__s32 half = 1 << ((dd - 1) & 31);
+	if (mode == MODE_STORE) {
+		PAIR_LOOP(dst->w[j] = src->w[j]);
+	} else if (mode == MODE_ADD_LANES) {
+		PAIR_LOOP(dst->w[j] += src->w[j]);
+	} else if (mode == MODE_ADD) {
+		PAIR_LOOP(dst->w[j] = add_lanes(dst->w[j], src->w[j]));
+	} else if (mode == MODE_STORE_OVER) {
+		__u64 both = (__u64)others << 32 | others;
+		PAIR_LOOP(dst->w[j] = src->w[j] + both);
+	} else if (mode == MODE_NONE) {
+		__u64 both = (__u64)bias << 32 | bias;
+		PAIR_LOOP(dst->w[j] += both);
 	} else if (mode == MODE_MAX) {
 		CHUNK_LOOP(if (buf->v[j] > ch->values[j]) ch->values[j] = buf->v[j]);
-	} else if (mode == MODE_SHIFT_SUM || mode == MODE_SHIFT_IN) {
-		/* x / 2**d rounded to nearest, 1 <= d <= 30 (|x| <= 2**30: no overflow) */
-		__u32 dd = d & 31;
-		__s32 half = 1 << ((dd - 1) & 31);
-		if (mode == MODE_SHIFT_SUM) {
-			CHUNK_LOOP(ch->values[j] = ((ch->values[j] + half) >> dd) + buf->v[j]);
-		} else {
-			CHUNK_LOOP(ch->values[j] += (buf->v[j] + half) >> dd);
-		}
+	} else if (mode == MODE_SHIFT_SUM) {
+		CHUNK_LOOP(ch->values[j] = ((((__s32)((__u32)ch->values[j] - others)) + half) >> dd)
+					   + (__s32)(others + (__u32)buf->v[j]));
+	} else if (mode == MODE_SHIFT_IN) {
+		CHUNK_LOOP(ch->values[j] += ((((__s32)((__u32)buf->v[j] - bias)) + half) >> dd)
+					    + (__s32)bias);
 	}
 }
 
@@ -590,7 +615,9 @@ int agg_add(struct __sk_buff *skb)
 	__u32 d = 0;
 	bpf_spin_lock(&ch->lock);
 	int mode = chunk_mode(ch, pr, &d);
-	combine(ch, buf, n, mode, d);
+	/* the bias of the contributions in (0 for a chunk chunk_mode just started) */
+	__u32 others = pr->bias * (__u32)__builtin_popcountll(ch->added);
+	combine(ch, buf, n, mode, d, pr->bias, others);
 	if (mode != MODE_STALE)
 		ch->added |= pr->bit;
 	bpf_spin_unlock(&ch->lock);
@@ -737,6 +764,7 @@ int agg_ingress(struct __sk_buff *skb)
 	pr->flags = flags;
 	pr->n_members = job->n_members;
 	pr->exp = p.hdr->scale_exp;
+	pr->bias = align_bias(job->n_members);
 	pr->round = round;
 	pr->bit = bit;
 	if (verdict == COPY_STALE_ROUND || verdict == COPY_SHAPE_MISMATCH) {

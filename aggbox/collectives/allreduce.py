@@ -9,6 +9,8 @@ agree on the scale of each block (aggbox/quant.py):
 
 - ``scale="align"`` (default, one round): each worker quantizes with its own block
   exponent and sends it in the header; the kernel aligns contributions to the largest.
+  Aligned blocks are biased: each value travels as q + 2**B (non-negative), so that the
+  kernel adds two int32 lanes with one 64-bit add (bpf/aggregate.c, align_bias).
 - ``scale="agree"`` (two rounds): an in-kernel element-wise MAX of the per-block
   exponents first, then the SUM of blocks quantized with the agreed exponents.
 
@@ -388,7 +390,10 @@ class Allreducer:
             self._reduce(q, 0, out=sums)
         else:
             own = quant.quantize_own_into(flat, self.block, n, q, scratch)
+            bias = 1 << quant.headroom_bits(n)  # aligned blocks are biased (align_bias)
+            q += bias
             _, exponents = self._reduce(q, F_ALIGN, own, out=sums)
+            sums -= n * bias  # int32, wrapping: a biased sum may sit at 2**31
         # the mean is divided before the cast: a float16 sum may overflow where its mean fits
         self.last_exponents = exponents
         quant.dequantize_into(sums, exponents, self.block, n, total.reshape(-1),
@@ -416,6 +421,7 @@ class Allreducer:
         self._drive(call)
         if io.dequantized != call.n_blocks or io.deq_failed:
             # results _take took (not edge.c), or a scale outside float32: all again
+            call.out -= io.n_workers << io.bits  # the bias off (see allreduce)
             quant.dequantize_into(call.out, call.out_exp, self.block, self.group.size, y,
                                   mean=mean)
         return call.out_exp.copy()
@@ -432,6 +438,7 @@ class Allreducer:
             self._headers(call, F_ALIGN)
             self._attach_native(call)
             call.io.bits = quant.headroom_bits(self.group.size)
+            call.io.n_workers = self.group.size
         calls[size] = call  # most recently used last
         return call
 

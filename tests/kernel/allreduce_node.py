@@ -68,6 +68,15 @@ def float_input(rank: int, size: int, dist: str, seed: int) -> np.ndarray:
         x = np.zeros(size)
     elif dist == "small":  # gradient-like magnitudes: every block's exponent is negative
         x = rng.standard_normal(size) * 1e-3
+    elif dist == "sparse":  # half the ranks send all-zero blocks where the others do not
+        x = rng.standard_normal(size)
+        half = size // 2
+        if rank % 2:
+            x[:half] = 0.0
+        else:
+            x[half:] = 0.0
+    elif dist == "scales":  # each rank 10 bits below the one before: every shift, and
+        x = rng.standard_normal(size) * 1e-3 ** rank  # some past the 30-bit headroom
     else:
         raise ValueError(f"unknown distribution {dist!r}")
     return x.astype(np.float32)

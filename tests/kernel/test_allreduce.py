@@ -282,12 +282,17 @@ def test_sums_stay_exact_across_the_32_bit_seq_wrap(box):
 # ------------------------------------------------------------ 2. float error bound
 
 
-@pytest.mark.parametrize("dist", ["uniform", "gaussian", "heavy", "zeros"])
+DISTS = ["uniform", "gaussian", "heavy", "zeros", "sparse", "scales"]
+
+
+# sparse and scales: contributions of one block at exponents 10 to 200 bits apart, in
+# any order: every alignment mode of bpf/aggregate.c's chunk_mode (shift either side,
+# shifted out entirely either side) on biased values
+@pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("scale", ["align", "agree"])
 def test_float_error_is_within_the_documented_bound(box, scale, dist):
     n = 5
-    job_id = 2000 + 10 * ["align", "agree"].index(scale) + ["uniform", "gaussian", "heavy",
-                                                              "zeros"].index(dist)
+    job_id = 2000 + 10 * ["align", "agree"].index(scale) + DISTS.index(dist)
     job = Job(box, [3, 8, 1, 6, 4], job_id=job_id, token=job_id * 7919, scale=scale)
     calls = [float_call(3001, 5, dist), float_call(257, 6, dist)]
     try:
