@@ -52,6 +52,12 @@ def assert_trained(run) -> pd.DataFrame:
     return samples
 
 
+def test_a_training_cell_on_netns_trains_both_systems_alike(netns_run):
+    """The reference the other backends are held to, itself checked (in make test)."""
+    assert json.loads((netns_run / "meta.json").read_text())["testbed"]["backend"] == "netns"
+    assert_trained(netns_run)
+
+
 # ~4-6 min here (four 2.1 GB container copies on vfs, torch imported in each): run by
 # make test-long and make test-docker, not by make test (its budget is 20 minutes).
 @pytest.mark.docker
@@ -67,7 +73,11 @@ def test_a_training_cell_on_docker_containers(image, netns_run, tmp_path):  # no
     assert list_docker_resources(os.environ["AGGBOX_PREFIX"]) == ([], [])
 
 
+# ~1.5 min (the playbooks, then torch imported on every stand-in): run by make test-long
+# and make test-ansible; make test keeps the ansible allreduce and broadcast cells, and
+# training on netns, within its 20-minute budget.
 @pytest.mark.ansible
+@pytest.mark.long
 def test_a_training_cell_over_ssh(standins, netns_run, tmp_path):  # noqa: F811
     # The stand-ins share this machine, whose Debian Python has no torch: the nodes use
     # the Python running the tests (its venv has torch and scikit-learn, and BCC through
