@@ -327,7 +327,9 @@ struct aggbox_progress {
 	double spin_s;        /* busy-poll this long before sleeping while results are due */
 	/* out: added to by each run */
 	int64_t sent, results, fast_retransmits, waits, spin_hits, spin_misses;
-	double rtt_s;         /* the round trip of the last block taken, -1: none */
+	double *rtts;         /* the round trips of the blocks taken that were sent once
+			       * (Karn), for the caller's RTT estimator: rtts_cap at most */
+	int64_t rtts_cap, n_rtts;
 	double progress_at;   /* when a result last came */
 };
 
@@ -394,8 +396,8 @@ static int take_queued(int fd, struct aggbox_blocks *c, struct aggbox_progress *
 		if (c->y)
 			dequantize_taken(c, i);
 		p->progress_at = now_s();
-		if (!p->resent[i])
-			p->rtt_s = p->progress_at - p->sent_at[i];
+		if (!p->resent[i] && p->n_rtts < p->rtts_cap)
+			p->rtts[p->n_rtts++] = p->progress_at - p->sent_at[i];
 		while (p->low < c->n_blocks && c->done[p->low])
 			p->low++;
 		if (i >= p->low + p->fast_gap && (r = fast_resend(fd, c, p, i)) < 0)

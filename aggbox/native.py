@@ -63,7 +63,8 @@ class Progress(ctypes.Structure):
                 ("sent", ctypes.c_int64), ("results", ctypes.c_int64),
                 ("fast_retransmits", ctypes.c_int64), ("waits", ctypes.c_int64),
                 ("spin_hits", ctypes.c_int64), ("spin_misses", ctypes.c_int64),
-                ("rtt_s", ctypes.c_double), ("progress_at", ctypes.c_double)]
+                ("rtts", ctypes.c_void_p), ("rtts_cap", ctypes.c_int64),
+                ("n_rtts", ctypes.c_int64), ("progress_at", ctypes.c_double)]
 
     COUNTERS = ("sent", "results", "fast_retransmits", "waits", "spin_hits", "spin_misses")
 

@@ -272,6 +272,7 @@ class _Call:
         # the call as edge.c's socket loops see it (Allreducer._native_blocks), or None
         self.io: native.Blocks | None = None
         self.progress: native.Progress | None = None
+        self.rtts: np.ndarray | None = None  # the round trips one run of edge.c measured
 
     def restart(self, base: int, epoch: int) -> None:
         """The same blocks again as a new call from seq ``base`` (a fused call reused)."""
@@ -411,7 +412,7 @@ class Allreducer:
         The call's buffers and structs are kept per tensor size and reused. Returns the
         results' exponents."""
         call = self._fused_call(flat.size)
-        call.restart(self.next_seq, -1 if self.epoch is None else self.epoch)
+        call.restart(self.next_seq, self._known_epoch())
         io = call.io
         io.y, io.n_mean = y.ctypes.data, self.group.size if mean else 0
         io.dequantized = io.deq_failed = 0
@@ -483,10 +484,12 @@ class Allreducer:
         """The structs edge.c runs the call through (none without the C library)."""
         call.io = self._native_blocks(call)
         if call.io is not None:
+            call.rtts = np.zeros(2 * self.pool, dtype=np.float64)
             call.progress = native.Progress(
                 sent_at=call.sent_at.ctypes.data, resent=call.resent.ctypes.data,
                 fast_resent=call.fast_resent.ctypes.data, pool=self.pool,
-                fast_gap=FAST_RESEND_GAP)
+                fast_gap=FAST_RESEND_GAP, rtts=call.rtts.ctypes.data,
+                rtts_cap=call.rtts.size)
 
     def _drive(self, call: _Call) -> None:
         """Every block of the call to its result: sends, resends, timeouts."""
@@ -539,7 +542,11 @@ class Allreducer:
             n_blocks=call.n_blocks, base=call.base,
             aggregator_ip=int.from_bytes(socket.inet_aton(self.dest[0]), "little"),
             aggregator_port=socket.htons(self.dest[1]), job_id=self.group.job_id,
-            token=self.group.token, epoch=-1 if self.epoch is None else self.epoch)
+            token=self.group.token, epoch=self._known_epoch())
+
+    def _known_epoch(self) -> int:
+        """The aggregator's epoch as edge.c takes it: -1 until the first reply."""
+        return -1 if self.epoch is None else self.epoch
 
     def _packet(self, call: _Call, i: int) -> list:
         """Block i's datagram as sendmsg's buffers: its header, a view of its values in
@@ -648,8 +655,8 @@ class Allreducer:
         Each datagram's header is peeked first (MSG_PEEK, 32 bytes; MSG_TRUNC gives the
         datagram's whole length): only a checked result is then received, header and
         values in one recvmsg_into, straight into its block's slice of ``call.out``.
-        edge.c does that for the plain results (_take_plain) and leaves the rest, each
-        datagram it does not take, to _take."""
+        (The Python path: with edge.c, aggbox_run does this for the plain results and
+        leaves every other datagram to _take, see _run_native.)"""
         self._missing = None
         hdr = self._peek_header()
         deadline = None
@@ -687,16 +694,14 @@ class Allreducer:
         progressed = False
         while True:
             p.low, p.next_send = call.low, call.next_send
-            p.spin_s, p.rtt_s = self._spin_budget(), -1.0
-            before = p.results
+            p.spin_s, p.n_rtts = self._spin_budget(), 0
             code = self._io.aggbox_run(self._fd, call.io, p, wait,
                                        max(0.0, deadline - time.monotonic()))
             call.low, call.next_send = p.low, p.next_send
-            self._fold(p)
-            if p.rtt_s >= 0:
-                self.timer.sample(p.rtt_s)
-            if p.results > before:
+            if self._fold(p):  # results came
                 progressed, deadline = True, p.progress_at + wait
+            for rtt in call.rtts[:p.n_rtts]:  # every block's sample, as _take gives them
+                self.timer.sample(float(rtt))
             if code < 0:
                 raise OSError(-code, os.strerror(-code))
             if code == native.RUN_OTHER:  # one datagram queued that edge.c left alone
@@ -709,16 +714,17 @@ class Allreducer:
             elif code != native.RUN_INTR:  # a signal: its handler ran, go on
                 return progressed, code == native.RUN_IDLE
 
-    def _fold(self, p: native.Progress) -> None:
-        """Add the run's counters to the stats (and zero them in ``p``)."""
-        names = {"sent": "blocks"}
+    def _fold(self, p: native.Progress) -> int:
+        """Add the run's counters to the stats and zero them in ``p``; returns how many
+        results the run took."""
+        results = p.results
         for name in native.Progress.COUNTERS:
             value = getattr(p, name)
             if value:
-                key = names.get(name, name)
+                key = "blocks" if name == "sent" else name
                 self.stats[key] = self.stats.get(key, 0) + value
                 setattr(p, name, 0)
-        p.results = 0
+        return results
 
     def _refuse(self) -> bool:
         self.stats["refused"] += 1

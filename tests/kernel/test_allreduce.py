@@ -348,6 +348,28 @@ def test_sums_are_exact_under_loss_duplication_and_reordering(box, io):
     assert d.get("agg_late_reply", 0) + d.get("agg_status", 0) > 0, d
 
 
+@pytest.mark.parametrize("io", ["c", "python"])
+def test_a_call_longer_than_the_timeout_completes_while_results_keep_coming(box, io):
+    # The timeout bounds a stall, not a call: under loss a call resends after idle RTOs
+    # for longer than `timeout` in all, and every result that came counts as progress.
+    timeout = 3.0  # many of the RTO's 0.2 s ceiling: no stall under this loss is longer
+    job = Job(box, list(WORKERS)[:4], job_id=3013, token=0x3013BEEF, timeout=timeout, io=io)
+    calls = [int32_call(100000, 41)]
+    try:
+        box.tb.set_netem(Netem(loss_pct=20, seed=3013))
+        try:
+            t0 = time.monotonic()
+            answers = job.run(calls)
+            elapsed = time.monotonic() - t0
+        finally:
+            box.tb.set_netem(None)
+    finally:
+        job.close()
+    assert_exact_int32(answers, calls, 4)
+    print(f"\n[timing] {elapsed:.2f} s against a {timeout} s timeout")
+    assert elapsed > timeout, elapsed  # else this test could not fail
+
+
 # ------------------------------------------------------------ 4. two concurrent jobs
 
 
