@@ -75,6 +75,8 @@ F_AUTH = int(Flags.AUTH)  # bpf/aggbox.h AGGBOX_F_AUTH: tagged under the job's k
 
 #: later blocks with their result before a block without one is taken for lost
 FAST_RESEND_GAP = 3
+#: the tail-loss probe's floor (Allreducer._wait_s)
+MIN_PROBE_S = 0.002
 #: a worker's spin before select() when results are due (Allreducer.spin_s)
 SPIN_S = 100e-6
 # the header of the queued datagram, and (MSG_TRUNC) its whole length, without taking it
@@ -297,7 +299,8 @@ class Allreducer:
     def __init__(self, group: Group, block: int = 256, timeout: float = 10.0,
                  rto: float = 0.02, scale: str = "align"):
         """``rto``: the retransmission timeout until the first round trip is measured; one
-        above MAX_RTO_S pins it (no RTT adaptation: a caller that wants no resends)."""
+        above MAX_RTO_S pins it (no RTT adaptation and no tail-loss probe: a caller that
+        wants no resends)."""
         if scale not in ("align", "agree"):
             raise AggBoxError(f"scale must be 'align' or 'agree', got {scale!r}")
         self.scale = scale
@@ -309,7 +312,7 @@ class Allreducer:
         self.block = block
         self.pool = 1 << POOL_SHIFT
         self.timeout = timeout
-        pinned = rto > self.MAX_RTO_S
+        pinned = self._rto_pinned = rto > self.MAX_RTO_S
         self.timer = RetransmitTimer(initial_s=rto, min_s=rto if pinned else self.MIN_RTO_S,
                                      max_s=rto if pinned else self.MAX_RTO_S)
         self.sock = udp_socket(group.port)
@@ -500,7 +503,7 @@ class Allreducer:
                 progressed, idle = self._run_native(call)
             else:
                 self._send_window(call)
-                progressed = self._receive(call, self.timer.current_s)
+                progressed = self._receive(call, self._wait_s())
                 idle = not progressed
             if progressed:
                 self.timer.progress()
@@ -587,8 +590,31 @@ class Allreducer:
         for i in blocks:
             sendmsg(self._packet(call, i), (), 0, dest)
 
+    min_probe_s = MIN_PROBE_S
+
+    def _wait_s(self, after_progress: bool = False) -> float:
+        """How long to wait for a result before resending: after progress, a tail-loss
+        probe's 2 SRTT (at least min_probe_s), else the RTO with its back-off. A block
+        lost among the call's last FAST_RESEND_GAP has too few later results for a fast
+        resend and waited the whole RTO, whose 5 ms floor was most of a lossy call's time:
+        2 x 256 Ki is 68 packets a worker, so at 5 % loss most calls lose one, and one in
+        two loses one of the last 3 blocks (docs/allreduce.md). ``after_progress``: the
+        wait once a result comes (the back-off is over)."""
+        timer = self.timer
+        if timer.backoffs and not after_progress:
+            return timer.current_s
+        if timer.srtt_s is None or self._rto_pinned:
+            return timer.rto_s
+        return min(timer.rto_s, max(self.min_probe_s, 2 * timer.srtt_s))
+
     def _resend_outstanding(self, call: _Call) -> None:
         outstanding = [i for i in range(call.low, call.next_send) if not call.done[i]]
+        if not self.timer.backoffs and not self._rto_pinned:  # a probe (_wait_s)
+            self.stats["probes"] = self.stats.get("probes", 0) + 1
+            if len(outstanding) > FAST_RESEND_GAP:
+                # Not a tail: fast resends cover the losses below later results, so what
+                # waits is a peer or a lost resend; the lowest block alone probes.
+                outstanding = outstanding[:1]
         if call.waiting_on_others:
             # A worker descheduled past the timeout (busy CPUs) made every waiting worker
             # resend its whole window (32 blocks of up to 64 KiB) each timeout, and the
@@ -597,7 +623,11 @@ class Allreducer:
             # block was lost, the probe is that block.
             outstanding = outstanding[:1]
             call.waiting_on_others = False
-        call.resent[outstanding] = True
+        # No RTT sample from any block that waited across a timeout, resent or not: it
+        # waited for a recovery (its own, or a peer's whose packet was lost), and such
+        # samples (100-250 ms at 20 % loss) drove the RTO to its 0.2 s ceiling, where it
+        # stayed: each long wait gave a long sample.
+        call.resent[call.low:call.next_send] = True
         self._send_blocks(call, outstanding)
         self.stats["retransmits"] += len(outstanding)
 
@@ -688,13 +718,18 @@ class Allreducer:
         _take's checks (taken here, then on), or no result came for the RTO. Returns
         (progressed, idle): whether a result came, and whether the RTO passed without
         one (the caller resends, as after _receive's False). Like _receive, datagrams
-        that are no progress do not extend the wait."""
-        p, wait = call.progress, self.timer.current_s
-        deadline = time.monotonic() + wait
+        that are no progress do not extend the wait. The wait after a result is the one
+        after progress (_wait_s), not the backed-off one this run began with: kept, a
+        call that had waited out a stall (RTOs doubled up to 0.2 s) waited that long for
+        each of its later losses too; at 20 % loss the C loop took 4x the Python loop's
+        time (which starts a new wait after each result)."""
+        p = call.progress
+        deadline = time.monotonic() + self._wait_s()
         progressed = False
         while True:
             p.low, p.next_send = call.low, call.next_send
             p.spin_s, p.n_rtts = self._spin_budget(), 0
+            wait = self._wait_s(after_progress=True)
             code = self._io.aggbox_run(self._fd, call.io, p, wait,
                                        max(0.0, deadline - time.monotonic()))
             call.low, call.next_send = p.low, p.next_send

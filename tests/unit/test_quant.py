@@ -468,7 +468,8 @@ def test_one_worker_round_trip_with_forged_results_refused(monkeypatch):
     t = threading.Thread(target=aggregator, daemon=True)
     t.start()
     try:
-        reducer = ar.Allreducer(group, block=256, timeout=5.0)
+        # a pinned RTO: no resend on a loaded machine (the stand-in shares the GIL)
+        reducer = ar.Allreducer(group, block=256, timeout=5.0, rto=1.0)
         rng = np.random.default_rng(5)
         for size in (1000, 256, 3001, 1000):  # buffers grow and are reused
             x = rng.standard_normal(size).astype(np.float32)
@@ -491,3 +492,111 @@ def test_one_worker_round_trip_with_forged_results_refused(monkeypatch):
         t.join()
         box.close()
         forger.close()
+
+
+# ------------------------------------------------------------ recovery, on loopback
+#
+# The same one-worker stand-in, losing on purpose: what is resent after a timeout, and
+# which round trips reach the RTT estimator. Both socket loops (edge.c's and Python's).
+
+
+class _StandIn:
+    """A one-worker aggregator on loopback that answers each block with its own values,
+    except that ``hold(i, copies)`` (i: the block within the call, copies: how many of
+    it came so far) may keep a block's result back; held results go out, in order, as
+    soon as ``hold`` lets go of them on a later copy of any block."""
+
+    def __init__(self, hold):
+        import socket as socketlib
+        import threading
+
+        self.hold, self.copies, self.held = hold, {}, []
+        self.box = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+        self.box.bind(("127.0.0.2", 0))
+        self.port = self.box.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
+
+        self.box.settimeout(0.05)
+        while not self.stop.is_set():
+            try:
+                data, src = self.box.recvfrom(1 << 17)
+            except TimeoutError:
+                continue
+            (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp,
+             _a) = HEADER.unpack_from(data)
+            self.copies[seq] = self.copies.get(seq, 0) + 1
+            result = HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, flags, job, token, seq,
+                                 0, rank, count, exp, 0) + data[HEADER_SIZE:]
+            if seq not in {s for s, _ in self.held}:
+                self.held.append((seq, result))
+            for s, r in list(self.held):
+                if not self.hold(s, self.copies):
+                    self.box.sendto(r, src)
+                    self.held.remove((s, r))
+
+    def __enter__(self) -> _StandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.box.close()
+
+
+def _recovering_reducer(monkeypatch, stand_in: _StandIn, io: str):
+    ar, group = _loopback_worker(monkeypatch, stand_in.port)
+    # Every timeout planned, even on a loaded machine (the stand-in shares the GIL): at
+    # least 0.1 s, which results not held back never take.
+    reducer = ar.Allreducer(group, block=256, timeout=5.0, rto=0.1)
+    reducer.min_probe_s = 0.1
+    if io == "python":
+        reducer._io = None
+    elif reducer._io is None:
+        reducer.close()
+        pytest.skip("aggbox/edge.c did not build here (no C compiler)")
+    return reducer
+
+
+def _int_call(reducer, blocks: int) -> None:
+    x = np.arange(256 * blocks, dtype=np.int32) - 1000
+    assert np.array_equal(reducer.reduce_int32(x), x)
+
+
+@pytest.mark.parametrize("io", ["c", "python"])
+def test_a_lost_tail_block_is_probed_alone(monkeypatch, io):
+    # The last block's first copy is lost: no later result can reveal it (no fast
+    # resend), so the first timeout is a tail-loss probe, and it resends that block only.
+    with _StandIn(lambda seq, copies: seq == 7 and copies[seq] < 2) as agg:
+        reducer = _recovering_reducer(monkeypatch, agg, io)
+        try:
+            _int_call(reducer, 8)
+            assert reducer.stats["probes"] == 1, reducer.stats
+        finally:
+            reducer.close()
+        assert agg.copies[7] == 2, agg.copies
+        assert all(agg.copies[s] == 1 for s in range(7)), (agg.copies, reducer.stats)
+
+
+@pytest.mark.parametrize("io", ["c", "python"])
+def test_blocks_that_waited_out_a_stall_give_no_rtt_sample(monkeypatch, io):
+    # Every result waits until block 0 comes twice (a stalled peer, as the worker sees
+    # it): one probe of the lowest block (not the window), and none of the eight round
+    # trips, all longer than the timeout, reaches the RTO estimator; they drove it to its
+    # ceiling under loss. The next call, without a stall, gives samples again (one per
+    # block, but for any that a loaded machine delays past the 5 ms RTO floor).
+    with _StandIn(lambda seq, copies: copies.get(0, 0) < 2 and seq < 8) as agg:
+        reducer = _recovering_reducer(monkeypatch, agg, io)
+        try:
+            _int_call(reducer, 8)
+            assert all(agg.copies[s] == 1 for s in range(1, 8)), agg.copies
+            assert reducer.timer.samples == 0, reducer.timer.as_dict()
+            _int_call(reducer, 8)
+            assert reducer.timer.samples > 0, reducer.timer.as_dict()
+        finally:
+            reducer.close()
+        assert agg.copies[0] == 2
