@@ -67,11 +67,17 @@ def test_a_sleeping_window_costs_about_nothing_beyond_the_background():
     with MachineCpu() as meter:
         if meter.source != "cpuidle":
             pytest.skip("no cpuidle driver: /proc/stat's ticks are too coarse for this")
-        account = CpuAccount(meter)
-        account.calibrate(seconds=0.2)
-        with account.window("sleep", n_ops=1):
-            time.sleep(0.2)
-    assert account.per_op_us("sleep") < 20_000  # < 10% of the 200 ms window
+        # The least of three tries: other work on the machine (a VM neighbour, a flush)
+        # only adds to a window, and once made one 200 ms sleep read 145 ms busy; a meter
+        # that counted sleeping as busy would read high every time.
+        costs = []
+        for _ in range(3):
+            account = CpuAccount(meter)
+            account.calibrate(seconds=0.2)
+            with account.window("sleep", n_ops=1):
+                time.sleep(0.2)
+            costs.append(account.per_op_us("sleep"))
+    assert min(costs) < 20_000, costs  # < 10% of the 200 ms window
 
 
 def test_an_emitted_account_divides_like_the_live_one():
