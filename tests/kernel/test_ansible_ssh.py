@@ -28,6 +28,7 @@ def standins(tmp_path_factory):
         yield hosts
 
 
+@pytest.mark.long  # ~2 min; make test-ansible runs it, make test keeps the allreduce cell
 def test_a_broadcast_cell_over_ssh_has_the_schema_of_a_netns_run(standins, tmp_path):
     run, seconds = run_experiment("bcast-small", tmp_path / "ansible", "--testbed", "ansible",
                                   "--inventory", str(standins.inventory))
