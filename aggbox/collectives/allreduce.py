@@ -611,20 +611,20 @@ class Allreducer:
 
     def _resend_outstanding(self, call: _Call) -> None:
         outstanding = [i for i in range(call.low, call.next_send) if not call.done[i]]
-        if not self.timer.backoffs and not self._rto_pinned:  # a probe (_wait_s)
+        probe = not self.timer.backoffs and not self._rto_pinned  # the wait was _wait_s's
+        if probe:
             self.stats["probes"] = self.stats.get("probes", 0) + 1
-            if len(outstanding) > FAST_RESEND_GAP:
-                # Not a tail: fast resends cover the losses below later results, so what
-                # waits is a peer or a lost resend; the lowest block alone probes.
-                outstanding = outstanding[:1]
-        if call.waiting_on_others:
-            # A worker descheduled past the timeout (busy CPUs) made every waiting worker
-            # resend its whole window (32 blocks of up to 64 KiB) each timeout, and the
-            # aggregator answer each copy with a status. The lowest block alone probes:
-            # its status (or result) tells whether that still holds, and if this worker's
-            # block was lost, the probe is that block.
+        # The lowest block alone probes when the wait is on others or is not a tail.
+        # Others: a worker descheduled past the timeout (busy CPUs) made every waiting
+        # worker resend its whole window (32 blocks of up to 64 KiB) each timeout, and
+        # the aggregator answer each copy with a status; the probe's status (or result)
+        # tells whether that still holds, and if this worker's block was lost, the probe
+        # is that block. Not a tail (a first timeout with more than FAST_RESEND_GAP
+        # outstanding): fast resends cover the losses below later results, so what waits
+        # is a peer or a lost resend.
+        if call.waiting_on_others or (probe and len(outstanding) > FAST_RESEND_GAP):
             outstanding = outstanding[:1]
-            call.waiting_on_others = False
+        call.waiting_on_others = False
         # No RTT sample from any block that waited across a timeout, resent or not: it
         # waited for a recovery (its own, or a peer's whose packet was lost), and such
         # samples (100-250 ms at 20 % loss) drove the RTO to its 0.2 s ceiling, where it

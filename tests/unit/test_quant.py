@@ -502,9 +502,9 @@ def test_one_worker_round_trip_with_forged_results_refused(monkeypatch):
 
 class _StandIn:
     """A one-worker aggregator on loopback that answers each block with its own values,
-    except that ``hold(i, copies)`` (i: the block within the call, copies: how many of
-    it came so far) may keep a block's result back; held results go out, in order, as
-    soon as ``hold`` lets go of them on a later copy of any block."""
+    except that ``hold(seq, copies)`` (seq: the block's, copies: how many of each seq
+    came so far) may keep a block's result back; held results go out, in order, as soon
+    as ``hold`` lets go of them on a later copy of any block."""
 
     def __init__(self, hold):
         import socket as socketlib
