@@ -41,10 +41,10 @@
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
-#include <linux/if_ether.h>
-#include <linux/if_packet.h>
-#include <linux/ip.h>
-#include <linux/udp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/if_packet.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/udp.h>
 
 #ifndef AGG_MAX_VALUES
 #define AGG_MAX_VALUES 16384 /* largest block, in int32 values; a power of two */

@@ -33,10 +33,10 @@
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/in.h>
-#include <linux/tcp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
 
 #define IMPAIR_MARK 0xab0c00ffu
 #define STASH_MAX 1536 /* MTU 1500 + Ethernet header, rounded up */

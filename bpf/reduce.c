@@ -43,10 +43,10 @@
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
-#include <linux/if_ether.h>
-#include <linux/if_packet.h>
-#include <linux/ip.h>
-#include <linux/udp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/if_packet.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/udp.h>
 
 #ifndef KV_MAP_ENTRIES
 #define KV_MAP_ENTRIES 131072 /* distinct keys the kernel holds per job */

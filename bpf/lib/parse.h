@@ -6,10 +6,10 @@
 #ifndef AGGBOX_PARSE_H
 #define AGGBOX_PARSE_H
 
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ip.h>
-#include <linux/udp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/udp.h>
 
 #include "aggbox.h"
 

@@ -7,9 +7,9 @@
 #ifndef AGGBOX_REPLY_H
 #define AGGBOX_REPLY_H
 
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/udp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/udp.h>
 
 #include "aggbox.h"
 #include "lib/parse.h"
