@@ -9,6 +9,7 @@ developer's own testbed are never touched.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
@@ -18,6 +19,8 @@ import pytest
 
 SESSION_PREFIX = f"abx-t{secrets.token_hex(2)}"
 _STATE_DIR = tempfile.mkdtemp(prefix="aggbox-test-state-")
+# (also when no test runs, e.g. a path that does not exist: the fixture below never does)
+atexit.register(shutil.rmtree, _STATE_DIR, ignore_errors=True)
 os.environ["AGGBOX_PREFIX"] = SESSION_PREFIX
 os.environ["AGGBOX_STATE_DIR"] = _STATE_DIR
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,11 @@ def test_a_failing_host_is_named_in_the_error(standins, tmp_path):
             pass
     message = str(err.value)
     assert "provision.yml" in message and "host h2" in message and "artifacts:" in message
+    # A failed session keeps its private data dir for the artifacts the message names:
+    # they are there, and this test removes them (every run would leave one in /tmp).
+    artifacts = Path(message.rsplit("artifacts: ", 1)[1].strip())
+    assert artifacts.is_dir() and artifacts.parent.name == "artifacts", artifacts
+    shutil.rmtree(artifacts.parent.parent)
 
 
 # Two filters on the stand-in's ingress hook: what a node killed before it detached leaves

@@ -90,7 +90,8 @@ def _wait_for_a_cell(prefix: str, deadline: float) -> tuple[list[str], list[Path
 
 
 def test_sigkilled_campaign_then_down_all_leaves_nothing(tmp_path, session_prefix):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # (TMPDIR: the campaign's temporary directory, which a SIGKILL leaves, is tmp_path's)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "aggbox", "chaos", "--quick",
                              "--out", str(tmp_path), "--only", "reduce-by-key/loss-5%"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL,
