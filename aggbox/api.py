@@ -51,6 +51,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from aggbox import auth
 from aggbox.collectives.group import Group, Member
 from aggbox.errors import AggBoxError, CollectiveTimeout, SetupError
 from aggbox.protocol import MAX_MEMBERS
@@ -668,7 +669,7 @@ def init(rank: int | None = None, world: int | None = None, rendezvous: str = "e
     Every rank passes the same ``world``, ``aggregator_rank``, ``operations`` and key.
     """
     host, port, rank, world = parse_rendezvous(rendezvous, rank, world)
-    key_hex = _auth_key_hex(auth_key)
+    key_hex = auth.key_hex(auth_key)
     operations = tuple(operations)
     unknown = sorted(set(operations) - set(OPERATIONS))
     if unknown:
@@ -690,7 +691,7 @@ def init(rank: int | None = None, world: int | None = None, rendezvous: str = "e
         raise
     me = {"ip": ip, "mac": mac, "mtu": interface_mtu(iface), "prefixlen": prefixlen,
           "world": world, "aggregator_rank": aggregator_rank,
-          "operations": list(operations), "auth": _key_check_value(key_hex)}
+          "operations": list(operations), "auth": auth.check_value(key_hex)}
     ctx = Context(rank, world, aggregator_rank, (), iface, 0, operations, timeout, {},
                   store, server)
     ctx.auth_key = key_hex
@@ -763,34 +764,6 @@ def _check_members(members: list[dict], me: dict) -> None:
             raise AggBoxError(f"ranks {seen[m['ip']]} and {r} are both on {m['ip']}: "
                               "AggBox needs one rank per host (network namespace)")
         seen[m["ip"]] = r
-
-
-def _auth_key_hex(key: bytes | str | None) -> str:
-    """The job's auth key as 32 hex digits ("" for none), from the argument or the
-    environment; a malformed key is refused before anything is set up."""
-    from aggbox.auth import KEY_SIZE
-
-    if key is None:
-        key = os.environ.get("AGGBOX_AUTH_KEY", "")
-    if isinstance(key, str):
-        try:
-            key = bytes.fromhex(key)
-        except ValueError:
-            raise AggBoxError("auth_key (AGGBOX_AUTH_KEY) must be hex digits, e.g. from "
-                              "`python -c 'import secrets; print(secrets.token_hex(16))'`"
-                              ) from None
-    if key and len(key) != KEY_SIZE:
-        raise AggBoxError(f"auth_key must be {KEY_SIZE} bytes ({2 * KEY_SIZE} hex digits), "
-                          f"got {len(key)}")
-    return key.hex()
-
-
-def _key_check_value(key_hex: str) -> str:
-    """What ranks compare to agree on the key without sending it: its tag of a header of
-    zeros (a PRF value: it says nothing of the key)."""
-    from aggbox.auth import tag
-
-    return f"{tag(bytes.fromhex(key_hex), bytes(32)):016x}" if key_hex else ""
 
 
 def _check_group_ip(group_ip: str, members: list[dict]) -> None:

@@ -20,10 +20,13 @@ hundreds): a worker tags a whole call's blocks in one go.
 
 from __future__ import annotations
 
+import os
 import secrets
 import struct
 
 import numpy as np
+
+from aggbox.errors import AggBoxError
 
 KEY_SIZE = 16
 TAG_SIZE = 8
@@ -129,3 +132,28 @@ def tags(key: bytes, headers: np.ndarray) -> np.ndarray:
         v[2] ^= np.uint64(0xFF)
         _np_rounds(v, 4)
     return (v[0] ^ v[1] ^ v[2] ^ v[3]).astype("<u8")
+
+
+def key_hex(key: bytes | str | None) -> str:
+    """A job's auth key as 32 hex digits ("" for none), from the argument or the
+    environment's ``AGGBOX_AUTH_KEY``; a malformed key is refused before anything is set
+    up."""
+    if key is None:
+        key = os.environ.get("AGGBOX_AUTH_KEY", "")
+    if isinstance(key, str):
+        try:
+            key = bytes.fromhex(key)
+        except ValueError:
+            raise AggBoxError("auth_key (AGGBOX_AUTH_KEY) must be hex digits, e.g. from "
+                              "`python -c 'import secrets; print(secrets.token_hex(16))'`"
+                              ) from None
+    if key and len(key) != KEY_SIZE:
+        raise AggBoxError(f"auth_key must be {KEY_SIZE} bytes ({2 * KEY_SIZE} hex digits), "
+                          f"got {len(key)}")
+    return key.hex()
+
+
+def check_value(key_hex: str) -> str:
+    """What the sides of a job compare to agree on its key without sending it: the key's
+    tag of a header of zeros (a PRF value: it says nothing of the key); "" for none."""
+    return f"{tag(bytes.fromhex(key_hex), bytes(32)):016x}" if key_hex else ""

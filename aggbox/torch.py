@@ -28,12 +28,20 @@ last bucket (``aggbox.quant``'s bound of the sum, divided by the group size, plu
 roundings of the division and of the cast back). A bucket with NaN or Inf is refused
 before anything is sent, naming the bucket; a rank that stops answering makes every
 other rank's call fail within ``timeout`` seconds, naming it.
+
+Authenticated jobs: give every rank and the aggregator host the same 16-byte key
+(``auth_key=`` or the environment's ``AGGBOX_AUTH_KEY``, 32 hex digits). The key never
+goes through the store: each side publishes a check value of it (a tag of a header of
+zeros), rank 0 names the ranks whose key differs from its own, and the aggregator refuses
+to install a job whose check value is not its own; either way every rank fails at start-up
+with that one message.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import secrets
@@ -42,13 +50,14 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from aggbox import auth
 from aggbox.collectives.allreduce import DEFAULT_PORTS, Allreducer, make_group, max_block
 from aggbox.collectives.group import Group, Member
 from aggbox.errors import AggBoxError, CollectiveTimeout
@@ -56,7 +65,10 @@ from aggbox.quant import QuantizationError
 from aggbox.quant import _split as quant_split  # full blocks as rows, and the short tail
 
 STORE_PREFIX = "aggbox"
-INSTALLED = "installed"
+INSTALLED = "installed"  # the aggregator's answer: "1", or {"error": ...} (JSON)
+AUTH = "auth"  # rank 0's key check value and the ranks whose key differs (JSON)
+KEY_ADVICE = ("give every rank and the aggregator host the same AGGBOX_AUTH_KEY "
+              "(32 hex digits), or none of them one")
 SIOCGIFADDR, SIOCGIFHWADDR, SIOCGIFMTU = 0x8915, 0x8927, 0x8921
 # Relative half-ulp of the dtypes a bucket may have: the rounding of the cast back.
 HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -104,6 +116,19 @@ def _prefix_store(store: dist.Store, name: str) -> dist.Store:
     return dist.PrefixStore(f"{STORE_PREFIX}/{name}", store)
 
 
+def _fail_together(kv: dist.Store, rank: int, size: int, timeout_s: float,
+                   message: str) -> None:
+    """Raise the start-up error every rank found, rank 0 last: its process holds the
+    store, so a rank 0 that went first would leave the others a "connection reset" from
+    the store instead of the message. Rank 0 waits (at most ``timeout_s``) until every
+    other rank said it has read what it needed."""
+    kv.set(f"failed/{rank}", "1")
+    if rank == 0 and size > 1:
+        with contextlib.suppress(RuntimeError):  # a rank that died: raise anyway
+            kv.wait([f"failed/{r}" for r in range(1, size)], timedelta(seconds=timeout_s))
+    raise AggBoxError(message)
+
+
 def _get(store: dist.Store, key: str, timeout_s: float) -> dict:
     store.set_timeout(timedelta(seconds=timeout_s))
     return json.loads(store.get(key).decode())
@@ -142,7 +167,8 @@ class AggBoxState:
                            store: dist.Store | None = None, name: str = "ddp",
                            port: int = DEFAULT_PORTS[0], block: int = 0,
                            timeout: float = 20.0, setup_timeout: float = 60.0,
-                           probe: bool = True) -> AggBoxState:
+                           probe: bool = True, auth_key: bytes | str | None = None
+                           ) -> AggBoxState:
         """Agree on the AggBox job with the other ranks of ``pg`` (None: the default
         group) through its store, wait for the aggregator host at ``aggregator`` (an
         IPv4 address) to install it, and probe the kernel path once.
@@ -151,6 +177,9 @@ class AggBoxState:
         made); every rank passes the same ``name``, and so does the aggregator host.
         ``block``: values per packet (0: the most the interface's MTU carries).
         ``timeout``: a call that makes no progress that long fails.
+        ``auth_key``: 16 bytes or 32 hex digits (default: the environment's
+        ``AGGBOX_AUTH_KEY``; none: an unauthenticated job); every rank and the aggregator
+        host need the same one.
         """
         if pg is None:
             pg = dist.group.WORLD
@@ -158,8 +187,10 @@ class AggBoxState:
         if store is None:
             store = dist.distributed_c10d._get_process_group_store(pg)
         kv = _prefix_store(store, name)
+        key_hex = auth.key_hex(auth_key)
+        check = auth.check_value(key_hex)
         ifname, ip, mac = interface_to(aggregator)
-        kv.set(f"member/{rank}", json.dumps({"ip": ip, "mac": mac}))
+        kv.set(f"member/{rank}", json.dumps({"ip": ip, "mac": mac, "auth": check}))
         if rank == 0:
             # a fresh job id and token per group: the kernel keeps concurrent jobs apart by
             # both, and a token nobody can guess keeps strangers' packets out of the sums
@@ -167,6 +198,10 @@ class AggBoxState:
                    "token": secrets.randbelow(2**32 - 1) + 1}
             members = [dict(_get(kv, f"member/{r}", setup_timeout), rank=r)
                        for r in range(size)]
+            # (published before the group: a rank that reads the group finds it)
+            kv.set(AUTH, json.dumps({"check": check, "differ": [
+                m["rank"] for m in members if m.pop("auth", "") != check]}))
+            # the group as published holds no key: each side adds its own
             group = make_group(job["job_id"], job["token"],
                                [Member(**m) for m in members],
                                Member(0, aggregator), rank=0, port=port, ifname=ifname)
@@ -177,6 +212,12 @@ class AggBoxState:
         except RuntimeError as exc:
             raise AggBoxError(f"rank {rank}: rank 0 published no AggBox group within "
                               f"{setup_timeout:g} s ({exc})") from exc
+        differ = json.loads(kv.get(AUTH).decode())["differ"]
+        if differ:
+            _fail_together(kv, rank, size, setup_timeout,
+                           f"rank {rank}: rank(s) {', '.join(map(str, differ))} were given "
+                           f"a different auth key than rank 0: {KEY_ADVICE}")
+        group = replace(group, auth_key=key_hex)
         try:
             kv.wait([INSTALLED], timedelta(seconds=setup_timeout))
         except RuntimeError:
@@ -185,7 +226,11 @@ class AggBoxState:
                 f"{setup_timeout:g} s: run `python -m aggbox.torch aggregator --master "
                 f"<rank 0's store address> --ifname <its interface> --name {name}` on the "
                 f"aggregator host {aggregator}") from None
-        block = block or max_block(interface_mtu(ifname))
+        answer = kv.get(INSTALLED).decode()
+        if answer != "1":
+            _fail_together(kv, rank, size, setup_timeout,
+                           f"rank {rank}: {json.loads(answer)['error']}")
+        block = block or max_block(interface_mtu(ifname), bool(key_hex))
         reducer = Allreducer(group, block=block, timeout=min(timeout, 5.0) if probe else timeout)
         state = cls(reducer, group, timeout)
         if probe:
@@ -363,16 +408,25 @@ def aggregator_store(master: str, timeout_s: float = 300.0) -> dist.Store:
 
 
 def install_from_store(programs, store: dist.Store, name: str = "ddp",
-                       timeout_s: float = 300.0) -> Group:
+                       timeout_s: float = 300.0, auth_key: bytes | str | None = None
+                       ) -> Group:
     """Aggregator side: wait for rank 0's group, install it on ``programs``
-    (:class:`AggregatorPrograms`), and tell the ranks it is in."""
+    (:class:`AggregatorPrograms`), and tell the ranks it is in. ``auth_key`` (default: the
+    environment's ``AGGBOX_AUTH_KEY``) must be the ranks' own: a job whose key differs
+    is not installed, and the ranks are told why."""
     kv = _prefix_store(store, name)
     kv.set_timeout(timedelta(seconds=timeout_s))
     group = Group.from_json(kv.get("group").decode())
+    key_hex = auth.key_hex(auth_key)
+    if json.loads(kv.get(AUTH).decode())["check"] != auth.check_value(key_hex):
+        error = (f"the aggregator host was given a different auth key than rank 0 "
+                 f"(job {group.job_id} not installed): {KEY_ADVICE}")
+        kv.set(INSTALLED, json.dumps({"error": error}))
+        raise AggBoxError(error)
     _, ip, mac = interface_to(group.members[0].ip)
     agg = Member(0, ip, mac)  # the workers named the address; the MAC is this host's
     group = make_group(group.job_id, group.token, list(group.members), agg, rank=0,
-                       port=group.port, ifname=group.ifname)
+                       port=group.port, ifname=group.ifname, auth_key=key_hex)
     programs.install_job(group)
     kv.set(INSTALLED, "1")
     return group
@@ -387,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--ifname", default="eth0", help="the interface the workers reach")
     a.add_argument("--name", default="ddp", help="the name the ranks passed")
     a.add_argument("--timeout", type=float, default=300.0)
+    # (the key comes from the environment, as the ranks' does: an argument would show in
+    # the process list)
     a.add_argument("--pin-tag", default="", help="pin the maps under aggbox/<tag>-* "
                    "(several aggregators on one machine, e.g. tests)")
     args = parser.parse_args(argv)

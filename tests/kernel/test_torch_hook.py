@@ -44,8 +44,10 @@ def box():
 
 
 def run_ranks(box, tmp_path: Path, world: int, scenario: str, install: bool = True,
-              wait: float = 180.0, **cfg) -> list[dict]:
-    """Every rank of one scenario, and (``install``) the aggregator's store client."""
+              wait: float = 180.0, agg_key: str = "", installed: list | None = None,
+              **cfg) -> list[dict]:
+    """Every rank of one scenario, and (``install``) the aggregator's store client with
+    ``agg_key`` (what it installed, or the error it raised, goes to ``installed``)."""
     from aggbox.torch import aggregator_store, install_from_store
 
     tb, programs = box
@@ -60,12 +62,13 @@ def run_ranks(box, tmp_path: Path, world: int, scenario: str, install: bool = Tr
         procs.append((tb.hosts[1 + rank].popen(
             [sys.executable, str(Path(__file__).parent / "torch_rank.py"), json.dumps(conf)],
             stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO), err))
-    installed: list = []
+    installed = [] if installed is None else installed
 
     def serve() -> None:
         try:
             installed.append(tb.hosts[0].call(
-                lambda: install_from_store(programs, aggregator_store(master, 60), "ddp", 60)))
+                lambda: install_from_store(programs, aggregator_store(master, 60), "ddp", 60,
+                                           auth_key=agg_key)))
         except Exception as exc:  # noqa: BLE001 - the ranks report what it caused
             installed.append(exc)
 
@@ -168,6 +171,48 @@ def test_missing_aggregator_is_one_clear_error(box, tmp_path):
     assert r["ok"] is False and r["error"] == "AggBoxError", r
     assert "python -m aggbox.torch aggregator" in r["message"], r["message"]
     assert "\n" not in r["message"]
+
+
+def test_an_authenticated_job_averages_within_the_bound(box, tmp_path):
+    """Every rank and the aggregator given one key: the job is installed keyed (the
+    kernel takes only tagged blocks) and the means are right; the key never went through
+    the store, which only saw its check value."""
+    from aggbox import auth
+
+    key = auth.new_key().hex()
+    buckets = [(1, "float32"), (100_003, "float32"), (257, "bfloat16")]
+    installed: list = []
+    results = run_ranks(box, tmp_path, 2, "buckets", buckets=buckets, seed=5,
+                        keys=[key, key], agg_key=key, installed=installed)
+    check_means(tmp_path, results, 2, buckets, 5)
+    assert all(r["authenticated"] for r in results)
+    assert len(installed) == 1 and installed[0].auth_key == key, installed
+
+
+def test_ranks_with_different_keys_all_fail_at_start_up_naming_them(box, tmp_path):
+    from aggbox import auth
+
+    key, other = auth.new_key().hex(), auth.new_key().hex()
+    results = run_ranks(box, tmp_path, 3, "setup", keys=[key, other, ""], agg_key=key,
+                        setup_timeout=20)
+    for r in results:
+        assert r["ok"] is False and r["error"] == "AggBoxError", r
+        assert "rank(s) 1, 2 were given a different auth key than rank 0" in r["message"], r
+        assert r["elapsed"] < 15, "refused at once, not after a timeout"
+
+
+def test_an_aggregator_with_another_key_installs_nothing(box, tmp_path):
+    from aggbox import auth
+
+    key = auth.new_key().hex()
+    installed: list = []
+    results = run_ranks(box, tmp_path, 2, "setup", keys=[key, key],
+                        agg_key=auth.new_key().hex(), installed=installed, setup_timeout=20)
+    for r in results:
+        assert r["ok"] is False and r["error"] == "AggBoxError", r
+        assert "the aggregator host was given a different auth key" in r["message"], r
+        assert r["elapsed"] < 15, "refused at once, not after a timeout"
+    assert len(installed) == 1 and isinstance(installed[0], Exception), installed
 
 
 def test_ddp_with_the_hook_matches_gloo(box, tmp_path):

@@ -11,7 +11,8 @@ Scenarios: ``buckets`` (the hook on synthetic buckets of the given sizes and dty
 ``die`` (rank ``victim`` exits after the first bucket; the others call again), ``nan``
 (rank ``victim``'s bucket holds a NaN), ``ddp`` (a DistributedDataParallel model trained
 a few steps with gloo's allreduce, then from the same start with the AggBox hook),
-``setup`` (only the state: nobody installs the job).
+``setup`` (only the state: nobody installs the job, unless the test does). ``keys``: each
+rank's auth key (hex; absent: none).
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ def train(ddp: torch.nn.Module, rank: int, steps: int) -> None:
 
 def play(cfg: dict, out: Path) -> dict:
     rank = cfg["rank"]
-    kw = {"timeout": cfg.get("timeout", 10.0), "setup_timeout": cfg.get("setup_timeout", 60)}
+    kw = {"timeout": cfg.get("timeout", 10.0), "setup_timeout": cfg.get("setup_timeout", 60),
+          "auth_key": cfg["keys"][rank] if "keys" in cfg else ""}
     state = AggBoxState.from_process_group(None, aggregator=cfg["aggregator"], **kw)
-    result: dict = {"group_size": state.group.size, "job_id": state.group.job_id}
+    result: dict = {"group_size": state.group.size, "job_id": state.group.job_id,
+                    "authenticated": state.reducer.key is not None}
     scenario = cfg["scenario"]
     if scenario == "buckets":
         for k, (size, dtype, *scale) in enumerate(cfg["buckets"]):

@@ -48,23 +48,22 @@ def test_keys_are_fresh_and_sized():
 
 
 def test_init_takes_a_key_as_bytes_hex_or_from_the_environment(monkeypatch):
-    from aggbox.api import _auth_key_hex, _key_check_value
     from aggbox.errors import AggBoxError
 
     key = auth.new_key()
-    assert _auth_key_hex(key) == _auth_key_hex(key.hex()) == key.hex()
+    assert auth.key_hex(key) == auth.key_hex(key.hex()) == key.hex()
     monkeypatch.setenv("AGGBOX_AUTH_KEY", key.hex())
-    assert _auth_key_hex(None) == key.hex()
+    assert auth.key_hex(None) == key.hex()
     monkeypatch.delenv("AGGBOX_AUTH_KEY")
-    assert _auth_key_hex(None) == "" and _key_check_value("") == ""
+    assert auth.key_hex(None) == "" and auth.check_value("") == ""
     with pytest.raises(AggBoxError, match="16 bytes"):
-        _auth_key_hex(b"12345")
+        auth.key_hex(b"12345")
     with pytest.raises(AggBoxError, match="hex digits"):
-        _auth_key_hex("not hex")
+        auth.key_hex("not hex")
     # ranks compare the check value, which differs per key and is not the key
     other = auth.new_key()
-    assert _key_check_value(key.hex()) != _key_check_value(other.hex())
-    assert key.hex() not in _key_check_value(key.hex())
+    assert auth.check_value(key.hex()) != auth.check_value(other.hex())
+    assert key.hex() not in auth.check_value(key.hex())
 
 
 def test_an_authenticated_block_leaves_room_for_its_tag():
