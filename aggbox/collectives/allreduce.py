@@ -376,7 +376,8 @@ class Allreducer:
         # The edge in one pass each way (aggbox/quant.py): the tensor is quantized into a
         # send buffer (int32, reused across calls), the results are received into the
         # same buffer (block i's values are never needed again once its result came: only
-        # blocks without a result are resent) and dequantized straight into the result;
+        # blocks without a result are resent; an authenticated job's results get their
+        # own, see _reduce) and dequantized straight into the result;
         # NaN/Inf are refused from the block peaks, before anything is sent.
         flat = np.ascontiguousarray(x).reshape(-1)
         total = np.empty(x.shape, dtype=x.dtype) if out is None else out
@@ -392,12 +393,12 @@ class Allreducer:
             peaks = quant.block_peaks(flat, self.block)
             exponents = self.reduce_int32(quant.exponents_of(peaks), op_max=True)
             quant.quantize_into(flat, exponents, self.block, n, q, peaks, scratch)
-            self._reduce(q, 0, out=sums)
+            sums = self._reduce(q, 0, out=sums)[0]
         else:
             own = quant.quantize_own_into(flat, self.block, n, q, scratch)
             bias = 1 << quant.headroom_bits(n)  # aligned blocks are biased (align_bias)
             q += bias
-            _, exponents = self._reduce(q, F_ALIGN, own, out=sums)
+            sums, exponents = self._reduce(q, F_ALIGN, own, out=sums)
             sums -= n * bias  # int32, wrapping: a biased sum may sit at 2**31
         # the mean is divided before the cast: a float16 sum may overflow where its mean fits
         self.last_exponents = exponents
@@ -475,6 +476,12 @@ class Allreducer:
         """One in-kernel aggregation; returns the values (in ``out`` if given: int32,
         values.size) and, with F_ALIGN, the exponent each result block came back with."""
         values = np.ascontiguousarray(values, dtype=np.int32).reshape(-1)
+        if self.key is not None and out is not None and np.may_share_memory(out, values):
+            # An authenticated result's values are received into their slice before its
+            # tag is checked: over the block's own values, a forged one (wrong tag, from
+            # a spoofed source) would become what a later resend carries (the tag covers
+            # the header only), and the sum would be wrong. Results get a buffer of their own.
+            out = self._buffer("auth_results", values.size, np.int32)
         call = _Call(self.next_seq, values, self.block, exponents, out)
         self.next_seq = (self.next_seq + call.n_blocks) & SEQ_MASK  # the header's 32 bits
         if self.key is not None:

@@ -600,3 +600,62 @@ def test_blocks_that_waited_out_a_stall_give_no_rtt_sample(monkeypatch, io):
         finally:
             reducer.close()
         assert agg.copies[0] == 2
+
+
+def test_a_forged_result_never_changes_what_an_authenticated_worker_resends(monkeypatch):
+    # A spoofer who sniffed the token but has no key answers block 1 (whose first copy
+    # the stand-in drops) from the aggregator's own address, with garbage under a wrong
+    # tag. The worker refuses it after its values were received into their slice: that
+    # slice must not be the block's send buffer, or the resend after the timeout carries
+    # the spoofer's garbage (the tag covers the header only) and the sum is wrong.
+    import socket as socketlib
+    import threading
+    from dataclasses import replace
+
+    from aggbox import auth
+    from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
+
+    key = auth.new_key()
+    box = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+    box.bind(("127.0.0.2", 0))
+    ar, group = _loopback_worker(monkeypatch, box.getsockname()[1])
+    group = replace(group, auth_key=key.hex())
+    sent: dict[int, list[bytes]] = {}
+    stop = threading.Event()
+
+    def aggregator():
+        box.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                data, src = box.recvfrom(1 << 17)
+            except TimeoutError:
+                continue
+            (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp,
+             _a) = HEADER.unpack_from(data)
+            payload = data[HEADER_SIZE:HEADER_SIZE + 4 * count]
+            copies = sent.setdefault(seq, [])
+            copies.append(payload)
+            head = HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, flags, job, token, seq, 0,
+                               rank, count, exp, 0)
+            if seq == 1 and len(copies) == 1:  # lost; the spoofer answers instead
+                box.sendto(head + b"\x5a" * len(payload) + bytes(auth.TAG_SIZE), src)
+            else:
+                box.sendto(head + payload + auth.tag_bytes(key, head), src)
+
+    t = threading.Thread(target=aggregator, daemon=True)
+    t.start()
+    try:
+        reducer = ar.Allreducer(group, block=256, timeout=5.0, rto=0.1)
+        reducer.next_seq = 0
+        x = (np.arange(4 * 256, dtype=np.float32) - 500) / 7
+        got = reducer.allreduce(x)
+        exps = block_exponents(x, 256)
+        want = dequantize(quantize(x, exps, 256, 1), exps, 256, 1, x.size, quant.FLOAT32)
+        assert reducer.stats["refused"] == 1, reducer.stats
+        assert len(sent[1]) == 2 and sent[1][1] == sent[1][0], "the resend is the block"
+        assert got.tobytes() == want.tobytes()
+        reducer.close()
+    finally:
+        stop.set()
+        t.join()
+        box.close()
