@@ -197,7 +197,60 @@ struct aggbox_blocks {
 				 * dequantizes the whole call again (numpy's float64 path) */
 	int32_t n_workers;      /* aligned blocks are biased: each value + 2**bits is sent,
 				 * each result carries n_workers * 2**bits (bpf/aggregate.c) */
+	int32_t pad2;
+	/* An authenticated job (aggbox/auth.py): each block's tag, 8 bytes per block, sent
+	 * after its values, and the key every result's tag is checked under; NULL: none.
+	 * Its results must land in a buffer of their own (out != values): a forged one is
+	 * received into place before its tag is refused. */
+	uint8_t *tags;
+	uint64_t k0, k1;
 };
+
+/* ---- SipHash-2-4 of a 32-byte header, as aggbox/auth.py and bpf/lib/siphash.h ---- */
+
+static inline uint64_t rotl64(uint64_t x, int b)
+{
+	return (x << b) | (x >> (64 - b));
+}
+
+#define SIP_ROUND(v0, v1, v2, v3)                                                     \
+	do {                                                                          \
+		v0 += v1; v1 = rotl64(v1, 13); v1 ^= v0; v0 = rotl64(v0, 32);         \
+		v2 += v3; v3 = rotl64(v3, 16); v3 ^= v2;                              \
+		v0 += v3; v3 = rotl64(v3, 21); v3 ^= v0;                              \
+		v2 += v1; v1 = rotl64(v1, 17); v1 ^= v2; v2 = rotl64(v2, 32);         \
+	} while (0)
+
+uint64_t aggbox_header_tag(uint64_t k0, uint64_t k1, const void *header)
+{
+	uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+	uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+	const uint8_t *b = header;
+	for (int i = 0; i < 5; i++) {
+		uint64_t m = (uint64_t)32 << 56; /* the last word: the length */
+		if (i < 4) {
+			m = 0;
+			for (int k = 7; k >= 0; k--) /* little-endian, whatever the host */
+				m = m << 8 | b[8 * i + k];
+		}
+		v3 ^= m;
+		SIP_ROUND(v0, v1, v2, v3);
+		SIP_ROUND(v0, v1, v2, v3);
+		v0 ^= m;
+	}
+	v2 ^= 0xff;
+	for (int r = 0; r < 4; r++)
+		SIP_ROUND(v0, v1, v2, v3);
+	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static inline uint64_t tag_of(const uint8_t t[8])
+{
+	uint64_t v = 0;
+	for (int k = 7; k >= 0; k--)
+		v = v << 8 | t[k];
+	return v;
+}
 
 #define SEND_BATCH 64
 
@@ -217,6 +270,11 @@ int aggbox_quantize_call(const float *x, struct aggbox_blocks *c)
 			return r;
 		h[b].seq = c->base + (uint32_t)b;
 		h[b].scale_exp = (int16_t)exps[0];
+		if (c->tags) { /* the header is final: its tag, little-endian */
+			uint64_t t = aggbox_header_tag(c->k0, c->k1, &h[b]);
+			for (int k = 0; k < 8; k++)
+				c->tags[8 * b + k] = (uint8_t)(t >> (8 * k));
+		}
 	}
 	return EDGE_OK;
 }
@@ -235,7 +293,7 @@ int aggbox_send_blocks(int fd, const struct aggbox_blocks *c, const int64_t *idx
 	struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = c->aggregator_port,
 				  .sin_addr = {.s_addr = c->aggregator_ip}};
 	struct mmsghdr msgs[SEND_BATCH];
-	struct iovec iov[SEND_BATCH][2];
+	struct iovec iov[SEND_BATCH][3];
 	for (int64_t sent = 0; sent < count;) {
 		int n = count - sent < SEND_BATCH ? (int)(count - sent) : SEND_BATCH;
 		for (int k = 0; k < n; k++) {
@@ -244,9 +302,12 @@ int aggbox_send_blocks(int fd, const struct aggbox_blocks *c, const int64_t *idx
 			iov[k][0] = (struct iovec){(void *)(c->headers + i * sizeof(struct aggbox_hdr)),
 						   sizeof(struct aggbox_hdr)};
 			iov[k][1] = (struct iovec){(void *)(c->values + lo), (size_t)len * 4};
+			if (c->tags)
+				iov[k][2] = (struct iovec){(void *)(c->tags + 8 * i), 8};
 			msgs[k] = (struct mmsghdr){.msg_hdr = {.msg_name = &dst,
 							       .msg_namelen = sizeof(dst),
-							       .msg_iov = iov[k], .msg_iovlen = 2}};
+							       .msg_iov = iov[k],
+							       .msg_iovlen = c->tags ? 3 : 2}};
 		}
 		int r = sendmmsg(fd, msgs, n, 0);
 		if (r < 0) {
@@ -276,10 +337,13 @@ static int plain_result(const struct aggbox_blocks *c, const struct aggbox_hdr *
 	if (*i >= c->n_blocks || c->done[*i])
 		return 0;
 	*len = span_of(c, *i, lo);
-	return h->count == *len && n >= (ssize_t)(sizeof(*h) + *len * 4);
+	return h->count == *len && n >= (ssize_t)(sizeof(*h) + *len * 4 + (c->tags ? 8 : 0));
 }
 
-enum { TAKE_EMPTY = 0, TAKE_OTHER = 1, TAKE_ONE = 2 };
+/* TAKE_REFUSED: an authenticated job's result whose tag is not its header's (taken off
+ * the queue and counted; its values, received into their slice, are overwritten when
+ * the real result comes) */
+enum { TAKE_EMPTY = 0, TAKE_OTHER = 1, TAKE_ONE = 2, TAKE_REFUSED = 3 };
 
 /* Take the queued datagram if it is a plain result: its header peeked, then header and
  * values received in one recvmsg, the values straight into out. TAKE_ONE (*i: its
@@ -300,13 +364,17 @@ static int take_one(int fd, const struct aggbox_blocks *c, int64_t *i)
 		int64_t lo, len;
 		if (!plain_result(c, &h, n, src.sin_addr.s_addr, i, &lo, &len))
 			return TAKE_OTHER;
-		struct iovec iov[2] = {{&h, sizeof(h)}, {c->out + lo, (size_t)len * 4}};
-		struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+		uint8_t tag[8];
+		struct iovec iov[3] = {{&h, sizeof(h)}, {c->out + lo, (size_t)len * 4},
+				       {tag, sizeof(tag)}};
+		struct msghdr m = {.msg_iov = iov, .msg_iovlen = c->tags ? 3 : 2};
 		if (recvmsg(fd, &m, MSG_DONTWAIT) < 0) {
 			if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
 				continue;
 			return -errno;
 		}
+		if (c->tags && tag_of(tag) != aggbox_header_tag(c->k0, c->k1, &h))
+			return TAKE_REFUSED;
 		c->out_exp[*i] = h.scale_exp;
 		c->done[*i] = 1;
 		return TAKE_ONE;
@@ -331,6 +399,7 @@ struct aggbox_progress {
 			       * (Karn), for the caller's RTT estimator: rtts_cap at most */
 	int64_t rtts_cap, n_rtts;
 	double progress_at;   /* when a result last came */
+	int64_t refused;      /* out: results whose tag was wrong (TAKE_REFUSED) */
 };
 
 enum { RUN_DONE = 0, RUN_OTHER = 1, RUN_IDLE = 2, RUN_INTR = 3 };
@@ -389,6 +458,10 @@ static int take_queued(int fd, struct aggbox_blocks *c, struct aggbox_progress *
 	for (;;) {
 		int64_t i = 0;
 		int r = take_one(fd, c, &i);
+		if (r == TAKE_REFUSED) {
+			p->refused++;
+			continue;
+		}
 		if (r != TAKE_ONE)
 			return r;
 		*progressed = 1;

@@ -48,7 +48,9 @@ class Blocks(ctypes.Structure):
                 ("job_id", ctypes.c_uint32), ("token", ctypes.c_uint32),
                 ("epoch", ctypes.c_int32), ("y", ctypes.c_void_p), ("bits", ctypes.c_int32),
                 ("n_mean", ctypes.c_int32), ("dequantized", ctypes.c_int64),
-                ("deq_failed", ctypes.c_int32), ("n_workers", ctypes.c_int32)]
+                ("deq_failed", ctypes.c_int32), ("n_workers", ctypes.c_int32),
+                ("pad2", ctypes.c_int32), ("tags", ctypes.c_void_p),
+                ("k0", ctypes.c_uint64), ("k1", ctypes.c_uint64)]
 
 
 class Progress(ctypes.Structure):
@@ -64,9 +66,11 @@ class Progress(ctypes.Structure):
                 ("fast_retransmits", ctypes.c_int64), ("waits", ctypes.c_int64),
                 ("spin_hits", ctypes.c_int64), ("spin_misses", ctypes.c_int64),
                 ("rtts", ctypes.c_void_p), ("rtts_cap", ctypes.c_int64),
-                ("n_rtts", ctypes.c_int64), ("progress_at", ctypes.c_double)]
+                ("n_rtts", ctypes.c_int64), ("progress_at", ctypes.c_double),
+                ("refused", ctypes.c_int64)]
 
-    COUNTERS = ("sent", "results", "fast_retransmits", "waits", "spin_hits", "spin_misses")
+    COUNTERS = ("sent", "results", "fast_retransmits", "waits", "spin_hits", "spin_misses",
+                "refused")
 
 
 #: aggbox_run's answers
@@ -81,7 +85,10 @@ _SIGNATURES = {
     "aggbox_send_blocks": [_INT, _BLOCKS, _P, _I64, _I64],
     "aggbox_quantize_call": [_P, _BLOCKS],
     "aggbox_run": [_INT, _BLOCKS, ctypes.POINTER(Progress), ctypes.c_double, ctypes.c_double],
+    "aggbox_header_tag": [ctypes.c_uint64, ctypes.c_uint64, _P],
 }
+#: what a function returns, if not an int
+_RESTYPES = {"aggbox_header_tag": ctypes.c_uint64}
 
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -150,7 +157,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build(cc)))
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+            fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name, ctypes.c_int)
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         unavailable_reason = f"the C edge did not build or load: {exc}"
         return None

@@ -346,9 +346,10 @@ class Allreducer:
         self.rx = bytearray(HEADER_SIZE + 4 * MAX_VALUES + 64)
         # A call's steady state run by edge.c (aggbox/native.py): one sendmmsg per
         # window, the plain results taken into place, no Python step per block; the rest
-        # (timeouts, statuses, refusals) here. Authenticated jobs keep the Python path
-        # (their tags are checked there), as does a machine without the C library.
-        self._io = native.library() if self.key is None else None
+        # (timeouts, statuses, refusals) here; an authenticated job's results have their
+        # tags checked there too (status replies here). A machine without the C library
+        # keeps the Python path.
+        self._io = native.library()
         self._fd = self.sock.fileno()
         # refused: datagrams on the job's port that are not this job's results from the
         # aggregator (wrong source, magic, version, token or shape): never taken
@@ -439,9 +440,12 @@ class Allreducer:
             if len(calls) >= self.FUSED_SIZES:
                 calls.pop(next(iter(calls)))  # the least recently used size
             values = np.zeros(size, dtype=np.int32)  # its own send buffer, results over it
+            # (an authenticated job's results in a buffer of their own: see _reduce; its
+            # headers' tags are made by aggbox_quantize_call, once seq and exponent are in)
+            results = values if self.key is None else np.zeros(size, dtype=np.int32)
             call = _Call(0, values, self.block, np.zeros(n_blocks(size, self.block),
-                                                         dtype=np.int32), values)
-            self._headers(call, F_ALIGN)
+                                                         dtype=np.int32), results)
+            self._headers(call, F_ALIGN | (F_AUTH if self.key is not None else 0))
             self._attach_native(call)
             call.io.bits = quant.headroom_bits(self.group.size)
             call.io.n_workers = self.group.size
@@ -553,7 +557,15 @@ class Allreducer:
             n_blocks=call.n_blocks, base=call.base,
             aggregator_ip=int.from_bytes(socket.inet_aton(self.dest[0]), "little"),
             aggregator_port=socket.htons(self.dest[1]), job_id=self.group.job_id,
-            token=self.group.token, epoch=self._known_epoch())
+            token=self.group.token, epoch=self._known_epoch(),
+            **self._native_auth(call))
+
+    def _native_auth(self, call: _Call) -> dict:
+        """An authenticated call's tags and key for edge.c (none: no fields)."""
+        if self.key is None:
+            return {}
+        k0, k1 = auth.key_words(self.key)
+        return {"tags": call.tags.ctypes.data, "k0": k0, "k1": k1}
 
     def _known_epoch(self) -> int:
         """The aggregator's epoch as edge.c takes it: -1 until the first reply."""

@@ -107,3 +107,21 @@ def test_an_exponent_outside_float32s_scales_goes_to_float64_as_before(numpy_onl
     numpy_only(quant.dequantize_into, q, e, 1000, 2, y_np)
     assert _same(y_c, y_np)
     assert np.abs(y_c - x).max() <= quant.error_bound(y_c, e, 1000, 2, aligned=True).max()
+
+
+def test_the_c_header_tag_is_auth_py_siphash():
+    # edge.c checks an authenticated job's results with its own SipHash-2-4: it must be
+    # aggbox/auth.py's (whose reference vector tests/unit/test_auth.py checks) bit for bit
+    import ctypes
+
+    from aggbox import auth
+
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"no C edge here: {native.unavailable_reason}")
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        key, header = auth.new_key(), bytes(rng.integers(0, 256, 32, dtype=np.uint8))
+        k0, k1 = auth.key_words(key)
+        buf = ctypes.create_string_buffer(header, 32)
+        assert lib.aggbox_header_tag(k0, k1, buf) == auth.tag(key, header)
