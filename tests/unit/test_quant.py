@@ -407,6 +407,18 @@ def test_the_peaks_find_nan_and_inf_in_any_block(bad, where):
 # the real ones that must not land in the result.
 
 
+def _answer(block: bytes, token_xor: int = 0) -> tuple[int, bytes, bytes]:
+    """What a one-worker aggregator stand-in reads from a worker's block: its seq, the
+    AGG_RESULT header that answers it (the block's own fields; the token XORed with
+    ``token_xor``, to forge one) and the block's values."""
+    from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
+
+    (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp, _a) = HEADER.unpack_from(block)
+    head = HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, flags, job, token ^ token_xor,
+                       seq, 0, rank, count, exp, 0)
+    return seq, head, block[HEADER_SIZE:HEADER_SIZE + 4 * count]
+
+
 def _loopback_worker(monkeypatch, port: int):
     import socket as socketlib
 
@@ -429,7 +441,6 @@ def test_one_worker_round_trip_with_forged_results_refused(monkeypatch):
     import socket as socketlib
     import threading
 
-    from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
 
     box = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
     box.bind(("127.0.0.2", 0))
@@ -447,23 +458,15 @@ def test_one_worker_round_trip_with_forged_results_refused(monkeypatch):
                 data, _ = box.recvfrom(1 << 17)
             except TimeoutError:
                 continue
-            (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp,
-             _a) = HEADER.unpack_from(data)
-            values = data[HEADER_SIZE:HEADER_SIZE + 4 * count]
+            _, head, values = _answer(data)
+            wrong_token = _answer(data, token_xor=1)[1]
             garbage = b"\x7f" * len(values)
-            fields = (flags, job, token, seq, 0, rank, count, exp, 0)
-
-            def result(tok, payload, fields=fields):
-                head = list(fields)
-                head[2] = tok
-                return HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, *head) + payload
-
-            box.sendto(result(token ^ 1, garbage), worker)   # wrong token
-            forger.sendto(result(token, garbage), worker)    # wrong source
-            box.sendto(result(token, values), worker)        # the real one
+            box.sendto(wrong_token + garbage, worker)   # wrong token
+            forger.sendto(head + garbage, worker)       # wrong source
+            box.sendto(head + values, worker)           # the real one
             # ... and after it, over the slice already taken (or the next call's)
-            forger.sendto(result(token, garbage), worker)
-            box.sendto(result(token ^ 1, garbage), worker)
+            forger.sendto(head + garbage, worker)
+            box.sendto(wrong_token + garbage, worker)
 
     t = threading.Thread(target=aggregator, daemon=True)
     t.start()
@@ -518,19 +521,15 @@ class _StandIn:
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
     def _serve(self) -> None:
-        from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
-
         self.box.settimeout(0.05)
         while not self.stop.is_set():
             try:
                 data, src = self.box.recvfrom(1 << 17)
             except TimeoutError:
                 continue
-            (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp,
-             _a) = HEADER.unpack_from(data)
+            seq, head, values = _answer(data)
             self.copies[seq] = self.copies.get(seq, 0) + 1
-            result = HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, flags, job, token, seq,
-                                 0, rank, count, exp, 0) + data[HEADER_SIZE:]
+            result = head + values
             if seq not in {s for s, _ in self.held}:
                 self.held.append((seq, result))
             for s, r in list(self.held):
@@ -615,7 +614,6 @@ def test_a_forged_result_never_changes_what_an_authenticated_worker_resends(monk
     from dataclasses import replace
 
     from aggbox import auth
-    from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
 
     key = auth.new_key()
     box = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
@@ -632,13 +630,9 @@ def test_a_forged_result_never_changes_what_an_authenticated_worker_resends(monk
                 data, src = box.recvfrom(1 << 17)
             except TimeoutError:
                 continue
-            (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp,
-             _a) = HEADER.unpack_from(data)
-            payload = data[HEADER_SIZE:HEADER_SIZE + 4 * count]
+            seq, head, payload = _answer(data)
             copies = sent.setdefault(seq, [])
             copies.append(payload)
-            head = HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, flags, job, token, seq, 0,
-                               rank, count, exp, 0)
             if seq == 5 and len(copies) == 1:  # lost; the spoofer answers instead
                 box.sendto(head + b"\x5a" * len(payload) + bytes(auth.TAG_SIZE), src)
             else:
