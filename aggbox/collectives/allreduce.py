@@ -343,6 +343,7 @@ class Allreducer:
         # reply, and whether another has answered since (it restarted: partial sums lost)
         self.epoch: int | None = None
         self.restarted_during: int | None = None  # the call's first block seq, if so
+        self.restart_seen_at: int | None = None  # the seq of the reply that showed it
         self.rx = bytearray(HEADER_SIZE + 4 * MAX_VALUES + 64)
         # A call's steady state run by edge.c (aggbox/native.py): one sendmmsg per
         # window, the plain results taken into place, no Python step per block; the rest
@@ -815,7 +816,7 @@ class Allreducer:
                     and self._authentic(self.rx, self.rx[HEADER_SIZE + 8:n])):
                 self.stats["refused"] += 1
                 return False
-            self._note_epoch(epoch, call)
+            self._note_epoch(epoch, call, seq)
             done = (int.from_bytes(self.rx[HEADER_SIZE:HEADER_SIZE + 8], "little")
                     if count >= 2 and n >= HEADER_SIZE + 8 else aux)
             self._missing = [r for r in range(self.group.size) if not done >> r & 1]
@@ -838,7 +839,7 @@ class Allreducer:
             if not self._authentic(hdr, self._tag_rx):
                 self.stats["refused"] += 1
                 return False
-        self._note_epoch(epoch, call)
+        self._note_epoch(epoch, call, seq)
         call.out_exp[i] = exp
         call.done[i] = True
         if not call.resent[i]:
@@ -862,14 +863,15 @@ class Allreducer:
             self._send_blocks(call, lost.tolist())
             self.stats["fast_retransmits"] = self.stats.get("fast_retransmits", 0) + lost.size
 
-    def _note_epoch(self, epoch: int, call: _Call) -> None:
-        """A reply from another installation of the job than the first: the aggregator
-        restarted, and the blocks it had partly summed are gone."""
+    def _note_epoch(self, epoch: int, call: _Call, seq: int) -> None:
+        """A reply (for block ``seq``) from another installation of the job than the
+        first: the aggregator restarted, and the blocks it had partly summed are gone."""
         if self.epoch is None:
             self.epoch = epoch
         elif epoch != self.epoch:
             self.epoch = epoch
             self.restarted_during = call.base
+            self.restart_seen_at = seq
             self.stats["aggregator_restarts"] = self.stats.get("aggregator_restarts", 0) + 1
         if call.io is not None:
             call.io.epoch = epoch  # edge.c takes this installation's results from now on
@@ -889,12 +891,27 @@ class Allreducer:
                 "blocks it had partly summed; run the call again", missing or [])
         if missing:
             who = ", ".join(f"rank {r} ({self.group.members[r].ip})" for r in missing)
-            detail = f"the aggregator is still waiting for {who}"
+            detail = f"the aggregator is still waiting for {who}; is that worker running?"
         else:
             detail = f"the aggregator ({self.dest[0]}) did not answer"
+        if self._restarted_near(seq):
+            # A restart in an earlier call can still be the cause: a peer a window
+            # behind may be stuck on a block this worker took from the old aggregator,
+            # and it never sends what this block waits for (calls of a few blocks each).
+            detail += (f"; the aggregator ({self.dest[0]}) restarted "
+                       f"{(seq - self.restart_seen_at) & SEQ_MASK} blocks before this "
+                       "one, losing the blocks it had partly summed: if every worker is "
+                       "running, run the call again")
         raise CollectiveTimeout(
-            f"allreduce block {seq} made no progress for {self.timeout:g} s: {detail}; "
-            "is that worker running?", missing or [])
+            f"allreduce block {seq} made no progress for {self.timeout:g} s: {detail}",
+            missing or [])
+
+    def _restarted_near(self, seq: int) -> bool:
+        """Whether the aggregator restarted within two windows before block ``seq``: as
+        far as the lowest block of a peer stuck by the restart can be behind it."""
+        if self.restart_seen_at is None:
+            return False
+        return (seq - self.restart_seen_at) & SEQ_MASK <= 2 * self.pool
 
     def close(self) -> None:
         self.sock.close()

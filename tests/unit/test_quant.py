@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from aggbox import quant
+from aggbox.errors import CollectiveTimeout
 from aggbox.quant import (
     ZERO_BLOCK_EXPONENT,
     QuantizationError,
@@ -407,15 +408,15 @@ def test_the_peaks_find_nan_and_inf_in_any_block(bad, where):
 # the real ones that must not land in the result.
 
 
-def _answer(block: bytes, token_xor: int = 0) -> tuple[int, bytes, bytes]:
+def _answer(block: bytes, token_xor: int = 0, epoch: int = 0) -> tuple[int, bytes, bytes]:
     """What a one-worker aggregator stand-in reads from a worker's block: its seq, the
     AGG_RESULT header that answers it (the block's own fields; the token XORed with
-    ``token_xor``, to forge one) and the block's values."""
+    ``token_xor``, to forge one; the installation's ``epoch``) and the block's values."""
     from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
 
     (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp, _a) = HEADER.unpack_from(block)
     head = HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, flags, job, token ^ token_xor,
-                       seq, 0, rank, count, exp, 0)
+                       seq, epoch, rank, count, exp, 0)
     return seq, head, block[HEADER_SIZE:HEADER_SIZE + 4 * count]
 
 
@@ -507,13 +508,14 @@ class _StandIn:
     """A one-worker aggregator on loopback that answers each block with its own values,
     except that ``hold(seq, copies)`` (seq: the block's, copies: how many of each seq
     came so far) may keep a block's result back; held results go out, in order, as soon
-    as ``hold`` lets go of them on a later copy of any block."""
+    as ``hold`` lets go of them on a later copy of any block. ``epoch(seq)``: the
+    installation a block's result says it comes from (a change: a restart)."""
 
-    def __init__(self, hold):
+    def __init__(self, hold, epoch=lambda seq: 0):
         import socket as socketlib
         import threading
 
-        self.hold, self.copies, self.held = hold, {}, []
+        self.hold, self.epoch, self.copies, self.held = hold, epoch, {}, []
         self.box = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
         self.box.bind(("127.0.0.2", 0))
         self.port = self.box.getsockname()[1]
@@ -527,7 +529,7 @@ class _StandIn:
                 data, src = self.box.recvfrom(1 << 17)
             except TimeoutError:
                 continue
-            seq, head, values = _answer(data)
+            seq, head, values = _answer(data, epoch=self.epoch(_answer(data)[0]))
             self.copies[seq] = self.copies.get(seq, 0) + 1
             result = head + values
             if seq not in {s for s, _ in self.held}:
@@ -599,6 +601,38 @@ def test_blocks_that_waited_out_a_stall_give_no_rtt_sample(monkeypatch, io):
         finally:
             reducer.close()
         assert agg.copies[0] == 2
+
+
+@pytest.mark.parametrize("io", ["c", "python"])
+@pytest.mark.parametrize("calls_after", [0, 9])
+def test_a_restart_in_an_earlier_call_is_named_by_a_stall_soon_after(monkeypatch, io,
+                                                                     calls_after):
+    # The aggregator restarts during one call (its results' epoch changes at block 4) and
+    # that call completes; a later call then stalls. With calls of a few blocks, a peer a
+    # window behind may be stuck on a block this worker took from the old aggregator, so
+    # a stall within two windows (64 blocks) of the restart names it, besides the
+    # missing answer (chaos cell allreduce/aggregator-killed-restarted named only a
+    # worker). A stall 9 calls of 8 blocks later (72 blocks) does not.
+    stall_at = 8 * (2 + calls_after)
+    with _StandIn(lambda seq, copies: seq >= stall_at,
+                  epoch=lambda seq: 7 if seq < 4 else 9) as agg:
+        reducer = _recovering_reducer(monkeypatch, agg, io)
+        reducer.timeout = 0.5
+        try:
+            for _ in range(2 + calls_after):
+                _int_call(reducer, 8)
+            with pytest.raises(CollectiveTimeout) as err:
+                _int_call(reducer, 8)
+        finally:
+            reducer.close()
+    message = str(err.value)
+    assert f"block {stall_at} made no progress" in message, message
+    assert "did not answer" in message and "during this call" not in message
+    if calls_after == 0:
+        assert ("the aggregator (127.0.0.2) restarted 12 blocks before this one, losing "
+                "the blocks it had partly summed") in message, message
+    else:
+        assert "restarted" not in message, message
 
 
 @pytest.mark.parametrize("io", ["c", "python"])
