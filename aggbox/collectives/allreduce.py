@@ -342,8 +342,7 @@ class Allreducer:
         # The aggregator's installation epoch (each reply's round field) in the first
         # reply, and whether another has answered since (it restarted: partial sums lost)
         self.epoch: int | None = None
-        self.restarted_during: int | None = None  # the call's first block seq, if so
-        self.restart_seen_at: int | None = None  # the seq of the reply that showed it
+        self.restart_seen_at: int | None = None  # the seq of the reply that showed it, if so
         self.rx = bytearray(HEADER_SIZE + 4 * MAX_VALUES + 64)
         # A call's steady state run by edge.c (aggbox/native.py): one sendmmsg per
         # window, the plain results taken into place, no Python step per block; the rest
@@ -870,7 +869,6 @@ class Allreducer:
             self.epoch = epoch
         elif epoch != self.epoch:
             self.epoch = epoch
-            self.restarted_during = call.base
             self.restart_seen_at = seq
             self.stats["aggregator_restarts"] = self.stats.get("aggregator_restarts", 0) + 1
         if call.io is not None:
@@ -882,7 +880,8 @@ class Allreducer:
 
     def _give_up(self, call: _Call, missing: list[int] | None) -> None:
         seq = (call.base + call.low) & SEQ_MASK
-        if self.restarted_during == call.base:
+        if (self.restart_seen_at is not None
+                and (self.restart_seen_at - call.base) & SEQ_MASK < call.n_blocks):
             # The likely root cause: a worker whose block the old aggregator had (and
             # answered) never sends it again, and the new one waits for it.
             raise CollectiveTimeout(

@@ -692,8 +692,8 @@ def _await_bye(lines: _Lines, receiver, avail: Availability, timeout: float) -> 
 
     def serve() -> dict | None:
         # The root closes its sockets as it exits, right after its bye: a TCP receiver
-        # can read the close before the control line is read (1 run in 4 of
-        # test_experiment_interrupt on a slow host). The bye, if it came, decides.
+        # can read the close before the control line is read (2 runs in 4 of
+        # test_experiment_interrupt's resume on a slow host). The bye, if it came, decides.
         try:
             _serve(receiver)
         except AggBoxError:

@@ -408,15 +408,17 @@ def test_the_peaks_find_nan_and_inf_in_any_block(bad, where):
 # the real ones that must not land in the result.
 
 
-def _answer(block: bytes, token_xor: int = 0, epoch: int = 0) -> tuple[int, bytes, bytes]:
+def _answer(block: bytes, token_xor: int = 0,
+            epoch=lambda seq: 0) -> tuple[int, bytes, bytes]:
     """What a one-worker aggregator stand-in reads from a worker's block: its seq, the
     AGG_RESULT header that answers it (the block's own fields; the token XORed with
-    ``token_xor``, to forge one; the installation's ``epoch``) and the block's values."""
+    ``token_xor``, to forge one; ``epoch(seq)``: the installation it says it comes from)
+    and the block's values."""
     from aggbox.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, MsgType
 
     (_m, _v, _t, flags, job, token, seq, _r, rank, count, exp, _a) = HEADER.unpack_from(block)
     head = HEADER.pack(MAGIC, VERSION, MsgType.AGG_RESULT, flags, job, token ^ token_xor,
-                       seq, epoch, rank, count, exp, 0)
+                       seq, epoch(seq), rank, count, exp, 0)
     return seq, head, block[HEADER_SIZE:HEADER_SIZE + 4 * count]
 
 
@@ -441,7 +443,6 @@ def _loopback_worker(monkeypatch, port: int):
 def test_one_worker_round_trip_with_forged_results_refused(monkeypatch):
     import socket as socketlib
     import threading
-
 
     box = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
     box.bind(("127.0.0.2", 0))
@@ -529,7 +530,7 @@ class _StandIn:
                 data, src = self.box.recvfrom(1 << 17)
             except TimeoutError:
                 continue
-            seq, head, values = _answer(data, epoch=self.epoch(_answer(data)[0]))
+            seq, head, values = _answer(data, epoch=self.epoch)
             self.copies[seq] = self.copies.get(seq, 0) + 1
             result = head + values
             if seq not in {s for s, _ in self.held}:
