@@ -35,8 +35,19 @@
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/tcp.h>
+
+/* Not from <uapi/linux/in.h> and <uapi/linux/tcp.h>: with Debian's 6.1 headers both
+ * include the kernel-internal <linux/socket.h>, about half a second of clang (docs/kernel.md,
+ * "Toolchain"). Of TCP's 20-byte header only the ports are read. */
+#ifndef IPPROTO_UDP /* <uapi/linux/in.h> came first (it defines both) */
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#endif
+struct tcp_ports {
+	__be16 source;
+	__be16 dest;
+	__u8 rest[16]; /* seq, ack, flags, window, check, urg_ptr */
+};
 
 #define IMPAIR_MARK 0xab0c00ffu
 #define STASH_MAX 1536 /* MTU 1500 + Ethernet header, rounded up */
@@ -138,7 +149,7 @@ static __always_inline int exempt(struct __sk_buff *skb, struct impair_cfg *cfg)
 	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
 	    ip->protocol != IPPROTO_TCP || ip->ihl != 5)
 		return 0;
-	struct tcphdr *tcp = (void *)(ip + 1);
+	struct tcp_ports *tcp = (void *)(ip + 1);
 	if ((void *)(tcp + 1) > data_end)
 		return 0;
 	__u16 sport = bpf_ntohs(tcp->source), dport = bpf_ntohs(tcp->dest);

@@ -17,9 +17,10 @@
 #ifndef AGGBOX_CSUM_H
 #define AGGBOX_CSUM_H
 
-#include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/udp.h>
+
+#include "lib/parse.h"
 
 #define CSUM_CHUNK 512 /* bpf_csum_diff sums at most 512 bytes per call */
 #define CSUM_CHUNKS 4  /* UDP datagrams up to 2048 bytes: every AggBox packet at MTU 1500 */

@@ -7,11 +7,19 @@
 #define AGGBOX_PARSE_H
 
 #include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/udp.h>
 
 #include "aggbox.h"
+
+/* IP protocol numbers (IANA), here rather than from <uapi/linux/in.h>: with Debian's 6.1
+ * headers that one includes the kernel-internal <linux/socket.h>, about half a second of
+ * clang per family (docs/kernel.md, "Toolchain"). in.h included after this file would
+ * clash with these macros (its enum); tests/unit/test_bpf_includes.py keeps it out. */
+#ifndef IPPROTO_UDP /* <uapi/linux/in.h> came first (it defines both) */
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#endif
 
 /* Hide a value from clang's range reasoning, so that a bounds check or mask written for
  * the verifier is not optimized away (clang proves it redundant; the verifier cannot). */
