@@ -24,7 +24,9 @@ import atexit
 import contextlib
 import ctypes
 import os
+import platform
 import re
+import struct
 import tempfile
 import threading
 import warnings
@@ -47,6 +49,28 @@ RESERVED_PORTS_SYSCTL = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
 #: Extra ``NAME=VALUE`` defines for every family, comma-separated: for measurements only
 #: (e.g. ``AGGBOX_NO_RX_CSUM=1``, docs/kernel.md "Cost of the checks").
 DEFINES_ENV = "AGGBOX_BPF_DEFINES"
+
+
+# bpf(BPF_OBJ_GET_INFO_BY_FD) on a program: struct bpf_prog_info up to attach_btf_id
+# (232 bytes, kernel 5.16+), of which verified_insns at byte 216 (offsetof, uapi bpf.h).
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+_OBJ_GET_INFO_BY_FD = 15
+_PROG_INFO_SIZE, _VERIFIED_INSNS_AT = 232, 216
+
+
+def verified_insns(prog_fd: int) -> int:
+    """How many instructions the verifier processed to accept the program (its
+    ``verified_insns``; the verifier gives up at a million)."""
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise SetupError(f"no bpf() syscall number known for {platform.machine()}")
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = ctypes.create_string_buffer(
+        struct.pack("=IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)), 16)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(nr, _OBJ_GET_INFO_BY_FD, attr, len(attr)) != 0:
+        raise OSError(ctypes.get_errno(), "bpf(BPF_OBJ_GET_INFO_BY_FD)")
+    return struct.unpack_from("=I", info, _VERIFIED_INSNS_AT)[0]
 
 
 def inline_source(path: Path, root: Path = BPF_DIR, _seen: set[Path] | None = None) -> str:
@@ -184,6 +208,12 @@ class ProgramFamily:
             ) from failure
         self._loaded[fn] = loaded
         return loaded
+
+    def verified_insns(self, fn: str) -> int:
+        """Instructions the verifier processed for ``fn`` (loaded first if need be)."""
+        if fn not in self._loaded:
+            raise SetupError(f"eBPF program {fn!r} of bpf/{self.family}.c is not loaded")
+        return verified_insns(self._loaded[fn].fd)
 
     # -- attaching ------------------------------------------------------------------
 
