@@ -51,17 +51,20 @@ RESERVED_PORTS_SYSCTL = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
 DEFINES_ENV = "AGGBOX_BPF_DEFINES"
 
 
+#: bpf(2) has no libc wrapper; its number depends on the architecture.
+BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+#: The verifier gives up on a program after this many processed instructions.
+VERIFIER_LIMIT = 1_000_000
 # bpf(BPF_OBJ_GET_INFO_BY_FD) on a program: struct bpf_prog_info up to attach_btf_id
 # (232 bytes, kernel 5.16+), of which verified_insns at byte 216 (offsetof, uapi bpf.h).
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
 _OBJ_GET_INFO_BY_FD = 15
 _PROG_INFO_SIZE, _VERIFIED_INSNS_AT = 232, 216
 
 
 def verified_insns(prog_fd: int) -> int:
     """How many instructions the verifier processed to accept the program (its
-    ``verified_insns``; the verifier gives up at a million)."""
-    nr = _SYS_BPF.get(platform.machine())
+    ``verified_insns``; the verifier gives up at :data:`VERIFIER_LIMIT`)."""
+    nr = BPF_SYSCALL.get(platform.machine())
     if nr is None:
         raise SetupError(f"no bpf() syscall number known for {platform.machine()}")
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
@@ -89,6 +92,17 @@ def inline_source(path: Path, root: Path = BPF_DIR, _seen: set[Path] | None = No
         else:
             out.append(line)
     return "\n".join(out)
+
+
+_PROGRAM = re.compile(r"^int (\w+)\(struct (__sk_buff|xdp_md) \*", re.M)
+
+
+def programs() -> list[tuple[str, str, str]]:
+    """``(family, program, context type)`` of every program in ``bpf/*.c``: each family's
+    non-static functions taking a ``__sk_buff`` (TC) or an ``xdp_md`` (XDP)."""
+    return [(source.stem, fn, ctx)
+            for source in sorted(BPF_DIR.glob("*.c"))
+            for fn, ctx in _PROGRAM.findall(inline_source(source))]
 
 
 # While fd 2 is captured: (saved copy of the real stderr, the capture file). LLVM ends the
