@@ -224,7 +224,8 @@ class ProgramFamily:
         return loaded
 
     def verified_insns(self, fn: str) -> int:
-        """Instructions the verifier processed for ``fn`` (loaded first if need be)."""
+        """Instructions the verifier processed for ``fn``, once :meth:`load` loaded it
+        (0 on kernels before 5.16, which do not count them)."""
         if fn not in self._loaded:
             raise SetupError(f"eBPF program {fn!r} of bpf/{self.family}.c is not loaded")
         return verified_insns(self._loaded[fn].fd)

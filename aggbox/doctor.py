@@ -363,42 +363,54 @@ def check_edge(ctx: Context) -> Check:
 def check_families(ctx: Context) -> list[Check]:
     """Every program AggBox loads, compiled and verified on this kernel: a program the
     verifier refuses here would otherwise fail an experiment halfway."""
-    from aggbox.bpf import ProgramFamily, programs
+    from aggbox.bpf import programs
 
     by_family: dict[str, list[tuple[str, str]]] = {}
     for family, fn, ctx_type in programs():
         by_family.setdefault(family, []).append((fn, ctx_type))
-    names = [f"bpf/{family}.c" for family in by_family]
     why = ("needs root" if not ctx.privileged else "needs BCC" if ctx.bcc is None
            else "needs kernel headers" if not ctx.headers else "")
     if why:
-        return [skipped(n, why) for n in names]
-    return [_check_family(ctx, f"bpf/{family}.c", ProgramFamily, family, fns)
-            for family, fns in by_family.items()]
+        return [skipped(f"bpf/{family}.c", why) for family in by_family]
+    return [_check_family(ctx, family, fns) for family, fns in by_family.items()]
 
 
-def _check_family(ctx: Context, name: str, family_cls: Any, family: str,
-                  fns: list[tuple[str, str]]) -> Check:
-    start = time.monotonic()
+def _reason(text: str) -> str:
+    """The line of a compiler's or verifier's output that says why: clang's last
+    "error:", else the verifier's last line before its statistics."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln]
+    if errors:
+        return errors[-1]
+    said = [ln for ln in lines
+            if not ln.startswith(("processed ", "verification time", "(run `aggbox doctor`"))]
+    return said[-1] if said else text
+
+
+def _check_family(ctx: Context, family: str, fns: list[tuple[str, str]]) -> Check:
+    from aggbox.bpf import ProgramFamily
+
+    name, start = f"bpf/{family}.c", time.monotonic()
     try:
-        fam = family_cls(family)
+        fam = ProgramFamily(family)
     except Exception as exc:  # VerifierError: clang's message
-        return Check(name, False, last_line(str(exc)), fix="sudo make setup")
+        return Check(name, False, f"did not compile: {_reason(str(exc))}",
+                     fix="sudo make setup")
+    took = time.monotonic() - start
+    work: dict[str, int] = {}
     try:
-        took = time.monotonic() - start
-        work = {}
         for fn, ctx_type in fns:
             fam.load(fn, ctx.bcc.BPF.XDP if ctx_type == "xdp_md" else ctx.bcc.BPF.SCHED_CLS)
             work[fn] = fam.verified_insns(fn)
-    except Exception as exc:
-        return Check(name, False, f"{exc}".splitlines()[0],
+    except Exception as exc:  # VerifierError: the program, then the verifier's log
+        return Check(name, False, f"{fn} refused: {_reason(str(exc))}",
                      fix="this kernel's verifier refuses it: see docs/kernel.md")
     finally:
         fam.close()
-    most = max(work, key=work.get)
-    return Check(name, True, f"{len(work)} programs verified (compiled in {took:.1f} s); "
-                             f"most verifier work: {most}, {work[most]:,} of "
-                             f"{VERIFIER_LIMIT:,} instructions")
+    most = max(work, key=lambda fn: work[fn])
+    cost = (f"most verifier work: {most}, {work[most]:,} of {VERIFIER_LIMIT:,} instructions"
+            if work[most] else "this kernel does not count the verifier's work (5.16+ does)")
+    return Check(name, True, f"{len(work)} programs verified (compiled in {took:.1f} s); {cost}")
 
 
 CHECKS: list[Callable[[Context], Check | list[Check]]] = [

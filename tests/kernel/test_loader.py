@@ -167,3 +167,21 @@ def test_doctor_passes_where_the_kernel_tests_run():
     verified = {r.name for r in rows if r.ok}
     assert {"XDP attach (veth)", "clsact + tc bpf attach"} <= verified
     assert {f"bpf/{family}.c" for family, _, _ in loader.programs()} <= verified
+
+
+def test_doctor_names_the_program_a_kernel_refuses_and_why(bpf_dir):
+    import bcc
+
+    from aggbox import doctor
+
+    (bpf_dir / "broken.c").write_text(UNCHECKED_ACCESS)
+    (bpf_dir / "typo.c").write_text("int f(struct xdp_md *ctx) { return undefined_name; }\n")
+    ctx = doctor.Context(privileged=True, bcc=bcc, headers=True)
+    rows = {r.name: r for r in doctor.check_families(ctx)}
+    assert set(rows) == {"bpf/broken.c", "bpf/typo.c"}
+    assert rows["bpf/broken.c"].status == "FAIL"
+    # the verifier's own reason (6.18: "R1 offset is outside of the packet"), not its stats
+    detail = rows["bpf/broken.c"].detail
+    assert detail.startswith("reads_past_the_end refused: ") and "packet" in detail, detail
+    assert rows["bpf/typo.c"].status == "FAIL"
+    assert "error: use of undeclared identifier 'undefined_name'" in rows["bpf/typo.c"].detail
