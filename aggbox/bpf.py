@@ -61,18 +61,28 @@ _OBJ_GET_INFO_BY_FD = 15
 _PROG_INFO_SIZE, _VERIFIED_INSNS_AT = 232, 216
 
 
+def bpf_syscall(cmd: int, attr: ctypes.Array) -> int:
+    """bpf(cmd, attr): its result (an fd, or 0); OSError with the errno on failure, or on
+    an architecture whose syscall number is not in :data:`BPF_SYSCALL`."""
+    nr = BPF_SYSCALL.get(platform.machine())
+    if nr is None:
+        raise OSError(0, f"unknown bpf(2) number on {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    ret = libc.syscall(ctypes.c_long(nr), ctypes.c_long(cmd), ctypes.byref(attr),
+                       ctypes.c_long(ctypes.sizeof(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
 def verified_insns(prog_fd: int) -> int:
     """How many instructions the verifier processed to accept the program (its
     ``verified_insns``; the verifier gives up at :data:`VERIFIER_LIMIT`)."""
-    nr = BPF_SYSCALL.get(platform.machine())
-    if nr is None:
-        raise SetupError(f"no bpf() syscall number known for {platform.machine()}")
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
     attr = ctypes.create_string_buffer(
         struct.pack("=IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)), 16)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(nr, _OBJ_GET_INFO_BY_FD, attr, len(attr)) != 0:
-        raise OSError(ctypes.get_errno(), "bpf(BPF_OBJ_GET_INFO_BY_FD)")
+    bpf_syscall(_OBJ_GET_INFO_BY_FD, attr)
     return struct.unpack_from("=I", info, _VERIFIED_INSNS_AT)[0]
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggbox.bpf import BPF_SYSCALL, VERIFIER_LIMIT
+from aggbox.bpf import VERIFIER_LIMIT, bpf_syscall
 
 MIN_KERNEL = (5, 15)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
@@ -119,17 +119,8 @@ def check_btf(ctx: Context) -> Check:
 
 def bpf_map_create() -> None:
     """Create and close a 1-entry BPF array map: the smallest proof bpf(2) works."""
-    nr = BPF_SYSCALL.get(platform.machine())
-    if nr is None:
-        raise OSError(0, f"unknown bpf(2) number on {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
     attr = (ctypes.c_uint32 * 32)(2, 4, 4, 1)  # BPF_MAP_TYPE_ARRAY, key 4 B, value 4 B, 1
-    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(0), ctypes.byref(attr),
-                      ctypes.c_long(ctypes.sizeof(attr)))  # cmd 0 = BPF_MAP_CREATE
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    os.close(fd)
+    os.close(bpf_syscall(0, attr))  # cmd 0 = BPF_MAP_CREATE
 
 
 def check_bpf_syscall(ctx: Context) -> Check:
@@ -192,10 +183,15 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def compile_blocked(ctx: Context) -> str:
+    """Why nothing can be compiled and loaded here (an earlier row's failure), or ""."""
+    return ("needs root" if not ctx.privileged else "needs BCC" if ctx.bcc is None
+            else "needs kernel headers" if not ctx.headers else "")
+
+
 def check_trial_load(ctx: Context) -> list[Check]:
     names = ("BCC compile + load XDP", "BCC compile + load sched_cls")
-    why = ("needs root" if not ctx.privileged else "needs BCC" if ctx.bcc is None
-           else "needs kernel headers" if not ctx.headers else "")
+    why = compile_blocked(ctx)
     if why:
         return [skipped(n, why) for n in names]
     bpf_cls = ctx.bcc.BPF
@@ -368,8 +364,7 @@ def check_families(ctx: Context) -> list[Check]:
     by_family: dict[str, list[tuple[str, str]]] = {}
     for family, fn, ctx_type in programs():
         by_family.setdefault(family, []).append((fn, ctx_type))
-    why = ("needs root" if not ctx.privileged else "needs BCC" if ctx.bcc is None
-           else "needs kernel headers" if not ctx.headers else "")
+    why = compile_blocked(ctx)
     if why:
         return [skipped(f"bpf/{family}.c", why) for family in by_family]
     return [_check_family(ctx, family, fns) for family, fns in by_family.items()]
