@@ -292,7 +292,8 @@ def _print_allreduce_table(results: list[dict]) -> None:
     first = next(iter(results[0]["systems"].values()), {}) if results else {}
     print(f"allreduce: {results[0]['workers'] if results else '?'} workers + the aggregator "
           "host; promise app (every worker's application holds the sum)\n"
-          "times in ms: p50, bootstrap 95% CI of the median, p99 from 100 calls on\n"
+          "times in ms: p50, bootstrap 95% CI of the median, "
+          f"p99 (- with fewer than {P99_MIN_SAMPLES} calls)\n"
           f"CPU per call in ms: the whole machine ({first.get('cpu_source') or '?'}, "
           f"{first.get('cpu_background')} busy CPUs of background subtracted), the workers'\n"
           "processes, the aggregator's process (AggBox's aggregator works in softirq: in the "

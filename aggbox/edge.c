@@ -140,10 +140,9 @@ int aggbox_quantize_f32(const float *x, int64_t size, int64_t block, int bits,
 	return EDGE_OK;
 }
 
-/* y = float(q) * 2**(e - bits), then / n_mean when n_mean > 1 (a mean): the same two
- * float32 roundings, in the same order, as quant.dequantize_into. */
-/* y = float(q - bias) * 2**(e - bits), / n_mean for a mean; the subtraction wraps like
- * numpy's int32 (a biased sum may sit at 2**31). */
+/* y = float(q - bias) * 2**(e - bits), then / n_mean when n_mean > 1 (a mean): the same
+ * two float32 roundings, in the same order, as quant.dequantize_into; the subtraction
+ * wraps like numpy's int32 (a biased sum may sit at 2**31). */
 static void dequantize_block(const int32_t *q, int64_t lo, int64_t hi, int e, int bits,
 			     int32_t n_mean, uint32_t bias, float *y)
 {
