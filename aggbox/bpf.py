@@ -233,6 +233,11 @@ class ProgramFamily:
         self._loaded[fn] = loaded
         return loaded
 
+    def load_for(self, fn: str, ctx: str):
+        """:meth:`load` ``fn`` as the program type its context says (the third field of
+        :func:`programs`: ``xdp_md`` is XDP, ``__sk_buff`` TC)."""
+        return self.load(fn, self._BPF.XDP if ctx == "xdp_md" else self._BPF.SCHED_CLS)
+
     def verified_insns(self, fn: str) -> int:
         """Instructions the verifier processed for ``fn``, once :meth:`load` loaded it
         (0 on kernels before 5.16, which do not count them)."""

@@ -395,7 +395,7 @@ def _check_family(ctx: Context, family: str, fns: list[tuple[str, str]]) -> Chec
     work: dict[str, int] = {}
     try:
         for fn, ctx_type in fns:
-            fam.load(fn, ctx.bcc.BPF.XDP if ctx_type == "xdp_md" else ctx.bcc.BPF.SCHED_CLS)
+            fam.load_for(fn, ctx_type)
             work[fn] = fam.verified_insns(fn)
     except Exception as exc:  # VerifierError: the program, then the verifier's log
         return Check(name, False, f"{fn} refused: {_reason(str(exc))}",

@@ -75,10 +75,8 @@ def compiled():
 
 @pytest.mark.parametrize("family,fn,ctx", loader.programs(), ids=lambda v: v)
 def test_every_program_verifies_far_below_the_verifiers_limit(compiled, family, fn, ctx):
-    from bcc import BPF
-
     fam = compiled(family)
-    fam.load(fn, BPF.XDP if ctx == "xdp_md" else BPF.SCHED_CLS)
+    fam.load_for(fn, ctx)
     processed = fam.verified_insns(fn)
     assert 0 < processed <= VERIFIER_BUDGET.get(fn, VERIFIER_HALF_LIMIT)
 
